@@ -1,0 +1,136 @@
+"""Chip grid math: pure, vectorised, no I/O.
+
+A chip grid cuts the finest-resolution grid of an item into square chips of
+``chip_size`` pixels. Chip ``(x, y)`` covers fine pixels
+``rows y*chip_size .. (y+1)*chip_size`` and ``cols x*chip_size .. (x+1)*chip_size``.
+Partial chips at the right and bottom edges are dropped (upstream's rule).
+
+Other assets are aligned by nearest neighbour: fine pixel ``(r, c)`` takes the
+asset pixel that contains the fine pixel's centre, with pixel boundaries
+belonging to the pixel to their right/below (half-open intervals).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyproj
+import shapely
+from affine import Affine
+
+# A fine pixel centre that lies within this many asset pixels of an asset pixel
+# boundary is treated as lying exactly on it: guards floor() against float
+# round-off (e.g. 0.9999999999 for an exact 1) without moving real positions.
+BOUNDARY_TOLERANCE = 1e-9
+
+LONLAT = pyproj.CRS.from_user_input("OGC:CRS84")
+
+
+def chip_counts(shape: tuple[int, int], chip_size: int) -> tuple[int, int]:
+    """Number of whole chips ``(x_size, y_size)`` in a ``(rows, cols)`` grid."""
+    return int(shape[1]) // int(chip_size), int(shape[0]) // int(chip_size)
+
+
+def chip_positions(x_size: int, y_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chip indices ``(xs, ys)`` of every chip in row order (y outer, x inner)."""
+    ys, xs = np.divmod(np.arange(x_size * y_size, dtype=np.int64), max(x_size, 1))
+    return xs, ys
+
+
+def chip_bounds(
+    transform: Affine, xs: np.ndarray, ys: np.ndarray, chip_size: int
+) -> np.ndarray:
+    """``(N, 4)`` array of chip ``minx, miny, maxx, maxy`` in CRS units."""
+    xs = np.asarray(xs, dtype=np.float64)
+    ys = np.asarray(ys, dtype=np.float64)
+    step_x = transform.a * chip_size
+    step_y = transform.e * chip_size
+    x0 = transform.c + xs * step_x
+    x1 = transform.c + (xs + 1) * step_x
+    y0 = transform.f + ys * step_y
+    y1 = transform.f + (ys + 1) * step_y
+    return np.column_stack(
+        [np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)]
+    )
+
+
+def lonlat_transformer(crs: pyproj.CRS) -> pyproj.Transformer:
+    """Transformer from ``crs`` to longitude/latitude (OGC:CRS84, x=lon)."""
+    return pyproj.Transformer.from_crs(crs, LONLAT, always_xy=True)
+
+
+def reproject_geometries(geoms: np.ndarray, transformer: pyproj.Transformer) -> np.ndarray:
+    """Reproject an array of shapely geometries in one call."""
+
+    def _apply(coords: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(coords[:, 0], coords[:, 1])
+        return np.column_stack([x, y])
+
+    return shapely.transform(np.asarray(geoms, dtype=object), _apply)
+
+
+def chip_polygons_lonlat(bounds: np.ndarray, crs: pyproj.CRS) -> np.ndarray:
+    """Every chip polygon (from ``chip_bounds``) in lon/lat, in one call."""
+    boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    return reproject_geometries(boxes, lonlat_transformer(crs))
+
+
+def axis_map(
+    fine_origin: float,
+    fine_step: float,
+    asset_origin: float,
+    asset_step: float,
+    start: int | np.ndarray,
+    count: int,
+) -> np.ndarray:
+    """Asset pixel index holding each fine pixel centre along one axis.
+
+    For fine pixels ``start .. start+count`` (``start`` may be an array, giving
+    one row per start), returns ``floor((fine centre - asset origin) / asset step)``.
+    Steps carry their sign (negative for y), so indices grow with the pixel index.
+    """
+    start = np.asarray(start, dtype=np.float64)
+    offsets = np.arange(count, dtype=np.float64) + 0.5
+    centres = np.add.outer(start, offsets) * fine_step + (fine_origin - asset_origin)
+    pos = centres / asset_step
+    return np.floor(pos + BOUNDARY_TOLERANCE).astype(np.int64)
+
+
+def chip_asset_indices(
+    fine: Affine, asset: Affine, x: int, y: int, chip_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Asset ``(rows, cols)`` index vectors for chip ``(x, y)``.
+
+    ``asset_pixels[np.ix_(rows, cols)]`` is the chip resampled by nearest neighbour
+    onto the fine grid. Indices may fall outside the asset (callers pad).
+    """
+    rows = axis_map(fine.f, fine.e, asset.f, asset.e, y * chip_size, chip_size)
+    cols = axis_map(fine.c, fine.a, asset.c, asset.a, x * chip_size, chip_size)
+    return rows, cols
+
+
+def reduction_weights(
+    fine_origin: float,
+    fine_step: float,
+    asset_origin: float,
+    asset_step: float,
+    n_chips: int,
+    chip_size: int,
+    asset_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chip counts of fine pixels falling in each asset pixel, along one axis.
+
+    Returns ``(weights, outside)``: ``weights`` is ``(n_chips, asset_len)`` float64
+    where ``weights[i, k]`` is how many fine pixels of chip ``i`` take asset pixel
+    ``k``; ``outside[i]`` counts the chip's fine pixels that fall outside the asset.
+    A 2-D chip count is then ``Wy @ mask @ Wx.T`` (separable nearest neighbour).
+    """
+    idx = axis_map(
+        fine_origin, fine_step, asset_origin, asset_step,
+        np.arange(n_chips) * chip_size, chip_size,
+    )
+    inside = (idx >= 0) & (idx < asset_len)
+    outside = (~inside).sum(axis=1).astype(np.float64)
+    weights = np.zeros((n_chips, max(asset_len, 0)), dtype=np.float64)
+    chip_of = np.broadcast_to(np.arange(n_chips)[:, None], idx.shape)
+    np.add.at(weights, (chip_of[inside], idx[inside]), 1.0)
+    return weights, outside

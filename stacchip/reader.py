@@ -1,0 +1,215 @@
+"""Opening and reading rasters.
+
+* :func:`resolve_href` turns an asset href (local path, ``file://``, ``s3://``,
+  ``http(s)://``, with upstream's ``mountpath``) into a path GDAL opens.
+* :func:`gdal_options` is the GDAL configuration for cloud COGs, derived once
+  from the environment (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` point
+  GDAL's ``/vsis3/`` at any S3-compatible store, as they point boto3).
+* :class:`DatasetCache` keeps one open dataset per href per thread per process:
+  datasets are opened once, never shared across threads, and a forked child
+  never reuses its parent's handles.
+* :func:`read_indexed` reads the smallest window holding the requested asset
+  pixels and gathers them (nearest-neighbour resampling with exact indices).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.session import DummySession
+from rasterio.windows import Window
+
+from stacchip.errors import AssetReadError
+
+logger = logging.getLogger(__name__)
+
+#: GDAL settings for reading COGs over HTTP/S3 (set for every open and read).
+CLOUD_COG_OPTIONS: dict[str, str] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MULTIPLEX": "YES",
+    "GDAL_HTTP_VERSION": "2",
+    "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
+    "VSI_CACHE": "TRUE",
+    "VSI_CACHE_SIZE": str(64 * 1024 * 1024),
+    "GDAL_HTTP_MAX_RETRY": "5",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+}
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def gdal_options() -> dict[str, str]:
+    """GDAL configuration options for the current environment."""
+    options = dict(CLOUD_COG_OPTIONS)
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options["AWS_S3_ENDPOINT"] = parsed.netloc + parsed.path.rstrip("/")
+        options["AWS_HTTPS"] = "NO" if parsed.scheme == "http" else "YES"
+        options["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    if os.environ.get("AWS_REQUEST_PAYER"):
+        options["AWS_REQUEST_PAYER"] = os.environ["AWS_REQUEST_PAYER"]
+    return options
+
+
+@contextmanager
+def gdal_env(**extra: str) -> Iterator[None]:
+    """Scoped GDAL environment with :func:`gdal_options` (plus ``extra``).
+
+    GDAL reads credentials itself (environment, ``~/.aws``); no boto3 session
+    is created per call.
+    """
+    with rasterio.Env(session=DummySession(), **gdal_options(), **extra):
+        yield
+
+
+def resolve_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> str:
+    """Path GDAL can open for an asset href.
+
+    With ``mountpath`` (upstream semantics), the href's URL path is re-rooted
+    under ``mountpath``: ``s3://bucket/a/b.tif`` becomes ``{mountpath}/a/b.tif``.
+    """
+    if mountpath is not None and str(mountpath) != "":
+        url = urlparse(href, allow_fragments=False)
+        return str(Path(mountpath) / url.path.lstrip("/"))
+    url = urlparse(href)
+    scheme = url.scheme.lower()
+    if scheme == "file":
+        return url.path
+    if scheme == "s3":
+        return f"/vsis3/{url.netloc}{url.path}"
+    if scheme in ("http", "https"):
+        return f"/vsicurl/{href}"
+    return href
+
+
+class DatasetCache:
+    """One open rasterio dataset per (process, thread, path).
+
+    After a fork the child starts with an empty cache (handles of the parent
+    are dropped, not used); the parent keeps its own.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _handles(self) -> dict[str, Any]:
+        pid = os.getpid()
+        if pid != self._pid:
+            # Forked child: forget everything inherited from the parent.
+            self._local = threading.local()
+            self._all = []
+            self._lock = threading.Lock()
+            self._pid = pid
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = {}
+            self._local.handles = handles
+            with self._lock:
+                self._all.append(handles)
+        return handles
+
+    def get(self, path: str, what: str = "") -> Any:
+        """Open (once) and return the dataset for ``path`` in this thread."""
+        handles = self._handles()
+        ds = handles.get(path)
+        if ds is None or ds.closed:
+            try:
+                ds = rasterio.open(path)
+            except (RasterioError, OSError) as exc:
+                raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
+            handles[path] = ds
+        return ds
+
+    def close(self) -> None:
+        """Close every dataset this process opened, in all threads."""
+        if os.getpid() != self._pid:
+            self._handles()
+            return
+        with self._lock:
+            for handles in self._all:
+                for ds in handles.values():
+                    try:
+                        ds.close()
+                    except Exception:  # noqa: BLE001 - closing is best effort
+                        pass
+                handles.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Handles never cross a process boundary (spawned workers pickle us).
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+def _span(idx: np.ndarray) -> tuple[int, int]:
+    return int(idx.min()), int(idx.max()) + 1
+
+
+def read_indexed(
+    ds: Any,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    fill: float | int = 0,
+    what: str = "",
+    indexes: list[int] | None = None,
+) -> np.ndarray:
+    """``(bands, len(rows), len(cols))`` pixels ``ds[:, rows][:, :, cols]``.
+
+    Reads only the window spanning the requested rows/cols; indices outside the
+    raster are filled with ``fill``.
+    """
+    r0, r1 = _span(rows)
+    c0, c1 = _span(cols)
+    cr0, cr1 = max(r0, 0), min(r1, ds.height)
+    cc0, cc1 = max(c0, 0), min(c1, ds.width)
+    count = ds.count if indexes is None else len(indexes)
+    out_dtype = ds.dtypes[0]
+    if cr0 >= cr1 or cc0 >= cc1:
+        return np.full((count, len(rows), len(cols)), fill, dtype=out_dtype)
+    try:
+        data = ds.read(
+            indexes=indexes, window=Window(cc0, cr0, cc1 - cc0, cr1 - cr0)
+        )
+    except (RasterioError, OSError) as exc:
+        raise AssetReadError(f"cannot read {what}href {ds.name!r}: {exc}") from exc
+    rr = rows - cr0
+    cc = cols - cc0
+    if cr0 == r0 and cr1 == r1 and cc0 == c0 and cc1 == c1:
+        return gather(data, rr, cc)
+    inside_r = (rr >= 0) & (rr < data.shape[1])
+    inside_c = (cc >= 0) & (cc < data.shape[2])
+    out = gather(data, np.clip(rr, 0, data.shape[1] - 1), np.clip(cc, 0, data.shape[2] - 1))
+    out[:, ~inside_r, :] = fill
+    out[:, :, ~inside_c] = fill
+    return out
+
+
+def gather(data: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+    """``data[:, rr][:, :, cc]``, skipping the copy when indices are the identity."""
+    if _is_identity(rr, data.shape[1]) and _is_identity(cc, data.shape[2]):
+        return data
+    return data[:, rr[:, None], cc[None, :]]
+
+
+def _is_identity(idx: np.ndarray, n: int) -> bool:
+    return len(idx) == n and idx[0] == 0 and idx[-1] == n - 1 and bool(
+        np.all(np.diff(idx) == 1)
+    )
