@@ -1,0 +1,469 @@
+"""Shared plumbing of the batch-job console scripts.
+
+* **Which task am I?** :func:`resolve_indices` reads the array-job index from
+  ``--range A:B`` or ``--index N`` (flags win), else from the scheduler's
+  environment: ``AWS_BATCH_JOB_ARRAY_INDEX`` (AWS Batch),
+  ``JOB_COMPLETION_INDEX`` (Kubernetes Indexed Job) or ``SLURM_ARRAY_TASK_ID``
+  (Slurm), plus an optional ``STACCHIP_INDEX_OFFSET`` so arrays larger than
+  the scheduler's limit can be submitted in slices.
+* **Settings** come from a flag or an environment variable (flag wins) through
+  :func:`env_str`, :func:`env_int`, :func:`env_float`, :func:`env_bool`,
+  :func:`env_list`; bad values raise :class:`~stacchip.errors.ConfigError`
+  naming the variable.
+* **Output location**: :func:`output_root` accepts an S3 bucket name (as
+  upstream's ``STACCHIP_BUCKET``), any ``s3://bucket/prefix`` or a local path.
+* **Running**: :func:`run_tasks` runs one function over many indices, in a
+  process pool when more than one worker is asked for, with a tqdm progress
+  bar; :func:`main` wraps a console script so configuration errors exit with
+  status 2 and a one-line message, and failed tasks with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from tqdm import tqdm
+
+from stacchip.errors import ConfigError, StacchipError
+
+logger = logging.getLogger(__name__)
+
+#: Environment variables that carry the array-job index, in order of precedence.
+ARRAY_INDEX_VARS: tuple[str, ...] = (
+    "AWS_BATCH_JOB_ARRAY_INDEX",
+    "JOB_COMPLETION_INDEX",
+    "SLURM_ARRAY_TASK_ID",
+)
+#: Added to an index read from the environment (not to ``--index``/``--range``).
+INDEX_OFFSET_VAR = "STACCHIP_INDEX_OFFSET"
+#: Number of worker processes for local runs over a range.
+POOL_SIZE_VAR = "STACCHIP_POOL_SIZE"
+
+#: Exit status of a run where some task failed.
+EXIT_TASK_FAILED = 1
+#: Exit status of a configuration error (bad flag, variable or input file).
+EXIT_CONFIG_ERROR = 2
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+# --- settings from flags and environment ---------------------------------------
+
+
+def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def env_str(
+    value: str | None,
+    var: str | None,
+    default: str | None = None,
+    *,
+    required: bool = False,
+    flag: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
+    """A setting from its flag ``value``, else environment variable ``var``, else ``default``.
+
+    With ``required=True`` a missing setting raises :class:`ConfigError` naming
+    both the flag and the variable.
+    """
+    if value is not None and value != "":
+        return value
+    env = _environ(environ)
+    if var and env.get(var, "") != "":
+        return env[var]
+    if default is None and required:
+        names = " or ".join(n for n in (flag, f"environment variable {var}" if var else None) if n)
+        raise ConfigError(f"missing setting: set {names}")
+    return default
+
+
+def _convert(text: str, kind: Callable[[str], Any], what: str, label: str) -> Any:
+    try:
+        return kind(text.strip())
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{label}={text!r} is not {what}") from exc
+
+
+def env_int(
+    value: int | None,
+    var: str | None,
+    default: int | None = None,
+    *,
+    required: bool = False,
+    flag: str | None = None,
+    minimum: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int | None:
+    """An integer setting (flag, else environment, else default); see :func:`env_str`."""
+    if value is not None:
+        result: int | None = value
+        label = flag or "value"
+    else:
+        text = env_str(None, var, None, required=required and default is None, flag=flag, environ=environ)
+        label = var or "value"
+        result = default if text is None else _convert(text, int, "an integer", label)
+    if result is not None and minimum is not None and result < minimum:
+        raise ConfigError(f"{label}={result} must be >= {minimum}")
+    return result
+
+
+def env_float(
+    value: float | None,
+    var: str | None,
+    default: float | None = None,
+    *,
+    flag: str | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> float | None:
+    """A float setting (flag, else environment, else default), checked against bounds."""
+    if value is not None:
+        result: float | None = float(value)
+        label = flag or "value"
+    else:
+        text = env_str(None, var, None, environ=environ)
+        label = var or "value"
+        result = default if text is None else _convert(text, float, "a number", label)
+    if result is not None:
+        if minimum is not None and result < minimum:
+            raise ConfigError(f"{label}={result} must be >= {minimum}")
+        if maximum is not None and result > maximum:
+            raise ConfigError(f"{label}={result} must be <= {maximum}")
+    return result
+
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def env_bool(
+    value: bool | None,
+    var: str | None,
+    default: bool = False,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """A boolean setting: flag if given, else ``1/true/yes/on`` or ``0/false/no/off`` in ``var``."""
+    if value is not None:
+        return bool(value)
+    env = _environ(environ)
+    if not var or var not in env:
+        return default
+    text = env[var].strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{var}={env[var]!r} is not a boolean (use 1/0, true/false, yes/no)")
+
+
+def parse_list(text: str, kind: Callable[[str], Any] = str, label: str = "value") -> list[Any]:
+    """Comma-separated list; ``A-B`` ranges are expanded when ``kind`` is ``int``.
+
+    ``"2018-2020,2023"`` with ``kind=int`` gives ``[2018, 2019, 2020, 2023]``.
+    """
+    out: list[Any] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if kind is int and re.fullmatch(r"-?\d+\s*-\s*-?\d+", part) and not part.startswith("-"):
+            lo_text, hi_text = (s.strip() for s in part.split("-", 1))
+            lo, hi = int(lo_text), int(hi_text)
+            if hi < lo:
+                raise ConfigError(f"{label}: range {part!r} is empty (end before start)")
+            out.extend(range(lo, hi + 1))
+        else:
+            out.append(_convert(part, kind, f"a list of {getattr(kind, '__name__', 'values')}", label))
+    return out
+
+
+def env_list(
+    value: str | Sequence[Any] | None,
+    var: str | None,
+    default: Sequence[Any] | None = None,
+    *,
+    kind: Callable[[str], Any] = str,
+    flag: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[Any] | None:
+    """A comma-separated list setting (flag, else environment, else default); see :func:`parse_list`."""
+    if value is not None and not isinstance(value, str):
+        return list(value)
+    if value:
+        return parse_list(value, kind, flag or "value")
+    text = env_str(None, var, None, environ=environ)
+    if text is None:
+        return None if default is None else list(default)
+    return parse_list(text, kind, var or "value")
+
+
+def output_root(value: str) -> str:
+    """Where a job writes: ``s3://`` URL for a bucket name, else the URL or local path as given.
+
+    A bare name that is a valid S3 bucket name (``clay-v1-data``) means that
+    bucket, as upstream's ``STACCHIP_BUCKET``. Anything with a scheme is used
+    as is; a name containing ``/`` or starting with ``.`` or ``~`` is a local
+    path (write ``./out`` for a local directory called ``out``).
+    """
+    text = value.strip()
+    if not text:
+        raise ConfigError("output location (STACCHIP_BUCKET) is empty")
+    if "://" in text:
+        if text.startswith("file://"):
+            return text[len("file://"):] or "/"
+        return text.rstrip("/")
+    if "/" in text or text.startswith((".", "~")) or os.sep in text:
+        return os.path.expanduser(text)
+    if _BUCKET_NAME.match(text) and ".." not in text:
+        return f"s3://{text}"
+    raise ConfigError(
+        f"output location {text!r} is neither an S3 bucket name, an s3:// URL nor a path "
+        "(write ./name for a local directory)"
+    )
+
+
+# --- array-job index ---------------------------------------------------------------
+
+
+def parse_range(text: str) -> range:
+    """``"A:B"`` (B exclusive) or ``"A-B"`` (B inclusive) or ``"N"`` as a range of task indices."""
+    spec = text.strip()
+    try:
+        if ":" in spec:
+            lo, hi = spec.split(":", 1)
+            result = range(int(lo), int(hi))
+        elif re.fullmatch(r"\d+\s*-\s*\d+", spec):
+            lo, hi = spec.split("-", 1)
+            result = range(int(lo), int(hi) + 1)
+        else:
+            n = int(spec)
+            result = range(n, n + 1)
+    except ValueError as exc:
+        raise ConfigError(f"--range {text!r} is not A:B (end exclusive)") from exc
+    if result.start < 0 or len(result) == 0:
+        raise ConfigError(f"--range {text!r} is empty or negative")
+    return result
+
+
+def env_array_index(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """``(variable, index)`` of the first array-index variable set, offset applied; else None."""
+    env = _environ(environ)
+    for var in ARRAY_INDEX_VARS:
+        text = env.get(var, "").strip()
+        if text:
+            index = _convert(text, int, "an integer", var)
+            offset = env_int(None, INDEX_OFFSET_VAR, 0, environ=env) or 0
+            if index + offset < 0:
+                raise ConfigError(f"{var}={text} plus {INDEX_OFFSET_VAR}={offset} is negative")
+            return var, index + offset
+    return None
+
+
+def resolve_indices(
+    index: int | None = None,
+    range_spec: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[int]:
+    """Task indices to run: ``--range``, else ``--index``, else the scheduler's variable.
+
+    Raises :class:`ConfigError` when none is given.
+    """
+    if range_spec:
+        return list(parse_range(range_spec))
+    if index is not None:
+        if index < 0:
+            raise ConfigError(f"--index {index} must be >= 0")
+        return [index]
+    found = env_array_index(environ)
+    if found is None:
+        raise ConfigError(
+            "no task index: pass --index N or --range A:B, or set one of "
+            + ", ".join(ARRAY_INDEX_VARS)
+        )
+    logger.debug("task index %d from %s", found[1], found[0])
+    return [found[1]]
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every job shares: ``--index``, ``--range``, ``--workers``, ``--dry-run``, ``-v``."""
+    group = parser.add_argument_group("array job")
+    group.add_argument(
+        "--index", type=int, default=None, metavar="N",
+        help="task index to run (default: AWS_BATCH_JOB_ARRAY_INDEX, JOB_COMPLETION_INDEX "
+        f"or SLURM_ARRAY_TASK_ID, plus {INDEX_OFFSET_VAR})",
+    )
+    group.add_argument(
+        "--range", dest="range_spec", default=None, metavar="A:B",
+        help="run tasks A..B-1 locally over a process pool",
+    )
+    group.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help=f"worker processes for --range (env {POOL_SIZE_VAR}; default 1)",
+    )
+    group.add_argument(
+        "--dry-run", action="store_true", default=None,
+        help="print what would be picked and written; write nothing (env STACCHIP_DRY_RUN)",
+    )
+    group.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def resolve_workers(value: int | None, environ: Mapping[str, str] | None = None) -> int:
+    """Worker processes: ``--workers``, else ``STACCHIP_POOL_SIZE``, else 1."""
+    return env_int(value, POOL_SIZE_VAR, 1, flag="--workers", minimum=1, environ=environ) or 1
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Log to stderr at WARNING (quiet), INFO (default) or DEBUG (``-v``)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level > logging.DEBUG:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "rasterio", "pystac_client"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --- running tasks -----------------------------------------------------------------------
+
+
+@dataclass
+class TaskOutcome:
+    """What one task did: its index, whether it succeeded, its result or error text."""
+
+    index: int
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """Outcomes of a run over many task indices."""
+
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[TaskOutcome]:
+        """Tasks that raised."""
+        return [o for o in self.outcomes if not o.ok]
+
+    @property
+    def ok(self) -> bool:
+        """True when every task succeeded."""
+        return not self.failed
+
+
+def _call(payload: tuple[Callable[[int], Any], int]) -> TaskOutcome:
+    func, index = payload
+    try:
+        return TaskOutcome(index, True, func(index))
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
+        logger.exception("task %d failed", index)
+        return TaskOutcome(index, False, error=f"{type(exc).__name__}: {exc}")
+
+
+def run_tasks(
+    func: Callable[[int], Any],
+    indices: Iterable[int],
+    workers: int = 1,
+    desc: str = "tasks",
+    fail_fast: bool = False,
+) -> RunSummary:
+    """Run ``func(index)`` for every index; a process pool when ``workers > 1``.
+
+    ``func`` must be picklable (a module-level function or a
+    ``functools.partial`` of one) when ``workers > 1``. A task that raises is
+    logged and recorded as failed; the other tasks still run (unless
+    ``fail_fast``). A :class:`ConfigError` stops the run at once, since every
+    task would hit it. The progress bar is shown for more than one task.
+    """
+    todo = list(indices)
+    summary = RunSummary()
+    show = len(todo) > 1
+    if workers <= 1 or len(todo) <= 1:
+        for index in tqdm(todo, desc=desc, unit="task", disable=not show):
+            outcome = _call((func, index))
+            summary.outcomes.append(outcome)
+            if fail_fast and not outcome.ok:
+                break
+        return summary
+    # spawn: GDAL, boto3 and thread pools in the parent are not fork-safe.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes=min(workers, len(todo))) as pool:
+        results = pool.imap_unordered(_call, [(func, i) for i in todo])
+        for outcome in tqdm(results, total=len(todo), desc=desc, unit="task", disable=not show):
+            summary.outcomes.append(outcome)
+            if fail_fast and not outcome.ok:
+                pool.terminate()
+                break
+    summary.outcomes.sort(key=lambda o: o.index)
+    return summary
+
+
+def main(run: Callable[[Sequence[str] | None], RunSummary | int | None], argv: Sequence[str] | None = None) -> int:
+    """Console-script wrapper: exit 0 on success, 1 if a task failed, 2 on a configuration error.
+
+    ``run(argv)`` parses its arguments and does the work; a :class:`ConfigError`
+    (or other :class:`StacchipError` raised before any task ran) is printed as
+    ``{prog}: error: {message}`` on stderr.
+    """
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "stacchip"
+    try:
+        result = run(argv)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, RunSummary):
+        if not result.ok:
+            for outcome in result.failed:
+                print(f"{prog}: task {outcome.index} failed: {outcome.error}", file=sys.stderr)
+            return EXIT_TASK_FAILED
+        return 0
+    if isinstance(result, int):
+        return result
+    return 0
+
+
+__all__ = [
+    "ARRAY_INDEX_VARS",
+    "EXIT_CONFIG_ERROR",
+    "EXIT_TASK_FAILED",
+    "INDEX_OFFSET_VAR",
+    "POOL_SIZE_VAR",
+    "RunSummary",
+    "StacchipError",
+    "TaskOutcome",
+    "add_job_arguments",
+    "env_array_index",
+    "env_bool",
+    "env_float",
+    "env_int",
+    "env_list",
+    "env_str",
+    "main",
+    "output_root",
+    "parse_list",
+    "parse_range",
+    "resolve_indices",
+    "resolve_workers",
+    "run_tasks",
+    "setup_logging",
+]
