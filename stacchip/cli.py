@@ -1,0 +1,203 @@
+"""The ``stacchip`` command: ``index``, ``chip``, ``demo`` (and training-side tools)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+
+from stacchip import storage
+from stacchip.errors import ConfigError, IndexFileError, StacchipError
+
+logger = logging.getLogger("stacchip.cli")
+
+
+def _item_source(path: str) -> str:
+    if storage.is_s3(path) or "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from stacchip.index import write_index
+    from stacchip.indexer import guess_indexer, indexer_class
+    from stacchip.utils import load_item
+
+    item = load_item(args.item)
+    cls = guess_indexer(item) if args.indexer == "auto" else indexer_class(args.indexer)
+    kwargs: dict[str, Any] = {"chip_size": args.chip_size, "chip_max_nodata": args.max_nodata}
+    if args.platform:
+        kwargs["platform"] = args.platform
+    indexer = cls(item, **kwargs)
+    table = indexer.create_index()
+    meta = {
+        "item_href": _item_source(args.item),
+        "item_id": item.id,
+        "platform": indexer.platform,
+        "indexer": cls.__name__,
+        "chip_size": indexer.chip_size,
+    }
+    write_index(table, args.out, extra_metadata=meta)
+    print(
+        f"{item.id}: {table.num_rows}/{indexer.size} chips of {indexer.chip_size} px "
+        f"({indexer.x_size} x {indexer.y_size}) written to {args.out} with {cls.__name__}"
+    )
+    return 0
+
+
+def _find_item_for_chip(index_path: str, row: dict[str, Any], explicit: str | None) -> str:
+    from stacchip.index import read_metadata
+
+    if explicit:
+        return explicit
+    if not storage.is_s3(index_path) and Path(index_path).is_file() or storage.is_s3(index_path) and index_path.endswith(".parquet"):
+        href = read_metadata(index_path).get("item_href")
+        if href and (storage.is_s3(href) or storage.exists(href)):
+            return href
+    # Bucket layout: {root}/index/{platform}/{item_id}/index_{item_id}.parquet
+    text = str(index_path)
+    marker = "/index/"
+    if marker in text:
+        root = text[: text.rindex(marker)]
+        candidate = storage.join(root, row["platform"], row["item_id"], "stac_item.json")
+        if storage.exists(candidate):
+            return candidate
+    raise ConfigError(
+        f"cannot find the STAC item {row['item_id']!r} for index {index_path!r}; pass --item"
+    )
+
+
+def cmd_chip(args: argparse.Namespace) -> int:
+    from stacchip.chipper import Chipper
+    from stacchip.index import open_index
+    from stacchip.indexer import ChipIndexer
+    from stacchip.utils import load_item
+
+    dataset = open_index(args.index)
+    table = dataset.to_table(filter=pc.field("chipid") == args.chipid)
+    if table.num_rows == 0:
+        raise IndexFileError(f"chip id {args.chipid!r} is not in index {args.index!r}")
+    row = table.slice(0, 1).to_pylist()[0]
+    item = load_item(_find_item_for_chip(args.index, row, args.item))
+    indexer = ChipIndexer(item, chip_size=int(row["chip_size"]))
+    assets = args.assets.split(",") if args.assets else None
+    with Chipper(indexer, assets=assets, native=args.native) as chipper:
+        chip = chipper.chip(int(row["chip_index_x"]), int(row["chip_index_y"]))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **chip)
+    storage.write_bytes(args.out, buffer.getvalue())
+    shapes = ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in chip.items())
+    print(f"{args.chipid}: {shapes} written to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stacchip.chipper import Chipper
+    from stacchip.demo import build_demo_scene
+    from stacchip.index import read_index, write_index
+    from stacchip.indexer import Sentinel2Indexer
+    from stacchip.utils import load_item
+
+    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="stacchip-demo-"))
+    t0 = time.perf_counter()
+    item_path = build_demo_scene(workdir, size=args.size)
+    t1 = time.perf_counter()
+    item = load_item(item_path)
+    indexer = Sentinel2Indexer(item, chip_size=args.chip_size)
+    table = indexer.create_index()
+    index_path = workdir / f"index_{item.id}.parquet"
+    write_index(table, index_path, extra_metadata={"item_href": str(item_path), "item_id": item.id})
+    t2 = time.perf_counter()
+    back = read_index(index_path)
+    chipper = Chipper(indexer)
+    n = min(3, len(chipper))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(n):
+        x, y, chip = chipper[i]
+        shapes = {k: v.shape for k, v in chip.items()}
+    chipper.close()
+    t3 = time.perf_counter()
+    cloud = np.asarray(back.column("cloud_cover_percentage"))
+    nodata = np.asarray(back.column("nodata_percentage"))
+    print(f"demo scene:   {item_path} (built in {t1 - t0:.2f} s)")
+    print(f"chip grid:    {indexer.x_size} x {indexer.y_size} chips of {indexer.chip_size} px")
+    print(f"index:        {index_path}: {back.num_rows}/{indexer.size} chips kept "
+          f"(nodata <= {indexer.chip_max_nodata}), indexed in {t2 - t1:.2f} s")
+    print(f"cloud:        mean {cloud.mean():.3f}, max {cloud.max():.3f} (fraction)")
+    print(f"nodata:       mean {nodata.mean():.3f}, max {nodata.max():.3f} (fraction)")
+    print(f"chips read:   {n} in {t3 - t2:.2f} s, {len(shapes)} assets, e.g. "
+          + ", ".join(f"{k} {v}" for k, v in list(shapes.items())[:3]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stacchip", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="index one STAC item into a GeoParquet chip index")
+    p.add_argument("item", help="STAC item JSON (path, file:// or s3://)")
+    p.add_argument("--out", required=True, help="output .parquet (path or s3://)")
+    p.add_argument("--indexer", default="auto",
+                   help="auto, sentinel-2, landsat, modis, sentinel-1, naip, linz, nostats")
+    p.add_argument("--chip-size", type=int, default=256, help="chip size in pixels (default 256)")
+    p.add_argument("--max-nodata", type=float, default=0.5,
+                   help="drop chips with a larger nodata fraction (0-1, default 0.5)")
+    p.add_argument("--platform", default=None, help="platform name stored in the index")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("chip", help="read one chip of an index into an .npz file")
+    p.add_argument("index", help="index .parquet file, directory or s3:// prefix")
+    p.add_argument("--chipid", required=True, help="chip id, {item_id}-{x}-{y}")
+    p.add_argument("--out", required=True, help="output .npz (path or s3://)")
+    p.add_argument("--item", default=None, help="STAC item JSON (default: from the index)")
+    p.add_argument("--assets", default=None, help="comma-separated asset keys")
+    p.add_argument("--native", action="store_true", help="keep each asset's own resolution")
+    p.set_defaults(func=cmd_chip)
+
+    p = sub.add_parser("demo", help="build a small Sentinel-2-shaped scene offline, index it, read chips")
+    p.add_argument("--dir", default=None, help="where to write the scene (default: a temp dir)")
+    p.add_argument("--size", type=int, default=1098, help="10 m band size in pixels (default 1098)")
+    p.add_argument("--chip-size", type=int, default=256, help="chip size in pixels (default 256)")
+    p.set_defaults(func=cmd_demo)
+
+    for module in ("stacchip.ml.croissant", "stacchip.ml.preview"):
+        _register_optional(sub, module)
+    return parser
+
+
+def _register_optional(sub: Any, module: str) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    add_cli = getattr(mod, "add_cli", None)
+    if add_cli is not None:
+        add_cli(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except StacchipError as exc:
+        print(f"stacchip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
