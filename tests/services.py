@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -43,7 +44,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn, Sequence
 
 import pytest
 
@@ -59,6 +60,14 @@ PG_MAJOR = "15"
 DUMMY_ACCESS_KEY = "testing-access-key"
 DUMMY_SECRET_KEY = "testing-secret-key"
 REGION = "us-east-1"
+#: Queryables loaded into every test STAC API, as public deployments (Planetary Computer,
+#: Earth Search) define them. Without a numeric queryable pgstac sorts a property as text
+#: ("18.4" before "3.2"); comparisons in query/filter are numeric either way.
+DEFAULT_QUERYABLES: dict[str, Any] = {
+    "eo:cloud_cover": {"type": "number", "minimum": 0, "maximum": 100, "description": "percent"},
+    "s2:nodata_pixel_percentage": {"type": "number", "minimum": 0, "maximum": 100},
+    "landsat:cloud_cover_land": {"type": "number", "minimum": -1, "maximum": 100},
+}
 
 # urllib opener that never goes through an HTTP proxy: everything here is on loopback.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -230,3 +239,308 @@ def s3_bucket(s3_env: str) -> str:
     name = f"test-{uuid.uuid4().hex[:20]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+# --------------------------------------------------------------------- STAC API
+
+
+@dataclass
+class StacApi:
+    """A running stac-fastapi-pgstac on PostgreSQL + PostGIS + pgstac.
+
+    The server is shared by the whole session: give each test's collections
+    ids of their own (see :meth:`make_collection`).
+    """
+
+    url: str
+    dsn: str
+    conforms_to: list[str] = field(default_factory=list)
+    workdir: Path | None = field(default=None, repr=False)
+
+    def load_collection(self, collection: dict[str, Any]) -> None:
+        """Insert or update one STAC collection (``pypgstac load``, method upsert)."""
+        from pypgstac.db import PgstacDB
+        from pypgstac.load import Loader, Methods
+
+        with PgstacDB(dsn=self.dsn) as db:
+            Loader(db=db).load_collections(iter([collection]), insert_mode=Methods.upsert)
+
+    def load_items(self, items: Sequence[dict[str, Any]]) -> None:
+        """Insert or update STAC items (``pypgstac load``, method upsert).
+
+        Their collection must have been loaded first.
+        """
+        from pypgstac.db import PgstacDB
+        from pypgstac.load import Loader, Methods
+
+        with PgstacDB(dsn=self.dsn) as db:
+            Loader(db=db).load_items(iter(list(items)), insert_mode=Methods.upsert)
+
+    def load_queryables(
+        self, properties: dict[str, dict[str, Any]], collection_ids: Sequence[str] | None = None
+    ) -> None:
+        """Add queryables (JSON-schema per property name), globally or for some collections.
+
+        The same as ``pypgstac load_queryables``. A ``{"type": "number"}``
+        queryable makes pgstac sort that property numerically.
+        """
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SET search_path TO pgstac, public")
+            conn.execute(
+                "SELECT upsert_queryables(%s::jsonb, %s::text[], %s::text[], %s)",
+                [json.dumps({"properties": properties}), list(collection_ids) if collection_ids else None, None, False],
+            )
+
+    @staticmethod
+    def make_collection(
+        collection_id: str, items: Sequence[dict[str, Any]] = (), **extra: Any
+    ) -> dict[str, Any]:
+        """A minimal valid STAC collection dict whose extent covers ``items``.
+
+        The spatial extent is the union of the items' bboxes (degrees), the
+        temporal extent spans their datetimes; without items the whole globe
+        and an open interval.
+        """
+        bboxes = [it["bbox"] for it in items if it.get("bbox")]
+        if bboxes:
+            bbox = [
+                min(b[0] for b in bboxes),
+                min(b[1] for b in bboxes),
+                max(b[2] for b in bboxes),
+                max(b[3] for b in bboxes),
+            ]
+        else:
+            bbox = [-180.0, -90.0, 180.0, 90.0]
+        times = sorted(
+            t
+            for it in items
+            for t in (
+                it["properties"].get("datetime"),
+                it["properties"].get("start_datetime"),
+                it["properties"].get("end_datetime"),
+            )
+            if t
+        )
+        interval = [times[0], times[-1]] if times else [None, None]
+        collection: dict[str, Any] = {
+            "type": "Collection",
+            "stac_version": "1.0.0",
+            "id": collection_id,
+            "description": f"test collection {collection_id}",
+            "license": "proprietary",
+            "links": [],
+            "extent": {"spatial": {"bbox": [bbox]}, "temporal": {"interval": [interval]}},
+        }
+        collection.update(extra)
+        return collection
+
+
+def _pg_bindir() -> Path | None:
+    override = os.environ.get("STACCHIP_PG_BINDIR")
+    candidates = [Path(override)] if override else []
+    candidates.append(Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"))
+    found = shutil.which("initdb")
+    if found:
+        candidates.append(Path(found).resolve().parent)
+    for cand in candidates:
+        if (cand / "initdb").is_file() and (cand / "pg_ctl").is_file():
+            return cand
+    return None
+
+
+class _Postgres:
+    """A throw-away PostgreSQL cluster in ``workdir`` on 127.0.0.1:``port``."""
+
+    def __init__(self, workdir: Path, bindir: Path) -> None:
+        self.workdir = workdir
+        self.bindir = bindir
+        self.datadir = workdir / "data"
+        self.logfile = workdir / "postgres.log"
+        self.port = 0
+        self.started = False
+        # As root, PostgreSQL refuses to run: its programs run as the `postgres` OS user.
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                service_unavailable("running as root but `runuser` is missing to start PostgreSQL as `postgres`")
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                service_unavailable("running as root but there is no `postgres` OS user (install postgresql-15)")
+            os.chown(workdir, pw.pw_uid, pw.pw_gid)
+            self.prefix = [runuser, "-u", "postgres", "--"]
+
+    def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.prefix, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.workdir,
+        )
+
+    def initdb(self) -> None:
+        res = self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D", str(self.datadir),
+                "-U", "postgres",
+                "--auth=trust",
+                "-E", "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+            timeout=120,
+        )
+        if res.returncode != 0:
+            service_unavailable(f"initdb failed ({res.returncode}): {res.stderr[-2000:]}")
+
+    def start(self) -> None:
+        last = ""
+        for _attempt in range(3):  # the free port can be taken between probe and bind
+            self.port = free_port()
+            opts = (
+                f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.workdir} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=50 -c shared_buffers=64MB"
+            )
+            res = self._run(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
+                 "-w", "-t", str(int(START_TIMEOUT)), "-o", opts, "start"],
+                timeout=START_TIMEOUT + 30,
+            )
+            if res.returncode == 0:
+                self.started = True
+                return
+            last = f"{res.stdout[-1000:]}{res.stderr[-1000:]}\n{_tail(self.logfile)}"
+        service_unavailable(f"pg_ctl start failed:\n{last}")
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        try:
+            res = self._run(
+                [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "-t", "30", "stop"],
+                timeout=60,
+            )
+            ok = res.returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+        if not ok:
+            self._kill_postmaster()
+        self.started = False
+
+    def _kill_postmaster(self) -> None:
+        pidfile = self.datadir / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(pidfile.read_text().splitlines()[0])
+            os.kill(pid, 9)
+            log.warning("PostgreSQL in %s did not stop; killed postmaster %d", self.datadir, pid)
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/{database}"
+
+
+def _start_stac_app(workdir: Path, pg: _Postgres, database: str) -> tuple[subprocess.Popen[bytes], str]:
+    env = dict(os.environ)
+    for name in ("ENABLED_EXTENSIONS", "PREFIX_PATH", "ROOT_PATH", "DATABASE_URL"):
+        env.pop(name, None)
+    env.update(
+        PGHOST=LOOPBACK,
+        PGPORT=str(pg.port),
+        PGUSER="postgres",
+        PGPASSWORD="unused-trust-auth",  # required by the settings model; loopback uses trust auth
+        PGDATABASE=database,
+        DB_MIN_CONN_SIZE="1",
+        DB_MAX_CONN_SIZE="5",
+    )
+    last = ""
+    for _attempt in range(3):  # the free port can be taken between probe and bind
+        port = free_port()
+        logfile = workdir / f"uvicorn-{port}.log"
+        with open(logfile, "wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "stac_fastapi.pgstac.app:create_app", "--factory",
+                 "--host", LOOPBACK, "--port", str(port), "--log-level", "warning"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,  # no stray .env file is read
+                env=env,
+            )
+        url = f"http://{LOOPBACK}:{port}"
+        start = time.monotonic()
+        while time.monotonic() - start < START_TIMEOUT and proc.poll() is None:
+            try:
+                status, _ = http_get(f"{url}/", timeout=5.0)
+                if status == 200:
+                    return proc, url
+            except OSError:
+                pass
+            time.sleep(0.1)
+        stop_process(proc)
+        last = _tail(logfile)
+    service_unavailable(f"stac-fastapi-pgstac did not answer on {LOOPBACK}:\n{last}")
+
+
+@pytest.fixture(scope="session")
+def stac_api() -> Iterator[StacApi]:
+    """stac-fastapi-pgstac on PostgreSQL + PostGIS on loopback, for the whole session."""
+    try:
+        import psycopg
+        import pypgstac.migrate  # noqa: F401
+        import stac_fastapi.pgstac.app  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        service_unavailable(
+            f"STAC API packages missing ({exc}); pip install 'pypgstac[psycopg]' stac-fastapi-pgstac uvicorn"
+        )
+    bindir = _pg_bindir()
+    if bindir is None:
+        service_unavailable(
+            f"PostgreSQL programs (initdb, pg_ctl) not found in /usr/lib/postgresql/{PG_MAJOR}/bin "
+            "or on PATH; apt-get install postgresql-15-postgis-3"
+        )
+    t0 = time.monotonic()
+    # Under /tmp, not pytest's tmp dir: the unix socket path must stay short and the
+    # `postgres` user must be able to reach it.
+    workdir = Path(tempfile.mkdtemp(prefix="stacchip-pg-"))
+    pg = _Postgres(workdir, bindir)
+    app: subprocess.Popen[bytes] | None = None
+    try:
+        pg.initdb()
+        pg.start()
+        database = "pgstac"
+        with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+            row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'").fetchone()
+            if row is None:
+                service_unavailable("PostGIS is not installed for PostgreSQL; apt-get install postgresql-15-postgis-3")
+            conn.execute(f"CREATE DATABASE {database}")
+        dsn = pg.dsn(database)
+        from pypgstac.db import PgstacDB
+        from pypgstac.migrate import Migrate
+
+        try:
+            with PgstacDB(dsn=dsn) as db:
+                version = Migrate(db).run_migration()
+        except Exception as exc:  # any failure of the migration means no STAC API
+            service_unavailable(f"pypgstac migrate failed: {exc}")
+        api_probe = StacApi(url="", dsn=dsn)
+        api_probe.load_queryables(DEFAULT_QUERYABLES)
+        t_db = time.monotonic() - t0
+        app, url = _start_stac_app(workdir, pg, database)
+        status, body = http_get(f"{url}/")
+        conforms_to = sorted(json.loads(body).get("conformsTo", [])) if status == 200 else []
+        log.info(
+            "STAC API %s up in %.1f s (postgres + pgstac %s in %.1f s)",
+            url, time.monotonic() - t0, version, t_db,
+        )
+        yield StacApi(url=url, dsn=dsn, conforms_to=conforms_to, workdir=workdir)
+    finally:
+        stop_process(app)
+        pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

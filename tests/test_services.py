@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from affine import Affine
 from stacchip import storage
 from stacchip.errors import StorageNotFoundError
 from stacchip.reader import gdal_env
+from tests.services import http_get
 
 pytestmark = pytest.mark.services
 
@@ -116,3 +118,215 @@ def test_storage_over_s3(s3_bucket: str) -> None:
         storage.read_bytes(storage.join(base, "nope.json"))
     with pytest.raises(StorageNotFoundError):
         storage.read_bytes(f"s3://{s3_bucket}-absent/key")
+
+
+# ------------------------------------------------------------------- STAC API
+#
+# Conformance of stac-fastapi-pgstac 7.2 on pgstac 0.10 (its default extensions), checked by
+# test_stac_api_conformance and exercised below:
+#   sortby  - yes, advertised as https://api.stacspec.org/v1.1.0/item-search#sort (GET and POST)
+#   query   - yes, https://api.stacspec.org/v1.0.0/item-search#query ({"prop": {"lt": v}})
+#   filter  - yes, https://api.stacspec.org/v1.0.0-rc.2/item-search#filter with cql2-text,
+#             cql2-json and basic-cql2 (t_intersects works too)
+#   fields, token pagination ("next" links) and collection search also conform.
+# pgstac sorts a property numerically only when a numeric queryable defines it (the fixture
+# loads DEFAULT_QUERYABLES: eo:cloud_cover, ...); otherwise sortby compares the JSON values as
+# text ("18.4" < "3.2"). query/filter comparisons with a number literal are numeric either way.
+# So a client should re-sort what it got when the property's queryable is not numeric.
+# pystac-client 0.9 matches conformance URIs against "v1.0.*" only, so its
+# Client.conforms_to(SORT) is False for this server (and search(sortby=...) warns
+# DoesNotConformTo while still sending sortby). Check conformsTo version-agnostically
+# (`_conforms` below) and tell pystac-client with Client.add_conforms_to("SORT").
+
+
+def _conforms(uris: list[str], klass: str) -> bool:
+    """``klass`` (e.g. ``"item-search#sort"``) is advertised under any STAC API 1.x version."""
+    pattern = re.compile(r"https://api\.stacspec\.org/v1\.\d+\.\d+(-[\w.]+)?/" + re.escape(klass) + "$")
+    return any(pattern.match(u) for u in uris)
+
+
+def _client(url: str) -> Any:
+    """pystac-client for ``url`` that knows every extension the server advertises."""
+    from pystac_client import Client
+
+    client = Client.open(url)
+    uris = client.get_conforms_to()
+    for name, klass in (("SORT", "item-search#sort"), ("QUERY", "item-search#query"), ("FILTER", "item-search#filter")):
+        if _conforms(uris, klass):
+            client.add_conforms_to(name)
+    return client
+
+
+def _s2_variants(collection_id: str) -> list[dict[str, Any]]:
+    """Four copies of the real Sentinel-2 item with their own ids, dates, cloud covers;
+    the last one moved 20 degrees east so that a bbox search leaves it out."""
+    base = json.loads((SHARED_ITEMS / S2_ITEM).read_text())
+    specs = [
+        ("2024-01-05T14:06:36Z", 50.0, 0.0),
+        ("2024-03-11T14:06:36.123Z", base["properties"]["eo:cloud_cover"], 0.0),
+        ("2024-06-20T14:06:36Z", 3.25, 0.0),
+        ("2023-12-01T14:06:36Z", 1.0, 0.0),
+        ("2024-04-02T14:06:36Z", 0.5, 20.0),
+    ]
+    items = []
+    for n, (dt, cloud, shift) in enumerate(specs):
+        item = copy.deepcopy(base)
+        item["id"] = f"{base['id']}-v{n}"
+        item["collection"] = collection_id
+        item["properties"]["datetime"] = dt
+        item["properties"]["eo:cloud_cover"] = cloud
+        if shift:
+            item["bbox"] = [item["bbox"][0] + shift, item["bbox"][1], item["bbox"][2] + shift, item["bbox"][3]]
+            for ring in item["geometry"]["coordinates"]:
+                for pt in ring:
+                    pt[0] += shift
+        item["links"] = [ln for ln in item["links"] if ln.get("rel") not in ("self", "parent", "root", "collection")]
+        items.append(item)
+    return items
+
+
+@pytest.fixture
+def s2_collection(stac_api: Any, request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    """A fresh collection (unique id) with the Sentinel-2 variants loaded."""
+    cid = f"s2-{request.node.name.replace('_', '-')[:40]}-{np.random.default_rng().integers(1 << 30)}"
+    items = _s2_variants(cid)
+    stac_api.load_collection(stac_api.make_collection(cid, items))
+    stac_api.load_items(items)
+    return cid, items
+
+
+def _in_range(item: dict[str, Any], start: str, end: str) -> bool:
+    return start <= item["properties"]["datetime"][:10] <= end
+
+
+def _overlaps(item: dict[str, Any], bbox: list[float]) -> bool:
+    b = item["bbox"]
+    return b[0] <= bbox[2] and bbox[0] <= b[2] and b[1] <= bbox[3] and bbox[1] <= b[3]
+
+
+def test_stac_api_conformance(stac_api: Any) -> None:
+    from pystac_client.conformance import ConformanceClasses
+
+    uris = stac_api.conforms_to
+    for klass in ("core", "item-search", "item-search#sort", "item-search#query", "item-search#filter",
+                  "item-search#fields", "collections", "ogcapi-features"):
+        assert _conforms(uris, klass), klass
+    assert "http://www.opengis.net/spec/cql2/1.0/conf/cql2-json" in uris
+    assert "http://www.opengis.net/spec/cql2/1.0/conf/cql2-text" in uris
+    assert not _conforms(uris, "item-search#no-such-thing")
+    client = _client(stac_api.url)
+    for name in ("ITEM_SEARCH", "SORT", "QUERY", "FILTER"):
+        assert client.conforms_to(ConformanceClasses.get_by_name(name)), name
+
+
+def test_stac_api_search_bbox_datetime_sortby(stac_api: Any, s2_collection: Any) -> None:
+    cid, items = s2_collection
+    bbox = [-62.5, -33.2, -62.0, -32.8]
+    expected = sorted(
+        (it for it in items if _in_range(it, "2024-01-01", "2024-12-31") and _overlaps(it, bbox)),
+        key=lambda it: it["properties"]["eo:cloud_cover"],
+    )
+    assert len(expected) == 3  # the 2023 item and the moved item are out
+
+    client = _client(stac_api.url)
+    search = client.search(
+        collections=[cid], bbox=bbox, datetime="2024-01-01/2024-12-31", sortby="properties.eo:cloud_cover"
+    )
+    found = list(search.items_as_dicts())
+    assert [it["id"] for it in found] == [it["id"] for it in expected]
+
+    search = client.search(
+        collections=[cid], bbox=bbox, datetime="2024-01-01/2024-12-31", sortby="-properties.eo:cloud_cover"
+    )
+    assert [it["id"] for it in search.items_as_dicts()] == [it["id"] for it in reversed(expected)]
+
+    # The item comes back whole: properties, assets and geometry as loaded.
+    src = expected[0]
+    got = found[0]
+    assert got["properties"]["eo:cloud_cover"] == src["properties"]["eo:cloud_cover"]
+    assert got["properties"]["proj:epsg"] == src["properties"]["proj:epsg"]
+    assert got["assets"]["red"]["href"] == src["assets"]["red"]["href"]
+    assert set(got["assets"]) == set(src["assets"])
+    assert got["collection"] == cid
+
+
+def test_stac_api_query_and_filter(stac_api: Any, s2_collection: Any) -> None:
+    cid, items = s2_collection
+    limit = 20.0
+    expected = sorted(it["id"] for it in items if it["properties"]["eo:cloud_cover"] < limit)
+    assert 0 < len(expected) < len(items)
+    client = _client(stac_api.url)
+
+    by_query = client.search(collections=[cid], query={"eo:cloud_cover": {"lt": limit}})
+    assert sorted(it["id"] for it in by_query.items_as_dicts()) == expected
+
+    by_cql2_json = client.search(
+        collections=[cid],
+        filter={"op": "<", "args": [{"property": "eo:cloud_cover"}, limit]},
+        filter_lang="cql2-json",
+    )
+    assert sorted(it["id"] for it in by_cql2_json.items_as_dicts()) == expected
+
+    by_cql2_text = client.search(
+        collections=[cid], filter=f"eo:cloud_cover < {limit}", filter_lang="cql2-text", method="GET"
+    )
+    assert sorted(it["id"] for it in by_cql2_text.items_as_dicts()) == expected
+
+    # A filter on the id and the datetime together (what "skip finished items" needs).
+    first = items[1]
+    both = client.search(
+        collections=[cid],
+        filter={
+            "op": "and",
+            "args": [
+                {"op": "=", "args": [{"property": "id"}, first["id"]]},
+                {"op": "t_intersects", "args": [{"property": "datetime"}, {"interval": ["2024-03-01T00:00:00Z", "2024-03-31T23:59:59Z"]}]},
+            ],
+        },
+    )
+    assert [it["id"] for it in both.items_as_dicts()] == [first["id"]]
+
+
+def test_stac_api_paging_and_empty_search(stac_api: Any, s2_collection: Any) -> None:
+    cid, items = s2_collection
+    client = _client(stac_api.url)
+    search = client.search(collections=[cid], limit=2, sortby="-properties.datetime")
+    pages = list(search.pages_as_dicts())
+    assert len(pages) == (len(items) + 1) // 2  # token pagination through "next" links
+    ids = [f["id"] for page in pages for f in page["features"]]
+    assert ids == [it["id"] for it in sorted(items, key=lambda it: it["properties"]["datetime"], reverse=True)]
+
+    empty = client.search(collections=[cid], datetime="1990-01-01/1990-12-31")
+    assert list(empty.items_as_dicts()) == []
+
+
+def test_stac_api_upsert_replaces_item(stac_api: Any, s2_collection: Any) -> None:
+    cid, items = s2_collection
+    changed = copy.deepcopy(items[0])
+    changed["properties"]["eo:cloud_cover"] = 0.01
+    stac_api.load_items([changed])
+    client = _client(stac_api.url)
+    found = list(client.search(collections=[cid], sortby="properties.eo:cloud_cover", max_items=1).items_as_dicts())
+    assert [it["id"] for it in found] == [changed["id"]]
+    assert found[0]["properties"]["eo:cloud_cover"] == 0.01
+    all_ids = [it["id"] for it in client.search(collections=[cid]).items_as_dicts()]
+    assert sorted(all_ids) == sorted(it["id"] for it in items)  # replaced, not duplicated
+
+
+def test_stac_api_queryables_make_sort_numeric(stac_api: Any, s2_collection: Any) -> None:
+    cid, items = s2_collection
+    # A numeric property without a queryable yet, with values whose text order differs.
+    scores = [9.0, 10.0, 100.0, 2.5, 0.75]
+    for item, score in zip(items, scores):
+        item["properties"]["test:score"] = score
+    stac_api.load_items(items)
+    stac_api.load_queryables({"test:score": {"type": "number"}}, collection_ids=[cid])
+
+    status, body = http_get(f"{stac_api.url}/collections/{cid}/queryables")
+    assert status == 200
+    queryables = json.loads(body)
+    assert queryables["properties"]["test:score"]["type"] == "number"
+    client = _client(stac_api.url)
+    got = [it["properties"]["test:score"] for it in client.search(collections=[cid], sortby="properties.test:score").items_as_dicts()]
+    assert got == sorted(scores)
+
