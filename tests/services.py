@@ -29,6 +29,7 @@ and mark tests that use these fixtures with ``@pytest.mark.services``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -337,13 +338,24 @@ class StacApi:
         return collection
 
 
+def _has_module(name: str) -> bool:
+    """True when ``name`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _pg_bindir() -> Path | None:
+    """Directory with initdb and pg_ctl: ``$STACCHIP_PG_BINDIR`` when set, else Debian's or PATH's."""
     override = os.environ.get("STACCHIP_PG_BINDIR")
-    candidates = [Path(override)] if override else []
-    candidates.append(Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"))
-    found = shutil.which("initdb")
-    if found:
-        candidates.append(Path(found).resolve().parent)
+    if override:
+        candidates = [Path(override)]
+    else:
+        candidates = [Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")]
+        found = shutil.which("initdb")
+        if found:
+            candidates.append(Path(found).resolve().parent)
     for cand in candidates:
         if (cand / "initdb").is_file() and (cand / "pg_ctl").is_file():
             return cand
@@ -457,6 +469,10 @@ def _start_stac_app(workdir: Path, pg: _Postgres, database: str) -> tuple[subpro
         PGDATABASE=database,
         DB_MIN_CONN_SIZE="1",
         DB_MAX_CONN_SIZE="5",
+        STAC_FASTAPI_TITLE="stacchip test STAC API",
+        STAC_FASTAPI_DESCRIPTION="stac-fastapi-pgstac on loopback for the stacchip tests",
+        STAC_FASTAPI_LANDING_ID="stacchip-test",
+        STAC_FASTAPI_VERSION="test",
     )
     last = ""
     for _attempt in range(3):  # the free port can be taken between probe and bind
@@ -490,20 +506,23 @@ def _start_stac_app(workdir: Path, pg: _Postgres, database: str) -> tuple[subpro
 @pytest.fixture(scope="session")
 def stac_api() -> Iterator[StacApi]:
     """stac-fastapi-pgstac on PostgreSQL + PostGIS on loopback, for the whole session."""
-    try:
-        import psycopg
-        import pypgstac.migrate  # noqa: F401
-        import stac_fastapi.pgstac.app  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
+    missing = [
+        name
+        for name in ("psycopg", "pypgstac", "stac_fastapi.pgstac", "uvicorn")
+        if not _has_module(name)
+    ]
+    if missing:
         service_unavailable(
-            f"STAC API packages missing ({exc}); pip install 'pypgstac[psycopg]' stac-fastapi-pgstac uvicorn"
+            f"STAC API packages missing ({', '.join(missing)}); "
+            "pip install 'pypgstac[psycopg]' stac-fastapi-pgstac uvicorn"
         )
+    import psycopg
     bindir = _pg_bindir()
     if bindir is None:
+        where = os.environ.get("STACCHIP_PG_BINDIR") or f"/usr/lib/postgresql/{PG_MAJOR}/bin or on PATH"
         service_unavailable(
-            f"PostgreSQL programs (initdb, pg_ctl) not found in /usr/lib/postgresql/{PG_MAJOR}/bin "
-            "or on PATH; apt-get install postgresql-15-postgis-3"
+            f"PostgreSQL programs (initdb, pg_ctl) not found in {where}; "
+            "apt-get install postgresql-15-postgis-3 (or run .ci/setup)"
         )
     t0 = time.monotonic()
     # Under /tmp, not pytest's tmp dir: the unix socket path must stay short and the

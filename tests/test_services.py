@@ -18,7 +18,7 @@ from affine import Affine
 from stacchip import storage
 from stacchip.errors import StorageNotFoundError
 from stacchip.reader import gdal_env
-from tests.services import http_get
+from tests.services import http_get, service_unavailable
 
 pytestmark = pytest.mark.services
 
@@ -41,6 +41,15 @@ def _write_cog(path: Path, data: np.ndarray) -> None:
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
+
+
+def test_missing_service_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no such server"):
+        service_unavailable("no such server")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no such server"):
+        service_unavailable("no such server")
 
 
 # ------------------------------------------------------------------------- S3
