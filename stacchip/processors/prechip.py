@@ -1,0 +1,654 @@
+"""``stacchip-prechip``: shuffled npz "cubes" of chips for training.
+
+Reads the chips of a merged index (or a directory / ``s3://`` prefix of index
+files) from the scenes in the data bucket and writes cubes of ``CUBESIZE``
+chips to ``{chip bucket}/{VERSION}/{platform}/cube_{k}.npz``, the layout the
+Clay training data module loads.
+
+What a cube holds (the keys upstream wrote, plus masks and provenance):
+
+=================  ==================  ============================================
+``pixels``         (N, C, H, W) f32    chip pixels in the platform's band order
+                                       (:mod:`stacchip.processors.bands`);
+                                       nodata pixels keep their source value
+``nodata_mask``    (N, C, H, W) bool   True where a pixel is nodata (the asset's
+                                       nodata value, NaN, or outside the asset)
+``lat_norm``       (N, 2) f32          ``(sin, cos)`` of the chip centre latitude
+``lon_norm``       (N, 2) f32          ``(sin, cos)`` of the chip centre longitude
+``week_norm``      (N, 2) f32          ``(sin, cos)`` of the position in the year
+``hour_norm``      (N, 2) f32          ``(sin, cos)`` of the UTC time of day
+``chipids``        (N,) str            index ``chipid`` of each chip
+``item_ids``       (N,) str            STAC item id of each chip
+``datetimes``      (N,) datetime64[us] item timestamp (UTC)
+``lon``, ``lat``   (N,) f64            chip centre in degrees
+``bands``          (C,) str            band names of the channels
+=================  ==================  ============================================
+
+Time encodings (``t`` the item's UTC timestamp):
+
+* ``hour_norm``: ``a = 2*pi * (hours + minutes/60 + seconds/3600) / 24``.
+* ``week_norm``: ``a = 2*pi * (t - Jan 1 00:00 of t's year) / (length of that
+  year)``; the continuous form of the week number (week ``w`` lies near
+  ``2*pi*(w-1)/52.18``). Every instant of a year has its own angle, so ISO week
+  53 no longer lands on week 1 as with upstream's ``2*pi*week/52``; Dec 31 and
+  Jan 1 are neighbours, as they should be.
+
+Sampling: the filtered index is sorted by ``chipid`` and shuffled with a
+permutation seeded by ``seed``; cube ``k`` holds permutation entries
+``k*N .. (k+1)*N``. Every chip lands in at most one cube, and a cube's members
+depend only on the index, the filters and the seed, never on which job makes
+it. Job ``j`` makes cubes ``j*cubes_per_job .. (j+1)*cubes_per_job - 1``;
+within a job the chips are read item by item (each item's assets opened once
+per worker) in row order, so blocks are decoded once, then put back in their
+random cube slots. Existing cubes are skipped; a cube is written whole or not
+at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import io
+import logging
+import math
+import multiprocessing
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import rasterio
+from tqdm import tqdm
+
+from stacchip import storage
+from stacchip.chipper import Chipper
+from stacchip.errors import ConfigError, IndexFileError
+from stacchip.index import open_index, query
+from stacchip.indexer import ChipIndexer
+from stacchip.processors import jobs
+from stacchip.processors.bands import (  # noqa: F401  (upstream names)
+    LINZ_BANDS,
+    LS_BANDS,
+    NAIP_BANDS,
+    S1_BANDS,
+    S2_BANDS,
+    PlatformBands,
+    is_nodata,
+    platform_bands,
+)
+from stacchip.reader import gdal_env
+from stacchip.utils import item_key, load_item
+
+logger = logging.getLogger(__name__)
+
+#: Folder under the chip bucket that holds the cubes (upstream's value).
+VERSION = "mode_v1_chipper_v2"
+#: Chips per cube.
+CUBESIZE = 128
+#: Seed of the shuffle (upstream used 42).
+DEFAULT_SEED = 42
+#: Largest nodata fraction of a chip by default.
+DEFAULT_MAX_NODATA = 0.05
+#: Memory for the pixels of the cubes assembled at once, bytes.
+DEFAULT_BATCH_BYTES = 2 * 1024**3
+#: Largest number of chips one worker task reads (one item's chips are split
+#: into tasks of at most this many, in row order).
+TASK_CHIPS = 64
+#: Items whose chipper a worker keeps open.
+CHIPPER_CACHE = 8
+
+#: Index columns prechip reads.
+COLUMNS = [
+    "chipid", "item_id", "platform", "datetime", "chip_index_x", "chip_index_y",
+    "chip_size", "cloud_cover_percentage", "nodata_percentage", "bbox",
+]
+
+
+# --- encodings ---------------------------------------------------------------------------
+
+
+def sincos(angle: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` float32 of ``(sin, cos)`` of angles in radians."""
+    angle = np.asarray(angle, dtype=np.float64)
+    return np.column_stack([np.sin(angle), np.cos(angle)]).astype(np.float32)
+
+
+def latlon_norm(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lat_norm, lon_norm)``: ``(sin, cos)`` of latitude and of longitude (degrees in)."""
+    return sincos(np.radians(lat)), sincos(np.radians(lon))
+
+
+def normalize_latlon(bounds: Sequence[float]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Upstream helper: ``((sin lat, cos lat), (sin lon, cos lon))`` of a bbox centre (degrees)."""
+    lon, lat = bbox_centres(np.array([bounds], dtype=np.float64))
+    lat_n, lon_n = latlon_norm(lon, lat)
+    return (float(lat_n[0, 0]), float(lat_n[0, 1])), (float(lon_n[0, 0]), float(lon_n[0, 1]))
+
+
+def bbox_centres(bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre ``(lon, lat)`` in degrees of ``(N, 4)`` lon/lat boxes.
+
+    A box wider than 180 degrees is a chip across the antimeridian (its corners
+    sit at +-180): its centre is taken across the antimeridian.
+    """
+    bounds = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
+    lon = (bounds[:, 0] + bounds[:, 2]) / 2
+    lat = (bounds[:, 1] + bounds[:, 3]) / 2
+    wrap = (bounds[:, 2] - bounds[:, 0]) > 180
+    lon = np.where(wrap, (lon + 360.0) % 360.0 - 180.0, lon)
+    return lon, lat
+
+
+def time_angles(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(year angle, hour angle)`` in radians of UTC ``datetime64`` timestamps.
+
+    Year angle: ``2*pi * (t - Jan 1 of its year) / (year length)``; hour angle:
+    ``2*pi * (time of day in hours) / 24``.
+    """
+    t = np.asarray(times).astype("datetime64[us]")
+    year = t.astype("datetime64[Y]")
+    start = year.astype("datetime64[us]")
+    end = (year + 1).astype("datetime64[us]")
+    frac_year = (t - start).astype(np.float64) / (end - start).astype(np.float64)
+    day = t.astype("datetime64[D]").astype("datetime64[us]")
+    hours = (t - day).astype(np.float64) / 3.6e9
+    return 2 * np.pi * frac_year, 2 * np.pi * hours / 24.0
+
+
+def time_norm(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(week_norm, hour_norm)``, each ``(N, 2)`` float32 ``(sin, cos)``."""
+    week, hour = time_angles(times)
+    return sincos(week), sincos(hour)
+
+
+def normalize_timestamp(date: dt.datetime | dt.date) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Upstream helper: ``((sin, cos) of the year position, (sin, cos) of the UTC hour)``.
+
+    A plain date means midnight UTC; a naive datetime means UTC.
+    """
+    if not isinstance(date, dt.datetime):
+        date = dt.datetime(date.year, date.month, date.day)
+    if date.tzinfo is not None:
+        date = date.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    week, hour = time_norm(np.array([np.datetime64(date, "us")]))
+    return (float(week[0, 0]), float(week[0, 1])), (float(hour[0, 0]), float(hour[0, 1]))
+
+
+# --- selecting and shuffling chips -----------------------------------------------------------
+
+
+def select_chips(
+    index_sources: Any,
+    platform: str | None = None,
+    max_nodata: float | None = DEFAULT_MAX_NODATA,
+    max_cloud: float | None = None,
+) -> pa.Table:
+    """Chips that pass the filters, sorted by ``chipid`` (a stable order for the shuffle).
+
+    ``max_nodata`` / ``max_cloud`` are fractions (0 keeps only chips with none;
+    ``None`` means no filter).
+    """
+    dataset = open_index(index_sources)
+    table = query(dataset, platform=platform, max_nodata=max_nodata, max_cloud=max_cloud, columns=COLUMNS)
+    if table.num_rows and len(set(pc.unique(table.column("platform")).to_pylist())) > 1:
+        raise ConfigError(
+            "the index holds several platforms "
+            f"({sorted(set(pc.unique(table.column('platform')).to_pylist()))}); "
+            "choose one with --platform / STACCHIP_PLATFORM"
+        )
+    order = pc.sort_indices(table, sort_keys=[("chipid", "ascending")])
+    table = table.take(order)
+    dupes = table.num_rows - len(pc.unique(table.column("chipid")))
+    if dupes:
+        raise IndexFileError(f"the index holds {dupes} duplicate chipid rows; merge it without duplicates")
+    return table
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """The seeded shuffle of ``n`` rows (numpy PCG64)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def cube_count(n_chips: int, cube_size: int = CUBESIZE, partial: bool = False) -> int:
+    """Number of cubes ``n_chips`` make (a last partial cube only with ``partial``)."""
+    return math.ceil(n_chips / cube_size) if partial else n_chips // cube_size
+
+
+def cube_url(output: str, platform: str, cube_id: int) -> str:
+    """Where cube ``cube_id`` is written."""
+    return storage.join(output, VERSION, platform, f"cube_{cube_id}.npz")
+
+
+# --- reading chips, item by item -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One worker task: chips of one item, in row order, with their output slots."""
+
+    data: str
+    platform: str
+    item_id: str
+    chip_size: int
+    slots: tuple[int, ...]
+    xs: tuple[int, ...]
+    ys: tuple[int, ...]
+    mountpath: str | None = None
+
+
+class _OpenItem:
+    """A chipper over one item plus its channel assets and nodata values."""
+
+    def __init__(self, task: ReadTask) -> None:
+        url = storage.join(task.data, item_key(task.platform, task.item_id))
+        item = load_item(url)
+        self.spec: PlatformBands = platform_bands(task.platform)
+        self.keys = self.spec.asset_keys(item)
+        indexer = ChipIndexer(item, chip_size=task.chip_size, platform=task.platform)
+        self.chipper = Chipper(indexer, mountpath=task.mountpath, assets=sorted(set(self.keys)))
+        self.nodata = [self._nodata(item, key, band) for key, (_, band) in zip(self.keys, self.spec.sources)]
+
+    def _nodata(self, item: Any, key: str, band: int) -> float | None:
+        bands = item.assets[key].extra_fields.get("raster:bands") or []
+        if band < len(bands) and bands[band].get("nodata") is not None:
+            return float(bands[band]["nodata"])
+        with gdal_env(), rasterio.open(self.chipper.path(key)) as ds:
+            if band < len(ds.nodatavals) and ds.nodatavals[band] is not None:
+                return float(ds.nodatavals[band])
+        return self.spec.default_nodata
+
+    def read(self, x: int, y: int, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.spec.stack(item_id, self.chipper.chip(x, y), self.keys)
+        mask = np.stack([is_nodata(pixels[i], nd) for i, nd in enumerate(self.nodata)])
+        return pixels, mask
+
+    def close(self) -> None:
+        self.chipper.close()
+
+
+_OPEN: "OrderedDict[tuple[Any, ...], _OpenItem]" = OrderedDict()
+
+
+def _open_item(task: ReadTask) -> _OpenItem:
+    key = (task.data, task.platform, task.item_id, task.chip_size, task.mountpath, os.getpid())
+    opened = _OPEN.get(key)
+    if opened is None:
+        opened = _OpenItem(task)
+        _OPEN[key] = opened
+        while len(_OPEN) > CHIPPER_CACHE:
+            _, old = _OPEN.popitem(last=False)
+            old.close()
+    else:
+        _OPEN.move_to_end(key)
+    return opened
+
+
+def close_open_items() -> None:
+    """Close every item this process keeps open."""
+    while _OPEN:
+        _, opened = _OPEN.popitem()
+        opened.close()
+
+
+def read_task(task: ReadTask) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+    """``(slots, pixels (n, C, H, W) in the source dtype, nodata mask (n, C, H, W))``."""
+    opened = _open_item(task)
+    pixels = []
+    masks = []
+    for x, y in zip(task.xs, task.ys):
+        p, m = opened.read(x, y, task.item_id)
+        pixels.append(p)
+        masks.append(m)
+    return task.slots, np.stack(pixels), np.stack(masks)
+
+
+def plan_reads(
+    rows: pa.Table,
+    data: str,
+    platform: str,
+    mountpath: str | None = None,
+    task_chips: int = TASK_CHIPS,
+) -> list[ReadTask]:
+    """Worker tasks for ``rows`` (slot ``i`` is row ``i``): grouped by item, row order inside."""
+    item_ids = np.asarray(rows.column("item_id").to_pylist(), dtype=object)
+    xs = rows.column("chip_index_x").to_numpy().astype(np.int64)
+    ys = rows.column("chip_index_y").to_numpy().astype(np.int64)
+    sizes = rows.column("chip_size").to_numpy().astype(np.int64)
+    tasks = []
+    for item_id in sorted(set(item_ids)):
+        slots = np.nonzero(item_ids == item_id)[0]
+        if len(set(sizes[slots].tolist())) > 1:
+            raise IndexFileError(f"item {item_id!r}: the index mixes chip sizes {sorted(set(sizes[slots]))}")
+        order = np.lexsort((xs[slots], ys[slots]))
+        slots = slots[order]
+        for start in range(0, len(slots), task_chips):
+            part = slots[start:start + task_chips]
+            tasks.append(
+                ReadTask(
+                    data=data, platform=platform, item_id=str(item_id), chip_size=int(sizes[part[0]]),
+                    slots=tuple(int(s) for s in part), xs=tuple(int(v) for v in xs[part]),
+                    ys=tuple(int(v) for v in ys[part]), mountpath=mountpath,
+                )
+            )
+    return tasks
+
+
+class ChipReader:
+    """Runs :class:`ReadTask` s inline or over a process pool (kept for the reader's life)."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = max(1, int(workers))
+        self._pool: Any = None
+
+    def __enter__(self) -> "ChipReader":
+        if self.workers > 1:
+            # spawn: GDAL and boto3 state of the parent are not fork-safe.
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        close_open_items()
+
+    def run(self, tasks: Sequence[ReadTask], desc: str = "chips") -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+        """Results of ``tasks`` as they finish, with a progress bar counting chips."""
+        total = sum(len(t.slots) for t in tasks)
+        results = (
+            self._pool.imap_unordered(read_task, tasks) if self._pool is not None else map(read_task, tasks)
+        )
+        with tqdm(total=total, desc=desc, unit="chip", disable=total == 0 or None) as bar:
+            for result in results:
+                bar.update(len(result[0]))
+                yield result
+
+
+# --- making cubes ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PrechipConfig:
+    """Everything a prechip job needs.
+
+    ``data``: root holding ``{platform}/{item_id}/stac_item.json`` (local path,
+    ``s3://`` URL); ``index``: index file(s), directory or prefix; ``output``:
+    where ``{VERSION}/{platform}/cube_{k}.npz`` go. Fractions are 0-1.
+    """
+
+    data: str
+    index: Any
+    output: str
+    platform: str | None = None
+    cube_size: int = CUBESIZE
+    cubes_per_job: int = 10
+    seed: int = DEFAULT_SEED
+    max_nodata: float | None = DEFAULT_MAX_NODATA
+    max_cloud: float | None = None
+    overwrite: bool = False
+    partial: bool = False
+    mountpath: str | None = None
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    dry_run: bool = False
+
+
+@dataclass
+class Selection:
+    """The filtered, sorted index and its shuffle."""
+
+    table: pa.Table
+    order: np.ndarray
+    platform: str
+    n_cubes: int
+
+
+def prepare(config: PrechipConfig) -> Selection:
+    """Select, sort and shuffle the chips of ``config``."""
+    if config.cube_size < 1:
+        raise ConfigError(f"cube size must be >= 1, got {config.cube_size}")
+    table = select_chips(config.index, config.platform, config.max_nodata, config.max_cloud)
+    if table.num_rows == 0:
+        platform = config.platform or ""
+    else:
+        platform = str(table.column("platform")[0].as_py())
+    if config.platform and platform != config.platform:
+        raise ConfigError(f"platform {config.platform!r} is not in the index")
+    if platform:
+        platform_bands(platform)
+    order = permutation(table.num_rows, config.seed)
+    n = cube_count(table.num_rows, config.cube_size, config.partial)
+    logger.info(
+        "%d chips pass the filters (max nodata %s, max cloud %s): %d cubes of %d, seed %d",
+        table.num_rows, config.max_nodata, config.max_cloud, n, config.cube_size, config.seed,
+    )
+    return Selection(table=table, order=order, platform=platform, n_cubes=n)
+
+
+def cube_members(selection: Selection, cube_id: int, cube_size: int) -> np.ndarray:
+    """Row numbers (into ``selection.table``) of cube ``cube_id``'s chips, in cube order."""
+    return selection.order[cube_id * cube_size:(cube_id + 1) * cube_size]
+
+
+def job_cubes(job_index: int, cubes_per_job: int, n_cubes: int) -> list[int]:
+    """Cube ids job ``job_index`` makes."""
+    return [k for k in range(job_index * cubes_per_job, (job_index + 1) * cubes_per_job) if k < n_cubes]
+
+
+def job_count(n_cubes: int, cubes_per_job: int) -> int:
+    """Array size needed to make ``n_cubes`` cubes."""
+    return math.ceil(n_cubes / cubes_per_job)
+
+
+def cube_arrays(rows: pa.Table, pixels: np.ndarray, mask: np.ndarray, bands: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of one cube from its index rows and its pixels and mask."""
+    bbox = rows.column("bbox").combine_chunks() if rows.num_rows else None
+    if bbox is not None:
+        bounds = np.column_stack([bbox.field(f).to_numpy(zero_copy_only=False) for f in ("xmin", "ymin", "xmax", "ymax")])
+    else:
+        bounds = np.zeros((0, 4))
+    lon, lat = bbox_centres(bounds)
+    lat_n, lon_n = latlon_norm(lon, lat)
+    times = rows.column("datetime").cast(pa.timestamp("us", tz="UTC")).to_numpy(zero_copy_only=False)
+    times = np.asarray(times).astype("datetime64[us]")
+    week_n, hour_n = time_norm(times)
+    return {
+        "pixels": pixels.astype(np.float32, copy=False),
+        "nodata_mask": mask.astype(bool, copy=False),
+        "lon_norm": lon_n,
+        "lat_norm": lat_n,
+        "week_norm": week_n,
+        "hour_norm": hour_n,
+        "chipids": np.asarray(rows.column("chipid").to_pylist(), dtype=str),
+        "item_ids": np.asarray(rows.column("item_id").to_pylist(), dtype=str),
+        "datetimes": times,
+        "lon": lon,
+        "lat": lat,
+        "bands": np.asarray(list(bands), dtype=str),
+    }
+
+
+def cube_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``savez_compressed`` bytes of a cube (loadable with ``allow_pickle=False``)."""
+    sink = io.BytesIO()
+    np.savez_compressed(sink, **arrays)
+    return sink.getvalue()
+
+
+def make_cubes(
+    config: PrechipConfig,
+    cube_ids: Sequence[int],
+    workers: int = 1,
+    selection: Selection | None = None,
+) -> list[str]:
+    """Make cubes ``cube_ids`` (skipping existing ones unless ``overwrite``); returns written URLs."""
+    selection = selection or prepare(config)
+    platform = selection.platform
+    ids = [k for k in cube_ids if 0 <= k < selection.n_cubes]
+    if len(ids) < len(cube_ids):
+        logger.info("%d of the requested cubes are beyond the %d cubes the index makes",
+                    len(cube_ids) - len(ids), selection.n_cubes)
+    todo = []
+    for k in ids:
+        url = cube_url(config.output, platform, k)
+        if not config.overwrite and storage.exists(url):
+            logger.info("cube %d exists at %s; skipped", k, url)
+            continue
+        todo.append(k)
+    if not todo:
+        return []
+    spec = platform_bands(platform)
+    first = selection.table.slice(0, 1)
+    chip_size = int(first.column("chip_size")[0].as_py())
+    per_cube = config.cube_size * spec.count * chip_size * chip_size * 5  # f32 pixels + bool mask
+    per_batch = max(1, int(config.batch_bytes // max(per_cube, 1)))
+    if config.dry_run:
+        for k in todo:
+            print(f"would write cube {k} ({len(cube_members(selection, k, config.cube_size))} chips) "
+                  f"to {cube_url(config.output, platform, k)}")
+        return []
+    written = []
+    with ChipReader(workers) as reader:
+        for start in range(0, len(todo), per_batch):
+            batch = todo[start:start + per_batch]
+            members = [cube_members(selection, k, config.cube_size) for k in batch]
+            rows_idx = np.concatenate(members)
+            rows = selection.table.take(pa.array(rows_idx))
+            tasks = plan_reads(rows, config.data, platform, config.mountpath)
+            pixels = np.zeros((len(rows_idx), spec.count, chip_size, chip_size), dtype=np.float32)
+            mask = np.zeros(pixels.shape, dtype=bool)
+            for slots, p, m in reader.run(tasks, desc=f"cubes {batch[0]}-{batch[-1]}"):
+                idx = np.asarray(slots)
+                pixels[idx] = p
+                mask[idx] = m
+            offset = 0
+            for k, member in zip(batch, members):
+                n = len(member)
+                arrays = cube_arrays(
+                    rows.slice(offset, n), pixels[offset:offset + n], mask[offset:offset + n], spec.band_order
+                )
+                url = cube_url(config.output, platform, k)
+                storage.write_bytes(url, cube_bytes(arrays))
+                logger.info("wrote cube %d (%d chips) to %s", k, n, url)
+                written.append(url)
+                offset += n
+    return written
+
+
+def run_job(job_index: int, config: PrechipConfig, workers: int = 1) -> list[str]:
+    """Array-job task ``job_index``: make its ``cubes_per_job`` cubes."""
+    selection = prepare(config)
+    ids = job_cubes(job_index, config.cubes_per_job, selection.n_cubes)
+    if not ids:
+        logger.info("job %d: no cubes (the index makes %d)", job_index, selection.n_cubes)
+        return []
+    return make_cubes(config, ids, workers=workers, selection=selection)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def _fraction_or_none(text: str, var: str) -> float | None:
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{var}={text!r} is not a fraction between 0 and 1 (or 'none')") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{var}={text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def fraction_setting(value: str | None, var: str, default: float | None, flag: str = "") -> float | None:
+    """A 0-1 fraction from a flag or environment variable; ``none`` disables it; ``0`` means 0."""
+    text = jobs.env_str(value, var, None)
+    if text is None:
+        return default
+    return _fraction_or_none(text, (flag or "flag") if value is not None else var)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``stacchip-prechip``."""
+    p = argparse.ArgumentParser(
+        prog="stacchip-prechip",
+        description="Write shuffled npz cubes of indexed chips (array job or local process pool).",
+    )
+    p.add_argument("--data", help="scenes root: bucket name, s3:// URL or path (env STACCHIP_DATA_BUCKET)")
+    p.add_argument("--indexpath", help="merged index, directory or s3:// prefix of index files (env STACCHIP_INDEXPATH)")
+    p.add_argument("--chips", help="where cubes go: bucket name, s3:// URL or path (env STACCHIP_CHIP_BUCKET)")
+    p.add_argument("--platform", help="platform to cube (env STACCHIP_PLATFORM)")
+    p.add_argument("--cubes-per-job", type=int, help="cubes per array task (env STACCHIP_CUBES_PER_JOB, default 10)")
+    p.add_argument("--cube-size", type=int, help=f"chips per cube (env STACCHIP_CUBE_SIZE, default {CUBESIZE})")
+    p.add_argument("--max-nodata", help="largest nodata fraction, 0-1 or 'none' (env STACCHIP_MAX_NODATA, "
+                   f"default {DEFAULT_MAX_NODATA})")
+    p.add_argument("--max-cloud", help="largest cloud fraction, 0-1 or 'none' (env STACCHIP_MAX_CLOUD, default none)")
+    p.add_argument("--seed", type=int, help=f"shuffle seed (env STACCHIP_SEED, default {DEFAULT_SEED})")
+    p.add_argument("--mountpath", help="re-root asset hrefs under this local directory (env STACCHIP_MOUNTPATH)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="rewrite cubes that exist")
+    p.add_argument("--partial", action="store_true", default=None,
+                   help="also write the last, incomplete cube (env STACCHIP_PARTIAL_CUBES)")
+    p.add_argument("--all", action="store_true", help="run every job of the array locally")
+    jobs.add_job_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PrechipConfig:
+    """A :class:`PrechipConfig` from parsed flags and the environment."""
+    data = jobs.env_str(args.data, "STACCHIP_DATA_BUCKET", required=True, flag="--data")
+    indexpath = jobs.env_str(args.indexpath, "STACCHIP_INDEXPATH", required=True, flag="--indexpath")
+    chips = jobs.env_str(args.chips, "STACCHIP_CHIP_BUCKET", required=True, flag="--chips")
+    return PrechipConfig(
+        data=jobs.output_root(str(data)),
+        index=str(indexpath) if "://" in str(indexpath) else os.path.expanduser(str(indexpath)),
+        output=jobs.output_root(str(chips)),
+        platform=jobs.env_str(args.platform, "STACCHIP_PLATFORM", None),
+        cube_size=jobs.env_int(args.cube_size, "STACCHIP_CUBE_SIZE", CUBESIZE, flag="--cube-size", minimum=1) or CUBESIZE,
+        cubes_per_job=jobs.env_int(args.cubes_per_job, "STACCHIP_CUBES_PER_JOB", 10, flag="--cubes-per-job",
+                                   minimum=1) or 10,
+        seed=jobs.env_int(args.seed, "STACCHIP_SEED", DEFAULT_SEED, flag="--seed") or 0,
+        max_nodata=fraction_setting(args.max_nodata, "STACCHIP_MAX_NODATA", DEFAULT_MAX_NODATA, "--max-nodata"),
+        max_cloud=fraction_setting(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
+        overwrite=jobs.env_bool(args.overwrite, "STACCHIP_OVERWRITE", False),
+        partial=jobs.env_bool(args.partial, "STACCHIP_PARTIAL_CUBES", False),
+        mountpath=jobs.env_str(args.mountpath, "STACCHIP_MOUNTPATH", None),
+        dry_run=jobs.env_bool(args.dry_run, "STACCHIP_DRY_RUN", False),
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
+    """Parse ``argv`` and run the requested jobs."""
+    args = build_parser().parse_args(argv)
+    jobs.setup_logging(args.verbose, args.quiet)
+    config = config_from_args(args)
+    workers = jobs.resolve_workers(args.workers)
+    if args.all:
+        selection = prepare(config)
+        indices = list(range(job_count(selection.n_cubes, config.cubes_per_job)))
+    else:
+        indices = jobs.resolve_indices(args.index, args.range_spec)
+    if len(indices) == 1:
+        # One task: the pool reads chips inside it.
+        return jobs.run_tasks(functools.partial(run_job, config=config, workers=workers), indices, 1,
+                              desc="prechip jobs")
+    # Many tasks locally: one process per job, each reading its chips inline.
+    return jobs.run_tasks(functools.partial(run_job, config=config, workers=1), indices, workers,
+                          desc="prechip jobs")
+
+
+def process() -> None:
+    """Console script ``stacchip-prechip`` (upstream's entry point name)."""
+    raise SystemExit(jobs.main(run))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stacchip-prechip`` with ``argv``; returns the exit status."""
+    return jobs.main(run, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    process()

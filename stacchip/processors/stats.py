@@ -1,0 +1,580 @@
+"""``stacchip-stats``: per-band statistics of a platform, mergeable across array jobs.
+
+For every band: ``count`` (valid pixels), ``mean``, ``std`` (population, ddof 0),
+``min``, ``max`` and, when asked, percentiles. Nodata pixels are excluded: a
+cube's ``nodata_mask`` when present, else pixels equal to the platform's nodata
+value (:mod:`stacchip.processors.bands`) or NaN.
+
+Numerics: each batch of pixels is reduced in float64 with a two-pass mean and
+sum of squared deviations (``M2``); batches and job results are combined with
+Chan et al.'s parallel update (``n = na + nb``, ``d = mean_b - mean_a``,
+``mean = mean_a + d * nb / n``, ``M2 = M2_a + M2_b + d^2 * na * nb / n``), so
+partial results merge in any order to the one-pass answer up to float
+round-off. Percentiles come from a fixed-edge histogram per band (exactly
+mergeable: counts add); they are exact to one bin width, with values outside
+the histogram range counted in under/overflow bins.
+
+Sources: the cubes ``stacchip-prechip`` wrote (``--source cubes``, job ``j``
+takes cube files ``j*cubes_per_job ..`` of the sorted listing), or chips read
+straight from the index and the scenes (``--source index``, job ``j`` takes
+``chips_per_job`` chips of the same seeded shuffle prechip uses).
+
+Outputs under ``{output}/stats/{platform}/``: ``partial_{job:05d}.json`` per
+array job; the merge step (``--merge``, or automatically after ``--all``) writes
+``stats.json`` and ``metadata.yaml`` in the layout of Clay's
+``configs/metadata.yaml`` (``band_order``, ``rgb_indices``, ``gsd``,
+``bands: {mean, std, wavelength}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from stacchip import storage
+from stacchip.errors import ConfigError, StorageError
+from stacchip.processors import jobs
+from stacchip.processors import prechip
+from stacchip.processors.bands import PlatformBands, is_nodata, platform_bands
+
+logger = logging.getLogger(__name__)
+
+#: Default number of histogram bins per band (when percentiles are asked for).
+DEFAULT_BINS = 4096
+#: Format version of the partial/merged JSON.
+STATS_FORMAT = 1
+
+
+class StatsAccumulator:
+    """Running per-band count, mean, M2, min, max (and histogram), mergeable.
+
+    ``bands`` names the channels; ``hist_range`` ``(lo, hi)`` with ``bins``
+    enables a histogram of ``bins`` equal bins over ``[lo, hi)`` plus an
+    underflow and an overflow bin.
+    """
+
+    def __init__(
+        self,
+        bands: Sequence[str],
+        hist_range: tuple[float, float] | None = None,
+        bins: int = DEFAULT_BINS,
+    ) -> None:
+        self.bands = list(bands)
+        c = len(self.bands)
+        self.count = np.zeros(c, dtype=np.int64)
+        self.mean = np.zeros(c, dtype=np.float64)
+        self.m2 = np.zeros(c, dtype=np.float64)
+        self.min = np.full(c, np.inf)
+        self.max = np.full(c, -np.inf)
+        self.hist_range = None if hist_range is None else (float(hist_range[0]), float(hist_range[1]))
+        self.bins = int(bins)
+        if self.hist_range is not None:
+            if not self.hist_range[1] > self.hist_range[0] or self.bins < 1:
+                raise ConfigError(f"histogram range {hist_range} with {bins} bins is empty")
+            self.hist: np.ndarray | None = np.zeros((c, self.bins + 2), dtype=np.int64)
+        else:
+            self.hist = None
+
+    def _merge_band(self, b: int, n: int, mean: float, m2: float, lo: float, hi: float) -> None:
+        if n == 0:
+            return
+        na = int(self.count[b])
+        if na == 0:
+            self.count[b], self.mean[b], self.m2[b] = n, mean, m2
+        else:
+            total = na + n
+            delta = mean - self.mean[b]
+            self.mean[b] = self.mean[b] + delta * n / total
+            self.m2[b] = self.m2[b] + m2 + delta * delta * na * n / total
+            self.count[b] = total
+        self.min[b] = min(self.min[b], lo)
+        self.max[b] = max(self.max[b], hi)
+
+    def update(self, pixels: np.ndarray, nodata_mask: np.ndarray | None = None) -> None:
+        """Add pixels ``(N, C, H, W)`` (or ``(C, H, W)``); ``nodata_mask`` True = excluded."""
+        pixels = np.asarray(pixels)
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+            nodata_mask = None if nodata_mask is None else np.asarray(nodata_mask)[None]
+        if pixels.ndim != 4 or pixels.shape[1] != len(self.bands):
+            raise ConfigError(
+                f"pixels of shape {pixels.shape} do not have {len(self.bands)} bands ({self.bands})"
+            )
+        for b in range(len(self.bands)):
+            values = pixels[:, b]
+            if nodata_mask is not None:
+                values = values[~nodata_mask[:, b]]
+            values = values.astype(np.float64, copy=False).ravel()
+            if np.issubdtype(values.dtype, np.floating):
+                values = values[~np.isnan(values)]
+            n = values.size
+            if n == 0:
+                continue
+            mean = float(values.mean())
+            m2 = float(np.square(values - mean).sum())
+            self._merge_band(b, n, mean, m2, float(values.min()), float(values.max()))
+            if self.hist is not None and self.hist_range is not None:
+                lo, hi = self.hist_range
+                pos = np.floor((values - lo) / (hi - lo) * self.bins)
+                pos = np.clip(pos, -1, self.bins).astype(np.int64) + 1
+                self.hist[b] += np.bincount(pos, minlength=self.bins + 2)
+
+    def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
+        """Fold ``other`` into this accumulator (Chan's parallel update); returns self."""
+        if other.bands != self.bands:
+            raise ConfigError(f"cannot merge statistics of bands {other.bands} into {self.bands}")
+        if (self.hist is None) != (other.hist is None) or (
+            self.hist is not None and (self.hist_range != other.hist_range or self.bins != other.bins)
+        ):
+            raise ConfigError("cannot merge statistics with different histograms")
+        for b in range(len(self.bands)):
+            self._merge_band(
+                b, int(other.count[b]), float(other.mean[b]), float(other.m2[b]),
+                float(other.min[b]), float(other.max[b]),
+            )
+        if self.hist is not None and other.hist is not None:
+            self.hist += other.hist
+        return self
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation per band (NaN without pixels)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.count > 0, np.sqrt(self.m2 / np.maximum(self.count, 1)), np.nan)
+
+    def percentiles(self, qs: Sequence[float]) -> np.ndarray:
+        """``(C, len(qs))`` percentiles (0-100) from the histogram, linear within a bin."""
+        if self.hist is None or self.hist_range is None:
+            raise ConfigError("percentiles need a histogram (give a histogram range)")
+        lo, hi = self.hist_range
+        width = (hi - lo) / self.bins
+        out = np.full((len(self.bands), len(qs)), np.nan)
+        for b in range(len(self.bands)):
+            counts = self.hist[b]
+            total = counts.sum()
+            if total == 0:
+                continue
+            cum = np.cumsum(counts)
+            for j, q in enumerate(qs):
+                target = q / 100.0 * total
+                k = int(np.searchsorted(cum, target, side="left"))
+                k = min(k, len(counts) - 1)
+                if k == 0:
+                    out[b, j] = self.min[b]
+                elif k == len(counts) - 1:
+                    out[b, j] = self.max[b]
+                else:
+                    before = cum[k - 1]
+                    inside = counts[k]
+                    frac = 0.0 if inside == 0 else (target - before) / inside
+                    value = lo + (k - 1 + frac) * width
+                    out[b, j] = min(max(value, self.min[b]), self.max[b])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able state (floats kept exactly: JSON floats round-trip)."""
+        return {
+            "format": STATS_FORMAT,
+            "bands": self.bands,
+            "count": self.count.tolist(),
+            "mean": self.mean.tolist(),
+            "m2": self.m2.tolist(),
+            "min": [None if math.isinf(v) else v for v in self.min.tolist()],
+            "max": [None if math.isinf(v) else v for v in self.max.tolist()],
+            "hist_range": None if self.hist_range is None else list(self.hist_range),
+            "bins": self.bins,
+            "hist": None if self.hist is None else self.hist.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StatsAccumulator":
+        """Rebuild an accumulator from :meth:`to_dict` output."""
+        try:
+            acc = cls(data["bands"], tuple(data["hist_range"]) if data.get("hist_range") else None,
+                      int(data.get("bins") or DEFAULT_BINS))
+            acc.count = np.asarray(data["count"], dtype=np.int64)
+            acc.mean = np.asarray(data["mean"], dtype=np.float64)
+            acc.m2 = np.asarray(data["m2"], dtype=np.float64)
+            acc.min = np.asarray([np.inf if v is None else v for v in data["min"]], dtype=np.float64)
+            acc.max = np.asarray([-np.inf if v is None else v for v in data["max"]], dtype=np.float64)
+            if data.get("hist") is not None:
+                acc.hist = np.asarray(data["hist"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not a stacchip statistics record: {exc}") from exc
+        return acc
+
+    def summary(self, percentiles: Sequence[float] = ()) -> dict[str, dict[str, Any]]:
+        """``{band: {count, mean, std, min, max[, pXX]}}``."""
+        std = self.std
+        pct = self.percentiles(percentiles) if percentiles and self.hist is not None else None
+        out: dict[str, dict[str, Any]] = {}
+        for b, band in enumerate(self.bands):
+            n = int(self.count[b])
+            entry: dict[str, Any] = {
+                "count": n,
+                "mean": float(self.mean[b]) if n else None,
+                "std": float(std[b]) if n else None,
+                "min": float(self.min[b]) if n else None,
+                "max": float(self.max[b]) if n else None,
+            }
+            if pct is not None:
+                for j, q in enumerate(percentiles):
+                    entry[f"p{q:g}"] = None if not n else float(pct[b, j])
+            out[band] = entry
+        return out
+
+
+# --- sources ------------------------------------------------------------------------------------------
+
+
+def cube_files(chips: str, platform: str) -> list[str]:
+    """Sorted cube files of ``platform`` under a chip bucket / directory."""
+    prefix = storage.join(chips, prechip.VERSION, platform)
+    if storage.is_s3(prefix):
+        prefix = prefix.rstrip("/") + "/"
+    try:
+        files = list(storage.list_files(prefix, ".npz"))
+    except StorageError as exc:
+        raise ConfigError(f"cannot list cubes under {prefix!r}: {exc}") from exc
+
+    def number(url: str) -> tuple[int, str]:
+        name = url.rsplit("/", 1)[-1]
+        digits = name[len("cube_"):-len(".npz")] if name.startswith("cube_") else ""
+        return (int(digits), url) if digits.isdigit() else (1 << 62, url)
+
+    return sorted(files, key=number)
+
+
+def cube_pixels(url: str, spec: PlatformBands) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata)."""
+    with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
+        pixels = data["pixels"]
+        if "nodata_mask" in data.files:
+            mask = data["nodata_mask"]
+        else:
+            mask = is_nodata(pixels, spec.default_nodata)
+    return pixels, mask
+
+
+@dataclass
+class StatsConfig:
+    """Settings of a stats run (see the module docstring)."""
+
+    platform: str
+    output: str
+    source: str = "cubes"
+    chips: str | None = None
+    data: str | None = None
+    index: Any = None
+    cubes_per_job: int = 10
+    chips_per_job: int = 1280
+    max_cubes: int | None = None
+    max_chips: int | None = None
+    seed: int = prechip.DEFAULT_SEED
+    max_nodata: float | None = None
+    max_cloud: float | None = None
+    percentiles: list[float] = field(default_factory=list)
+    hist_range: tuple[float, float] | None = None
+    bins: int = DEFAULT_BINS
+    mountpath: str | None = None
+
+    def accumulator(self) -> StatsAccumulator:
+        """An empty accumulator for this platform (with a histogram if percentiles are asked)."""
+        spec = platform_bands(self.platform)
+        hist = None
+        if self.percentiles:
+            hist = self.hist_range or spec.value_range
+        return StatsAccumulator(spec.band_order, hist, self.bins)
+
+
+def stats_dir(output: str, platform: str) -> str:
+    """Folder of the partial and merged results."""
+    return storage.join(output, "stats", platform)
+
+
+def partial_url(output: str, platform: str, job_index: int) -> str:
+    """Partial result of array job ``job_index``."""
+    return storage.join(stats_dir(output, platform), f"partial_{job_index:05d}.json")
+
+
+def _index_selection(config: StatsConfig) -> prechip.Selection:
+    if not config.data or config.index is None:
+        raise ConfigError("--source index needs --data/STACCHIP_DATA_BUCKET and --indexpath/STACCHIP_INDEXPATH")
+    pconf = prechip.PrechipConfig(
+        data=config.data, index=config.index, output=config.output, platform=config.platform,
+        seed=config.seed, max_nodata=config.max_nodata, max_cloud=config.max_cloud, cube_size=1,
+    )
+    return prechip.prepare(pconf)
+
+
+def job_count(config: StatsConfig) -> int:
+    """Array size that covers the whole source."""
+    if config.source == "cubes":
+        n = len(cube_files(_chips(config), config.platform))
+        if config.max_cubes is not None:
+            n = min(n, config.max_cubes)
+        return math.ceil(n / config.cubes_per_job)
+    n = _index_selection(config).table.num_rows
+    if config.max_chips is not None:
+        n = min(n, config.max_chips)
+    return math.ceil(n / config.chips_per_job)
+
+
+def _chips(config: StatsConfig) -> str:
+    if not config.chips:
+        raise ConfigError("--source cubes needs --chips/STACCHIP_CHIP_BUCKET")
+    return config.chips
+
+
+def job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> StatsAccumulator:
+    """Statistics of array job ``job_index``'s share of the source."""
+    acc = config.accumulator()
+    spec = platform_bands(config.platform)
+    if config.source == "cubes":
+        files = cube_files(_chips(config), config.platform)
+        if config.max_cubes is not None:
+            files = files[:config.max_cubes]
+        mine = files[job_index * config.cubes_per_job:(job_index + 1) * config.cubes_per_job]
+        for url in tqdm(mine, desc=f"stats job {job_index}", unit="cube", disable=len(mine) < 2 or None):
+            pixels, mask = cube_pixels(url, spec)
+            acc.update(pixels, mask)
+        return acc
+    if config.source != "index":
+        raise ConfigError(f"unknown statistics source {config.source!r}; use 'cubes' or 'index'")
+    selection = _index_selection(config)
+    n = selection.table.num_rows if config.max_chips is None else min(config.max_chips, selection.table.num_rows)
+    rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
+    if len(rows_idx) == 0:
+        return acc
+    rows = selection.table.take(pa.array(rows_idx))
+    tasks = prechip.plan_reads(rows, str(config.data), config.platform, config.mountpath)
+    with prechip.ChipReader(workers) as reader:
+        for _, pixels, mask in reader.run(tasks, desc=f"stats job {job_index}"):
+            acc.update(pixels, mask)
+    return acc
+
+
+def write_partial(job_index: int, config: StatsConfig, workers: int = 1) -> str:
+    """Run job ``job_index`` and write its partial result; returns its URL."""
+    acc = job_stats(job_index, config, workers)
+    record = acc.to_dict()
+    record.update({"platform": config.platform, "source": config.source, "job": job_index})
+    url = partial_url(config.output, config.platform, job_index)
+    storage.write_bytes(url, json.dumps(record).encode())
+    logger.info("job %d: %s pixels per band -> %s", job_index, acc.count.tolist(), url)
+    return url
+
+
+def merge_partials(urls: Iterable[str]) -> StatsAccumulator:
+    """Merge partial result files (order does not matter beyond float round-off)."""
+    acc: StatsAccumulator | None = None
+    for url in urls:
+        part = StatsAccumulator.from_dict(json.loads(storage.read_bytes(url)))
+        acc = part if acc is None else acc.merge(part)
+    if acc is None:
+        raise ConfigError("no partial statistics to merge")
+    return acc
+
+
+def metadata_entry(acc: StatsAccumulator, spec: PlatformBands) -> dict[str, Any]:
+    """One platform's entry in the layout of Clay's ``configs/metadata.yaml``."""
+    summary = acc.summary()
+    entry: dict[str, Any] = {"band_order": list(spec.band_order)}
+    if spec.rgb_indices is not None:
+        entry["rgb_indices"] = list(spec.rgb_indices)
+    entry["gsd"] = spec.gsd
+    entry["bands"] = {
+        "mean": {b: summary[b]["mean"] for b in spec.band_order},
+        "std": {b: summary[b]["std"] for b in spec.band_order},
+        "wavelength": {b: spec.wavelength.get(b) for b in spec.band_order},
+    }
+    return entry
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        return repr(float(value))
+    return json.dumps(str(value))
+
+
+def to_yaml(data: dict[str, Any], indent: int = 0) -> str:
+    """Block-style YAML of nested dicts, lists of scalars and scalars."""
+    pad = "  " * indent
+    lines = []
+    for key, value in data.items():
+        name = str(key)
+        if isinstance(value, dict):
+            lines.append(f"{pad}{name}:")
+            lines.append(to_yaml(value, indent + 1).rstrip("\n"))
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{pad}{name}:")
+            lines.extend(f"{pad}  - {_yaml_scalar(v)}" for v in value)
+        else:
+            lines.append(f"{pad}{name}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_merged(config: StatsConfig, urls: Sequence[str] | None = None) -> dict[str, Any]:
+    """Merge the partial results of ``config`` and write ``stats.json`` and ``metadata.yaml``."""
+    folder = stats_dir(config.output, config.platform)
+    if urls is None:
+        try:
+            urls = [u for u in storage.list_files(folder, ".json") if u.rsplit("/", 1)[-1].startswith("partial_")]
+        except StorageError as exc:
+            raise ConfigError(f"no partial statistics under {folder!r}: {exc}") from exc
+    acc = merge_partials(sorted(urls))
+    spec = platform_bands(config.platform)
+    result = {
+        "platform": config.platform,
+        "source": config.source,
+        "partials": len(urls),
+        "std_ddof": 0,
+        "nodata": "excluded (cube nodata_mask, else the asset/platform nodata value and NaN)",
+        "bands": acc.summary(config.percentiles),
+        "state": acc.to_dict(),
+    }
+    storage.write_bytes(storage.join(folder, "stats.json"), json.dumps(result, indent=2).encode())
+    yaml_text = to_yaml({config.platform: metadata_entry(acc, spec)})
+    storage.write_bytes(storage.join(folder, "metadata.yaml"), yaml_text.encode())
+    logger.info("merged %d partial results into %s", len(urls), folder)
+    return result
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``stacchip-stats``."""
+    p = argparse.ArgumentParser(
+        prog="stacchip-stats",
+        description="Per-band count/mean/std/min/max(/percentiles) of a platform; "
+        "array jobs write partial JSON, --merge combines them.",
+    )
+    p.add_argument("--platform", help="platform (env STACCHIP_PLATFORM, required)")
+    p.add_argument("--source", choices=["cubes", "index"], help="read cubes or chips from the index "
+                   "(env STACCHIP_STATS_SOURCE, default cubes)")
+    p.add_argument("--chips", help="cube bucket / path (env STACCHIP_CHIP_BUCKET)")
+    p.add_argument("--data", help="scenes root for --source index (env STACCHIP_DATA_BUCKET)")
+    p.add_argument("--indexpath", help="index for --source index (env STACCHIP_INDEXPATH)")
+    p.add_argument("--output", help="where stats/{platform}/ goes (env STACCHIP_STATS_BUCKET; "
+                   "default the chip bucket, else the data bucket)")
+    p.add_argument("--cubes-per-job", type=int, help="cubes per array task (env STACCHIP_CUBES_PER_JOB, default 10)")
+    p.add_argument("--chips-per-job", type=int, help="chips per array task for --source index "
+                   "(env STACCHIP_CHIPS_PER_JOB, default 1280)")
+    p.add_argument("--max-cubes", type=int, help="use at most this many cubes (env STACCHIP_MAX_CUBES)")
+    p.add_argument("--max-chips", type=int, help="use at most this many chips of the shuffle (env STACCHIP_MAX_CHIPS)")
+    p.add_argument("--seed", type=int, help="shuffle seed for --source index (env STACCHIP_SEED)")
+    p.add_argument("--max-nodata", help="nodata filter for --source index (env STACCHIP_MAX_NODATA, default none)")
+    p.add_argument("--max-cloud", help="cloud filter for --source index (env STACCHIP_MAX_CLOUD, default none)")
+    p.add_argument("--percentiles", help="comma-separated percentiles, e.g. 1,50,99 (env STACCHIP_PERCENTILES)")
+    p.add_argument("--hist-range", help="LO,HI of the percentile histogram (default per platform)")
+    p.add_argument("--bins", type=int, help=f"histogram bins (default {DEFAULT_BINS})")
+    p.add_argument("--mountpath", help="re-root asset hrefs under this local directory (env STACCHIP_MOUNTPATH)")
+    p.add_argument("--merge", action="store_true", help="merge the partial results and write stats.json + metadata.yaml")
+    p.add_argument("--all", action="store_true", help="run every job locally, then merge")
+    jobs.add_job_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> StatsConfig:
+    """A :class:`StatsConfig` from parsed flags and the environment."""
+    platform = str(jobs.env_str(args.platform, "STACCHIP_PLATFORM", required=True, flag="--platform"))
+    platform_bands(platform)
+    source = str(jobs.env_str(args.source, "STACCHIP_STATS_SOURCE", "cubes"))
+    chips = jobs.env_str(args.chips, "STACCHIP_CHIP_BUCKET", None)
+    data = jobs.env_str(args.data, "STACCHIP_DATA_BUCKET", None)
+    indexpath = jobs.env_str(args.indexpath, "STACCHIP_INDEXPATH", None)
+    output = jobs.env_str(args.output, "STACCHIP_STATS_BUCKET", None) or chips or data
+    if not output:
+        raise ConfigError("missing setting: set --output or environment variable STACCHIP_STATS_BUCKET")
+    hist_range = None
+    if args.hist_range:
+        values = jobs.parse_list(args.hist_range, float, "--hist-range")
+        if len(values) != 2:
+            raise ConfigError(f"--hist-range {args.hist_range!r} is not LO,HI")
+        hist_range = (float(values[0]), float(values[1]))
+    return StatsConfig(
+        platform=platform,
+        output=jobs.output_root(output),
+        source=source,
+        chips=jobs.output_root(chips) if chips else None,
+        data=jobs.output_root(data) if data else None,
+        index=indexpath,
+        cubes_per_job=jobs.env_int(args.cubes_per_job, "STACCHIP_CUBES_PER_JOB", 10, flag="--cubes-per-job",
+                                   minimum=1) or 10,
+        chips_per_job=jobs.env_int(args.chips_per_job, "STACCHIP_CHIPS_PER_JOB", 1280, flag="--chips-per-job",
+                                   minimum=1) or 1280,
+        max_cubes=jobs.env_int(args.max_cubes, "STACCHIP_MAX_CUBES", None, flag="--max-cubes", minimum=1),
+        max_chips=jobs.env_int(args.max_chips, "STACCHIP_MAX_CHIPS", None, flag="--max-chips", minimum=1),
+        seed=jobs.env_int(args.seed, "STACCHIP_SEED", prechip.DEFAULT_SEED, flag="--seed") or 0,
+        max_nodata=prechip.fraction_setting(args.max_nodata, "STACCHIP_MAX_NODATA", None, "--max-nodata"),
+        max_cloud=prechip.fraction_setting(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
+        percentiles=jobs.env_list(args.percentiles, "STACCHIP_PERCENTILES", [], kind=float,
+                                  flag="--percentiles") or [],
+        hist_range=hist_range,
+        bins=args.bins or DEFAULT_BINS,
+        mountpath=jobs.env_str(args.mountpath, "STACCHIP_MOUNTPATH", None),
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
+    """Parse ``argv`` and run jobs, the merge, or both."""
+    args = build_parser().parse_args(argv)
+    jobs.setup_logging(args.verbose, args.quiet)
+    config = config_from_args(args)
+    for q in config.percentiles:
+        if not 0 <= q <= 100:
+            raise ConfigError(f"percentile {q} is outside 0..100")
+    if args.merge:
+        result = write_merged(config)
+        print(json.dumps(result["bands"], indent=2))
+        return 0
+    workers = jobs.resolve_workers(args.workers)
+    if args.all:
+        indices = list(range(job_count(config)))
+        if not indices:
+            raise ConfigError(f"no {config.source} to compute statistics from for {config.platform!r}")
+    else:
+        indices = jobs.resolve_indices(args.index, args.range_spec)
+    if len(indices) == 1:
+        summary = jobs.run_tasks(functools.partial(write_partial, config=config, workers=workers), indices, 1,
+                                 desc="stats jobs")
+    else:
+        summary = jobs.run_tasks(functools.partial(write_partial, config=config, workers=1), indices, workers,
+                                 desc="stats jobs")
+    if args.all and summary.ok:
+        result = write_merged(config, [o.result for o in summary.outcomes])
+        print(json.dumps(result["bands"], indent=2))
+    return summary
+
+
+def process() -> None:
+    """Console script ``stacchip-stats`` (upstream's entry point name)."""
+    raise SystemExit(jobs.main(run))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stacchip-stats`` with ``argv``; returns the exit status."""
+    return jobs.main(run, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    process()
