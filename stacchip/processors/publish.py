@@ -1,0 +1,314 @@
+"""Putting one STAC item into the bucket: assets, item JSON, chip index -- in that order.
+
+Bucket layout (upstream's)::
+
+    {root}/{platform}/{item_id}/{asset file}
+    {root}/{platform}/{item_id}/stac_item.json          hrefs point at the copies
+    {root}/index/{platform}/{item_id}/index_{item_id}.parquet
+    {root}/_claims/{platform}/{item_id}.json            which task owns the item
+
+Promises:
+
+* Every object is written whole or not at all (server-side copy, multipart
+  upload, or temp file + rename), with retries on transient errors.
+* The index is written last: its presence marks the item done. A re-run skips
+  done items and finishes unfinished ones (objects already there are whole,
+  so they are kept; the rest is written).
+* Two tasks never write the same key: before writing, a task creates the
+  item's claim with a create-if-absent write; an item claimed by another task
+  is left to that task (which finishes it when it is re-run).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import pystac
+
+from stacchip import storage
+from stacchip.errors import StorageNotFoundError
+from stacchip.index import index_bytes
+from stacchip.indexer import ChipIndexer
+
+logger = logging.getLogger(__name__)
+
+INDEX_PREFIX = "index"
+CLAIM_PREFIX = "_claims"
+ITEM_FILE = "stac_item.json"
+
+
+@dataclass
+class CopyAsset:
+    """An asset copied byte for byte from the first of ``sources`` that exists."""
+
+    sources: list[str]
+    filename: str
+    request_payer: bool = False
+
+
+@dataclass
+class RenderedAsset:
+    """An asset produced by ``render(local_path)`` (e.g. a resampled COG), then uploaded."""
+
+    render: Callable[[str], None]
+    filename: str
+    source: str = ""
+
+
+AssetPlan = CopyAsset | RenderedAsset
+
+
+@dataclass
+class Outcome:
+    """What happened to one item: ``status`` is done, skipped-done, skipped-claimed or planned."""
+
+    platform: str
+    item_id: str
+    status: str
+    assets: dict[str, str] = field(default_factory=dict)
+    chips: int | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form (what the console scripts print)."""
+        out = {"platform": self.platform, "item_id": self.item_id, "status": self.status}
+        if self.assets:
+            out["assets"] = self.assets
+        if self.chips is not None:
+            out["chips"] = self.chips
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def filename_of(href: str) -> str:
+    """File name of an href without query string (SAS tokens) or fragment."""
+    return Path(urlparse(href).path).name
+
+
+class Bucket:
+    """Keys of the bucket layout under ``root`` (``s3://bucket/prefix`` or a local directory)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root if (storage.is_s3(root) or "://" in root) else str(Path(root).resolve())
+
+    def url(self, *parts: str) -> str:
+        """``root/part/part``."""
+        return storage.join(self.root, *parts)
+
+    def asset_url(self, platform: str, item_id: str, filename: str) -> str:
+        """Where an asset file of an item goes."""
+        return self.url(platform, item_id, filename)
+
+    def item_url(self, platform: str, item_id: str) -> str:
+        """Where the item's JSON goes."""
+        return self.url(platform, item_id, ITEM_FILE)
+
+    def index_url(self, platform: str, item_id: str) -> str:
+        """Where the item's chip index goes (written last)."""
+        return self.url(INDEX_PREFIX, platform, item_id, f"index_{item_id}.parquet")
+
+    def claim_url(self, platform: str, item_id: str) -> str:
+        """The item's claim: which task owns (writes) it."""
+        return self.url(CLAIM_PREFIX, platform, f"{item_id}.json")
+
+    def is_done(self, platform: str, item_id: str) -> bool:
+        """True when the item's index exists."""
+        return storage.exists_retry(self.index_url(platform, item_id))
+
+
+class Publisher:
+    """Writes items of one task into a :class:`Bucket`.
+
+    ``owner`` names the task (``"sentinel-2/17"``); it is stored in each claim.
+    With ``dry_run`` nothing is written and :meth:`publish` returns the plan.
+    """
+
+    def __init__(self, bucket: Bucket, owner: str, dry_run: bool = False) -> None:
+        self.bucket = bucket
+        self.owner = owner
+        self.dry_run = dry_run
+
+    # --- ownership ---------------------------------------------------------------------------
+
+    def claim(self, platform: str, item_id: str) -> str | None:
+        """Claim the item for this task; returns None if ours, else the other owner."""
+        url = self.bucket.claim_url(platform, item_id)
+        body = json.dumps(
+            {"owner": self.owner, "claimed": dt.datetime.now(dt.timezone.utc).isoformat()}
+        ).encode()
+        if storage.create_if_absent(url, body):
+            return None
+        try:
+            owner = json.loads(storage.read_bytes_retry(url)).get("owner")
+        except (StorageNotFoundError, ValueError):
+            owner = None
+        if owner == self.owner:
+            return None
+        return str(owner)
+
+    # --- one item ------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        item: pystac.Item,
+        platform: str,
+        plan: dict[str, AssetPlan],
+        make_indexer: Callable[[pystac.Item], ChipIndexer],
+    ) -> Outcome:
+        """Write ``plan``'s assets, the item JSON and its chip index; skip done or foreign items.
+
+        ``item`` keeps only the assets in ``plan``; their hrefs are rewritten to
+        the copies. ``make_indexer`` builds the indexer from the rewritten item
+        (so the index is computed from what landed in the bucket).
+        """
+        item_id = item.id
+        sources = {
+            key: (p.sources[0] if isinstance(p, CopyAsset) else (p.source or "rendered"))
+            for key, p in plan.items()
+        }
+        if self.bucket.is_done(platform, item_id):
+            logger.info("%s/%s is done; skipping", platform, item_id)
+            return Outcome(platform, item_id, "skipped-done", sources)
+        if self.dry_run:
+            return Outcome(platform, item_id, "planned", sources)
+        other = self.claim(platform, item_id)
+        if other is not None:
+            logger.warning("%s/%s is claimed by task %s; leaving it to that task", platform, item_id, other)
+            return Outcome(platform, item_id, "skipped-claimed", sources, note=f"claimed by {other}")
+
+        names = _unique_filenames(plan)
+        for key in list(item.assets):
+            if key not in plan:
+                del item.assets[key]
+        for key in sorted(plan):
+            dst = self.bucket.asset_url(platform, item_id, names[key])
+            self._write_asset(plan[key], dst, f"{item_id} asset {key!r}")
+            asset = item.assets[key]
+            asset.href = dst
+            asset.extra_fields.pop("alternate", None)
+            asset.extra_fields.pop("alternate:name", None)
+        item.clear_links()
+        storage.write_bytes_retry(
+            self.bucket.item_url(platform, item_id), json.dumps(item.to_dict(transform_hrefs=False)).encode()
+        )
+        indexer = make_indexer(item)
+        table = indexer.create_index()
+        meta = {
+            "item_href": self.bucket.item_url(platform, item_id),
+            "item_id": item_id,
+            "platform": platform,
+            "indexer": type(indexer).__name__,
+            "chip_size": indexer.chip_size,
+            "writer": self.owner,
+        }
+        storage.write_bytes_retry(self.bucket.index_url(platform, item_id), index_bytes(table, meta))
+        logger.info("%s/%s done: %d assets, %d chips", platform, item_id, len(plan), table.num_rows)
+        return Outcome(platform, item_id, "done", sources, chips=table.num_rows)
+
+    def _write_asset(self, plan: AssetPlan, dst: str, what: str) -> None:
+        if storage.exists_retry(dst):  # whole by construction: written atomically by an earlier run
+            logger.info("%s: %s already there", what, dst)
+            return
+        if isinstance(plan, CopyAsset):
+            last: Exception | None = None
+            for src in plan.sources:
+                try:
+                    logger.info("%s: copy %s -> %s", what, src, dst)
+                    storage.copy(src, dst, request_payer=plan.request_payer)
+                    return
+                except StorageNotFoundError as exc:
+                    logger.info("%s: %s not found, trying the next source", what, src)
+                    last = exc
+            raise StorageNotFoundError(
+                f"{what}: none of the sources exists: {', '.join(plan.sources)}"
+            ) from last
+        suffix = Path(plan.filename).suffix or ".tif"
+        fd, tmp = tempfile.mkstemp(prefix="stacchip-", suffix=suffix)
+        os.close(fd)
+        try:
+            logger.info("%s: render %s -> %s", what, plan.source or "asset", dst)
+            plan.render(tmp)
+            storage.put_file(tmp, dst)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _unique_filenames(plan: dict[str, AssetPlan]) -> dict[str, str]:
+    """Asset file names, prefixed with the asset key where two assets share one."""
+    counts: dict[str, int] = {}
+    for p in plan.values():
+        counts[p.filename] = counts.get(p.filename, 0) + 1
+    return {key: (p.filename if counts[p.filename] == 1 else f"{key}_{p.filename}") for key, p in plan.items()}
+
+
+_S3_HOSTS = (
+    # virtual-hosted style: bucket.s3.region.amazonaws.com / bucket.s3.amazonaws.com
+    r"^(?P<bucket>[a-z0-9][a-z0-9.\-]+)\.s3(?:[.\-][a-z0-9\-]+)?\.amazonaws\.com$",
+)
+
+
+def s3_form(href: str) -> str | None:
+    """``s3://bucket/key`` for an https URL of an S3 object (virtual-hosted or path style), else None."""
+    import re
+
+    parsed = urlparse(href)
+    if parsed.scheme == "s3":
+        return href
+    if parsed.scheme not in ("http", "https"):
+        return None
+    host = parsed.netloc.lower()
+    for pattern in _S3_HOSTS:
+        match = re.match(pattern, host)
+        if match:
+            return f"s3://{match.group('bucket')}{parsed.path}"
+    if re.match(r"^s3(?:[.\-][a-z0-9\-]+)?\.amazonaws\.com$", host):
+        bucket, _, key = parsed.path.lstrip("/").partition("/")
+        if bucket and key:
+            return f"s3://{bucket}/{key}"
+    return None
+
+
+def copy_plan(
+    asset: pystac.Asset,
+    dest_is_s3: bool,
+    requester_pays: bool = False,
+    extra_sources: list[str] | None = None,
+    filename: str | None = None,
+) -> CopyAsset:
+    """How to copy one asset: candidate sources in the order worth trying.
+
+    For an S3 destination, S3 forms come first (``alternate.s3.href``, the
+    https URL of an S3 object as ``s3://``, ``extra_sources``) so the copy is
+    server-side; then the href itself (streamed). For a local destination the
+    href comes first. ``requester_pays`` (or ``storage:requester_pays`` on the
+    asset or its alternate) sends ``RequestPayer=requester``.
+    """
+    href = asset.href
+    s3_sources: list[str] = []
+    alternate = (asset.extra_fields.get("alternate") or {}).get("s3") or {}
+    if alternate.get("href"):
+        s3_sources.append(str(alternate["href"]))
+    s3_sources.extend(extra_sources or [])
+    direct = s3_form(href)
+    if direct:
+        s3_sources.append(direct)
+    ordered = s3_sources + [href] if dest_is_s3 else [href] + s3_sources
+    seen: list[str] = []
+    for src in ordered:
+        if src not in seen:
+            seen.append(src)
+    pays = bool(
+        requester_pays
+        or asset.extra_fields.get("storage:requester_pays")
+        or alternate.get("storage:requester_pays")
+    )
+    return CopyAsset(seen, filename or filename_of(href), pays)
