@@ -1,0 +1,406 @@
+"""``ChipDataset``: a map-style dataset over the rows of a chip index.
+
+Each sample is one index row: the chip's pixels read on demand through
+:class:`stacchip.chipper.Chipper` plus its metadata. It works with
+``torch.utils.data.DataLoader`` (any number of workers, ``fork`` or ``spawn``)
+without importing torch itself:
+
+* chippers (and their open rasters) are built lazily, one per item, in the
+  process that reads; a forked worker drops what it inherited and a spawned
+  worker receives a pickle without any handle or cached item;
+* samples hold numpy arrays, numbers and strings only, which the default
+  collate function turns into tensors and lists.
+
+Sample keys: ``pixels`` (``(C, H, W)`` float32, channels in asset order),
+``chipid``, ``item_id``, ``platform``, ``datetime`` (ISO 8601 UTC string),
+``timestamp`` (int64 microseconds since the epoch, UTC), ``bounds``
+(``[minx, miny, maxx, maxy]`` float64, degrees lon/lat), ``chip_index``
+(``[x, y]`` int64), ``cloud``, ``nodata`` (fractions 0-1), ``index`` (row
+number) and, with labels, ``target`` (``(H, W)``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from stacchip import storage
+from stacchip.chipper import Chipper
+from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError
+from stacchip.index import index_files, query
+from stacchip.indexer import NoStatsChipIndexer
+from stacchip.ml.items import ItemSource, hrefs_from_index
+from stacchip.ml.labels import LabelRaster, as_label_raster
+from stacchip.reader import gdal_env
+
+logger = logging.getLogger(__name__)
+
+#: Index columns a dataset keeps per row (plus ``split`` when present).
+ROW_COLUMNS = (
+    "chipid", "item_id", "platform", "chip_index_x", "chip_index_y", "chip_size",
+    "datetime", "cloud_cover_percentage", "nodata_percentage", "bbox",
+)
+
+Stats = Any  # mapping, (mean, std) pair, or path to a JSON file
+
+
+def load_index(
+    index: Any,
+    *,
+    bbox: Sequence[float] | None = None,
+    start: Any = None,
+    end: Any = None,
+    max_cloud: float | None = None,
+    max_nodata: float | None = None,
+    platform: str | Sequence[str] | None = None,
+    item_id: str | Sequence[str] | None = None,
+    split: str | Sequence[str] | None = None,
+) -> pa.Table:
+    """Index rows passing the filters, from a table, dataset, files, dirs or prefixes.
+
+    Filters are those of :func:`stacchip.index.query` plus ``split`` (values of
+    the ``split`` column written by :func:`stacchip.ml.splits.assign_splits`).
+    """
+    if isinstance(index, pa.Table):
+        source: Any = pads.dataset(index)
+    else:
+        source = index
+    table = query(
+        source, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
+        max_nodata=max_nodata, platform=platform, item_id=item_id,
+    )
+    if split is not None:
+        if "split" not in table.column_names:
+            raise IndexFileError("split filter given but the index has no 'split' column")
+        values = [split] if isinstance(split, str) else list(split)
+        table = table.filter(pc.is_in(table.column("split"), pa.array(values, pa.string())))
+    return table
+
+
+def load_stats(stats: Stats) -> Any:
+    """Normalisation statistics from a mapping, a ``(mean, std)`` pair or a JSON file.
+
+    Also accepts the ``stats.json`` written by ``stacchip-stats`` (per-band
+    entries under ``"bands"``) and ``{"mean": {band: m}, "std": {band: s}}``.
+    """
+    if stats is None:
+        return None
+    if isinstance(stats, (str, os.PathLike)):
+        try:
+            stats = json.loads(storage.read_bytes(stats))
+        except ValueError as exc:
+            raise ConfigError(f"normalize: {str(stats)!r} is not JSON: {exc}") from exc
+    if isinstance(stats, Mapping):
+        if isinstance(stats.get("bands"), Mapping):
+            # stats.json of stacchip-stats: {"bands": {band: {"mean", "std", ...}}}
+            stats = stats["bands"]
+        elif isinstance(stats.get("mean"), Mapping) and isinstance(stats.get("std"), Mapping):
+            # metadata.yaml layout: {"mean": {band: m}, "std": {band: s}}
+            stats = {k: {"mean": stats["mean"][k], "std": stats["std"][k]} for k in stats["mean"]}
+    return stats
+
+
+class ChipDataset:
+    """Map-style dataset over the chips of an index.
+
+    ``index``: a pyarrow Table, a ``pyarrow.dataset.Dataset``, or index files,
+    directories or ``s3://`` prefixes. Filters (``bbox`` in degrees, ``start``/
+    ``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``,
+    ``split``) select rows.
+
+    Items come from ``items`` (mapping ``item_id -> item/dict/path``), ``root``
+    (``{root}/{platform}/{item_id}/stac_item.json``) or, for index files written
+    by ``stacchip index``, the ``item_href`` in their metadata. ``mountpath``
+    re-roots asset hrefs (as in :class:`Chipper`).
+
+    ``assets``: asset keys read, in channel order (default: every raster data
+    asset of each item, minus ``label_asset``). ``bands``: optional
+    ``{asset: [band positions]}`` (0-based) to keep some bands of multi-band
+    assets. ``normalize``: ``{"mean": [...], "std": [...]}`` per output channel,
+    ``{asset: {"mean": m, "std": s}}`` per asset (scalars or per band), a
+    ``(mean, std)`` pair, or a JSON file holding one of these; pixels become
+    ``(x - mean) / std``. ``transform`` is called on each sample dict last.
+
+    Labels: ``label_asset`` (an asset of the item, nearest-resampled onto the
+    chip by the chipper) or ``label_raster`` (path/URL or :class:`LabelRaster`,
+    see :mod:`stacchip.ml.labels`); returned as ``target`` with ``target_dtype``.
+
+    ``max_open_items`` bounds the chippers (and open rasters) kept per process.
+    """
+
+    def __init__(
+        self,
+        index: Any,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        items: Any = None,
+        assets: Sequence[str] | None = None,
+        bands: Mapping[str, Sequence[int]] | None = None,
+        mountpath: str | os.PathLike[str] | None = None,
+        bbox: Sequence[float] | None = None,
+        start: Any = None,
+        end: Any = None,
+        max_cloud: float | None = None,
+        max_nodata: float | None = None,
+        platform: str | Sequence[str] | None = None,
+        item_id: str | Sequence[str] | None = None,
+        split: str | Sequence[str] | None = None,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+        normalize: Stats = None,
+        label_asset: str | None = None,
+        label_raster: str | os.PathLike[str] | LabelRaster | None = None,
+        target_dtype: str | None = "int64",
+        dtype: str = "float32",
+        max_open_items: int = 32,
+    ) -> None:
+        table = load_index(
+            index, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
+            max_nodata=max_nodata, platform=platform, item_id=item_id, split=split,
+        )
+        self._set_rows(table)
+        hrefs: dict[str, str] = {}
+        if root is None and items is None:
+            if isinstance(index, (pa.Table, pads.Dataset)):
+                raise ConfigError("ChipDataset over a table needs root= or items= to find STAC items")
+            hrefs = hrefs_from_index(index_files(index))
+        self.items = ItemSource(root=root, items=items, hrefs=hrefs)
+        self.assets = list(assets) if assets is not None else None
+        self.bands = {k: [int(b) for b in v] for k, v in (bands or {}).items()}
+        if self.assets is not None:
+            unknown = [k for k in self.bands if k not in self.assets]
+            if unknown:
+                raise ConfigError(f"bands given for assets {unknown} that are not in assets={self.assets}")
+        self.mountpath = mountpath
+        self.transform = transform
+        self.stats = load_stats(normalize)
+        self.label_asset = label_asset
+        self.label_raster = as_label_raster(label_raster)
+        if self.label_asset is not None and self.label_raster is not None:
+            raise ConfigError("give label_asset or label_raster, not both")
+        self.target_dtype = target_dtype
+        self.dtype = np.dtype(dtype)
+        if max_open_items < 1:
+            raise ConfigError(f"max_open_items must be >= 1, got {max_open_items}")
+        self.max_open_items = int(max_open_items)
+        self._pid = os.getpid()
+        self._chippers: OrderedDict[tuple[str, str, int], Chipper] = OrderedDict()
+
+    # --- rows ---------------------------------------------------------------------------
+
+    def _set_rows(self, table: pa.Table) -> None:
+        missing = [c for c in ROW_COLUMNS if c not in table.column_names]
+        if missing:
+            raise IndexFileError(f"index lacks columns {missing}")
+        self.chipid = np.asarray(table.column("chipid").to_pylist(), dtype=object)
+        self.item_id = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+        self.platform = np.asarray(table.column("platform").to_pylist(), dtype=object)
+        self.x = table.column("chip_index_x").to_numpy().astype(np.int64)
+        self.y = table.column("chip_index_y").to_numpy().astype(np.int64)
+        self.chip_size = table.column("chip_size").to_numpy().astype(np.int64)
+        ts = pc.cast(table.column("datetime"), pa.timestamp("us", tz="UTC"))
+        self.timestamp = pc.cast(ts, pa.int64()).to_numpy().astype(np.int64)
+        self.cloud = table.column("cloud_cover_percentage").to_numpy().astype(np.float64)
+        self.nodata = table.column("nodata_percentage").to_numpy().astype(np.float64)
+        bbox = table.column("bbox").combine_chunks()
+        self.bounds = np.stack(
+            [bbox.field(k).to_numpy().astype(np.float64) for k in ("xmin", "ymin", "xmax", "ymax")], axis=1
+        ) if len(bbox) else np.zeros((0, 4))
+        self.split = (
+            np.asarray(table.column("split").to_pylist(), dtype=object)
+            if "split" in table.column_names else None
+        )
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.chipid)
+
+    # --- per-process chippers -------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_chippers"] = OrderedDict()  # open rasters never cross a process boundary
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def chipper(self, platform: str, item_id: str, chip_size: int) -> Chipper:
+        """The chipper of one item in this process (built on first use)."""
+        pid = os.getpid()
+        if pid != self._pid:  # forked: forget the parent's chippers, never use their handles
+            self._chippers = OrderedDict()
+            self._pid = pid
+        key = (platform, item_id, int(chip_size))
+        chipper = self._chippers.get(key)
+        if chipper is not None:
+            self._chippers.move_to_end(key)
+            return chipper
+        item = self.items.get(platform, item_id)
+        indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform)
+        chipper = Chipper(indexer, mountpath=self.mountpath, assets=self.assets)
+        self._chippers[key] = chipper
+        while len(self._chippers) > self.max_open_items:
+            _, old = self._chippers.popitem(last=False)
+            old.close()
+        return chipper
+
+    def asset_keys(self, chipper: Chipper) -> list[str]:
+        """Assets read for an item, in channel order."""
+        if self.assets is not None:
+            return list(self.assets)
+        return [k for k in chipper.asset_keys if k != self.label_asset]
+
+    def channel_names(self, i: int = 0) -> list[str]:
+        """Names of the output channels for row ``i``: ``asset`` or ``asset:band``."""
+        chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
+        names: list[str] = []
+        for key in self.asset_keys(chipper):
+            asset = chipper.indexer.item.assets[key]
+            count = len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
+            positions = self.bands.get(key, list(range(count)))
+            if count == 1 and key not in self.bands:
+                names.append(key)
+            else:
+                names.extend(f"{key}:{b}" for b in positions)
+        return names
+
+    # --- samples -----------------------------------------------------------------------
+
+    def read_pixels(self, i: int) -> np.ndarray:
+        """``(C, H, W)`` pixels of row ``i`` (before normalisation), in ``dtype``."""
+        chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
+        keys = self.asset_keys(chipper)
+        chip = chipper.chip(int(self.x[i]), int(self.y[i]))
+        parts = []
+        for key in keys:
+            data = chip[key]
+            if key in self.bands:
+                data = data[self.bands[key]]
+            parts.append(data.astype(self.dtype, copy=False))
+        return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0].copy()
+
+    def read_target(self, i: int) -> np.ndarray | None:
+        """``(H, W)`` label of row ``i``, or ``None`` without labels."""
+        if self.label_asset is None and self.label_raster is None:
+            return None
+        chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
+        x, y = int(self.x[i]), int(self.y[i])
+        if self.label_asset is not None:
+            if self.label_asset not in chipper.indexer.item.assets:
+                raise AssetNotFoundError(
+                    f"item {self.item_id[i]!r}: label asset {self.label_asset!r} not found; assets are "
+                    + ", ".join(sorted(chipper.indexer.item.assets))
+                )
+            chipper.indexer.check_chip(x, y)
+            with gdal_env():
+                target = chipper.get_pixels_for_asset(self.label_asset, x, y)[0]
+        elif self.label_raster is not None:
+            target = self.label_raster.read(chipper.indexer.grid, x, y, int(self.chip_size[i]))
+        if self.target_dtype is not None:
+            target = target.astype(self.target_dtype)
+        return target
+
+    def normalize(self, pixels: np.ndarray, i: int = 0) -> np.ndarray:
+        """Apply the normalisation statistics to ``(C, H, W)`` pixels of row ``i``."""
+        if self.stats is None:
+            return pixels
+        mean, std = self._mean_std(i, pixels.shape[0])
+        return ((pixels - mean[:, None, None]) / std[:, None, None]).astype(self.dtype, copy=False)
+
+    def _mean_std(self, i: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        stats = self.stats
+        if isinstance(stats, Mapping) and "mean" in stats and "std" in stats:
+            mean, std = stats["mean"], stats["std"]
+        elif isinstance(stats, (tuple, list)) and len(stats) == 2:
+            mean, std = stats
+        elif isinstance(stats, Mapping):
+            chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
+            means: list[float] = []
+            stds: list[float] = []
+            for key in self.asset_keys(chipper):
+                if key not in stats:
+                    raise ConfigError(f"normalize: no statistics for asset {key!r}")
+                entry = stats[key]
+                n = self._asset_channels(chipper, key)
+                m = np.broadcast_to(np.asarray(entry["mean"], dtype=np.float64), (n,))
+                s = np.broadcast_to(np.asarray(entry["std"], dtype=np.float64), (n,))
+                if key in self.bands and np.ndim(entry["mean"]) and len(entry["mean"]) != len(self.bands[key]):
+                    m, s = m[self.bands[key]], s[self.bands[key]]
+                means.extend(m.tolist())
+                stds.extend(s.tolist())
+            mean, std = means, stds
+        else:
+            raise ConfigError(
+                "normalize must be {'mean': [...], 'std': [...]}, {asset: {'mean', 'std'}}, "
+                "a (mean, std) pair or a JSON file of one of these"
+            )
+        mean_a = np.broadcast_to(np.asarray(mean, dtype=np.float64), (channels,))
+        std_a = np.broadcast_to(np.asarray(std, dtype=np.float64), (channels,))
+        if np.any(std_a == 0):
+            raise ConfigError("normalize: a standard deviation is 0")
+        return mean_a, std_a
+
+    def _asset_channels(self, chipper: Chipper, key: str) -> int:
+        if key in self.bands:
+            return len(self.bands[key])
+        asset = chipper.indexer.item.assets[key]
+        return len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
+
+    def metadata(self, i: int) -> dict[str, Any]:
+        """Metadata of row ``i`` (no pixels)."""
+        ts = int(self.timestamp[i])
+        when = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=ts)
+        meta: dict[str, Any] = {
+            "index": int(i),
+            "chipid": str(self.chipid[i]),
+            "item_id": str(self.item_id[i]),
+            "platform": str(self.platform[i]),
+            "datetime": when.isoformat().replace("+00:00", "Z"),
+            "timestamp": np.int64(ts),
+            "bounds": self.bounds[i].copy(),
+            "chip_index": np.array([self.x[i], self.y[i]], dtype=np.int64),
+            "cloud": float(self.cloud[i]),
+            "nodata": float(self.nodata[i]),
+        }
+        if self.split is not None:
+            meta["split"] = "" if self.split[i] is None else str(self.split[i])
+        return meta
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"ChipDataset index {index} is outside 0..{n - 1}")
+        sample = self.metadata(i)
+        sample["pixels"] = self.normalize(self.read_pixels(i), i)
+        target = self.read_target(i)
+        if target is not None:
+            sample["target"] = target
+        if self.transform is not None:
+            return self.transform(sample)
+        return sample
+
+    def close(self) -> None:
+        """Close every raster this process opened."""
+        for chipper in self._chippers.values():
+            chipper.close()
+        self._chippers.clear()
+        if self.label_raster is not None:
+            self.label_raster.close()
+
+    def rows_of(self, ids: Iterable[str]) -> np.ndarray:
+        """Row numbers of the given chip ids (raises ``KeyError`` for unknown ids)."""
+        lookup = {c: k for k, c in enumerate(self.chipid)}
+        return np.array([lookup[c] for c in ids], dtype=np.int64)

@@ -1,0 +1,117 @@
+"""Where the STAC item of an index row comes from.
+
+An index row names its item by ``platform`` and ``item_id``. :class:`ItemSource`
+turns that into a :class:`pystac.Item`, from
+
+* an explicit mapping ``item_id -> Item | STAC dict | path/URL of a JSON``, or
+* a data root laid out as the bucket is (``{root}/{platform}/{item_id}/stac_item.json``,
+  local path, ``file://`` or ``s3://``), or
+* the ``item_href`` recorded in each index file's ``stacchip`` metadata
+  (what ``stacchip index`` writes).
+
+Loaded items are cached per process; the cache is dropped when the source is
+pickled (spawned DataLoader workers reload what they need).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import pystac
+
+from stacchip import storage
+from stacchip.errors import ConfigError, ItemError, StorageError
+from stacchip.indexer import as_item
+from stacchip.utils import item_key, load_item
+
+ItemLike = Any  # pystac.Item | dict | str | os.PathLike
+
+
+class ItemSource:
+    """Resolve ``(platform, item_id)`` to a STAC item.
+
+    ``items`` (a mapping by item id, or an iterable of items) wins over
+    ``root``; ``hrefs`` maps item ids to item JSON locations (from index file
+    metadata). At least one must be given.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        items: Mapping[str, ItemLike] | Iterable[ItemLike] | None = None,
+        hrefs: Mapping[str, str] | None = None,
+    ) -> None:
+        self.root = None if root in (None, "") else str(root)
+        self.items: dict[str, ItemLike] = {}
+        if items is not None:
+            if isinstance(items, Mapping):
+                self.items = dict(items)
+            else:
+                for item in items:
+                    parsed = as_item(item) if not isinstance(item, (str, os.PathLike)) else load_item(item)
+                    self.items[parsed.id] = parsed
+        self.hrefs = dict(hrefs or {})
+        if self.root is None and not self.items and not self.hrefs:
+            raise ConfigError(
+                "no way to find STAC items: give a data root ({platform}/{item_id}/stac_item.json), "
+                "an items mapping, or index files whose metadata records item_href"
+            )
+        self._cache: dict[str, pystac.Item] = {}
+
+    def location(self, platform: str, item_id: str) -> str | None:
+        """Where the item JSON of ``item_id`` is read from (``None`` for in-memory items)."""
+        value = self.items.get(item_id)
+        if value is not None:
+            return str(value) if isinstance(value, (str, os.PathLike)) else None
+        if self.root is not None:
+            return storage.join(self.root, item_key(platform, item_id))
+        return self.hrefs.get(item_id)
+
+    def get(self, platform: str, item_id: str) -> pystac.Item:
+        """The item ``item_id`` of ``platform`` (raises :class:`ItemError` if unknown)."""
+        item = self._cache.get(item_id)
+        if item is not None:
+            return item
+        value = self.items.get(item_id)
+        if value is not None:
+            if isinstance(value, (str, os.PathLike)):
+                item = load_item(value)
+            else:
+                item = as_item(value)
+        else:
+            location = self.location(platform, item_id)
+            if location is None:
+                raise ItemError(
+                    f"item {item_id!r} (platform {platform!r}) is not in the items mapping "
+                    "and no data root or item_href is known for it"
+                )
+            try:
+                item = load_item(location)
+            except StorageError as exc:
+                raise ItemError(f"item {item_id!r}: cannot read {location!r}: {exc}") from exc
+        self._cache[item_id] = item
+        return item
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+
+def hrefs_from_index(files: Iterable[str]) -> dict[str, str]:
+    """``item_id -> item_href`` from the ``stacchip`` metadata of index files.
+
+    Files without that metadata are skipped.
+    """
+    from stacchip.index import read_metadata
+
+    hrefs: dict[str, str] = {}
+    for path in files:
+        try:
+            meta = read_metadata(path)
+        except (StorageError, OSError, ValueError):
+            continue
+        if meta.get("item_id") and meta.get("item_href"):
+            hrefs[str(meta["item_id"])] = str(meta["item_href"])
+    return hrefs
