@@ -65,7 +65,7 @@ class LabelRaster:
             if label_crs.equals(grid.crs, ignore_axis_order=True):
                 rows, cols = gridmath.chip_asset_indices(grid.transform, ds.transform, x, y, chip_size)
                 return read_indexed(ds, rows, cols, fill=fill, what=what, indexes=[self.band])[0]
-            chip_transform = grid.transform * Affine.translation(x * chip_size, y * chip_size)
+            chip_transform = grid.transform @ Affine.translation(x * chip_size, y * chip_size)
             try:
                 with WarpedVRT(
                     ds,
