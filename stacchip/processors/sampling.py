@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from stacchip import storage
-from stacchip.errors import ConfigError, StorageError
+from stacchip.errors import ConfigError, DatetimeError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def parse_datetime(value: str) -> dt.datetime:
     try:
         parsed = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise ConfigError(f"{value!r} is not an ISO 8601 timestamp") from exc
+        raise DatetimeError(f"{value!r} is not an ISO 8601 timestamp") from exc
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
     return parsed.astimezone(dt.timezone.utc)

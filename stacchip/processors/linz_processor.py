@@ -1,0 +1,203 @@
+"""``stacchip-linz``: New Zealand aerial imagery (LINZ) from its static catalog, resampled to one GSD.
+
+Task ``i`` takes survey ``LINZ_PREFIXES[i]`` (or the ``i``-th line of
+``--prefixes`` / ``STACCHIP_LINZ_PREFIXES``) under the catalog root
+``--root`` / ``STACCHIP_LINZ_ROOT`` (default ``s3://nz-imagery``). Every
+``.tiff`` there has its STAC item beside it (same name, ``.json``). Half the
+scenes are sampled (at least 10, at most 2000, never more than exist --
+upstream failed on surveys with fewer than 10 scenes) with a fixed seed. Each
+scene is resampled (bilinear) to ``--resolution`` metres (default 0.3), its
+alpha band dropped, written as a Cloud-Optimized GeoTIFF (upstream wrote plain
+GeoTIFFs), described by a new STAC item (id and dates from the catalog's item)
+and indexed with a nodata mask of the first band's zeros
+(:class:`~stacchip.indexer.NoDataMaskChipIndexer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pystac
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.warp import transform_geom
+from shapely.geometry import box, mapping
+
+from stacchip import storage
+from stacchip.errors import ConfigError, ItemError, StorageError
+from stacchip.indexer import NoDataMaskChipIndexer
+from stacchip.processors import jobs
+from stacchip.processors.base import Processor, main, register
+from stacchip.processors.cog import write_cog
+from stacchip.processors.publish import Outcome, RenderedAsset
+from stacchip.processors.sampling import parse_datetime
+from stacchip.reader import gdal_env, resolve_href
+
+logger = logging.getLogger(__name__)
+
+PLATFORM_NAME = "linz"
+ROOT = "s3://nz-imagery"
+TARGET_RESOLUTION = 0.3
+#: Asset key of the resampled image (upstream's items came from rio-stac, which names it "asset").
+ASSET_KEY = "asset"
+SAMPLE_SEED = 42
+LINZ_PREFIXES = [
+    "auckland/auckland_2022_0.075m/", "wellington/wellington_2021_0.075m/", "wellington/wellington_2021_0.3m/",
+    "bay-of-plenty/bay-of-plenty_2023_0.1m/", "bay-of-plenty/tauranga_2022_0.1m/",
+    "bay-of-plenty/tauranga-winter_2022_0.1m/", "canterbury/canterbury_2023_0.3m/",
+    "canterbury/ashburton_2023_0.1m/", "canterbury/hurunui_2023_0.075m/", "canterbury/timaru_2022-2023_0.1m/",
+    "canterbury/selwyn_2022-2023_0.075m/", "gisborne/gisborne_2023_0.075m/", "hawkes-bay/hawkes-bay_2022_0.05m/",
+    "hawkes-bay/napier_2017-2018_0.05m/", "hawkes-bay/wairoa_2014-2015_0.1m/",
+    "manawatu-whanganui/manawatu-whanganui_2021-2022_0.3m/", "manawatu-whanganui/palmerston-north_2022_0.125m/",
+    "manawatu-whanganui/rangitikei_2021_0.125m/", "manawatu-whanganui/tararua_2024_0.1m/",
+    "manawatu-whanganui/whanganui_2022_0.075m/", "marlborough/marlborough_2023_0.075m/",
+    "nelson/nelson_2022_0.075m/", "northland/northland_2016_0.1m/", "otago/queenstown_2021_0.1m/",
+    "otago/otago_2018_0.1m/", "otago/dunedin_2018-2019_0.1m/", "southland/southland_2023_0.1m/",
+    "southland/invercargill_2022_0.05m/", "taranaki/taranaki_2022_0.05m/", "taranaki/new-plymouth_2017_0.1m/",
+    "tasman/tasman_2023_0.075m/", "waikato/hamilton_2023_0.05m/", "waikato/otorohanga_2021_0.1m/",
+    "waikato/taupo_2023_0.075m/", "waikato/thames-coromandel_2021_0.1m/", "waikato/waikato_2021_0.1m/",
+    "waikato/waipa_2021_0.1m/", "west-coast/buller_2020_0.2m/", "west-coast/west-coast_2016_0.1m/",
+]
+
+
+def sample_scenes(files: Sequence[str], seed: int = SAMPLE_SEED) -> list[str]:
+    """Half the scenes, at least 10 and at most 2000, never more than there are (sorted input, fixed seed)."""
+    pool = sorted(files)
+    size = min(len(pool), max(min(len(pool) // 2, 2000), 10))
+    return random.Random(seed).sample(pool, size)
+
+
+def resample(href: str, resolution: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first three bands of ``href`` resampled (bilinear) to ``resolution`` metres, and its grid."""
+    with gdal_env(), rasterio.open(resolve_href(href)) as src:
+        gsd = abs(src.transform.a)
+        factor = gsd / resolution
+        height, width = max(1, int(src.height * factor)), max(1, int(src.width * factor))
+        bands = list(range(1, min(3, src.count) + 1))
+        data = src.read(bands, out_shape=(len(bands), height, width), resampling=Resampling.bilinear)
+        transform = src.transform * src.transform.scale(src.width / width, src.height / height)
+        return data, {"crs": src.crs, "transform": transform, "nodata": src.nodata}
+
+
+def linz_item(original: pystac.Item, profile: dict[str, Any], shape: tuple[int, int]) -> pystac.Item:
+    """A STAC item for the resampled scene: the catalog item's id and dates, the new grid."""
+    rows, cols = shape
+    t = profile["transform"]
+    left, top = t.c, t.f
+    right, bottom = left + cols * t.a, top + rows * t.e
+    footprint = transform_geom(profile["crs"], "EPSG:4326", mapping(box(left, bottom, right, top)))
+    props = original.properties
+    start = props.get("start_datetime") or props.get("datetime")
+    if not start:
+        raise ItemError(f"LINZ item {original.id!r} has neither start_datetime nor datetime")
+    when = parse_datetime(start)
+    xs = [p[0] for p in footprint["coordinates"][0]]
+    ys = [p[1] for p in footprint["coordinates"][0]]
+    item = pystac.Item(
+        id=original.id, geometry=footprint, bbox=[min(xs), min(ys), max(xs), max(ys)], datetime=when,
+        properties={k: props[k] for k in ("start_datetime", "end_datetime") if props.get(k)},
+        collection=PLATFORM_NAME,
+    )
+    epsg = profile["crs"].to_epsg()
+    item.properties["proj:code"] = f"EPSG:{epsg}" if epsg else None
+    if not epsg:
+        del item.properties["proj:code"]
+        item.properties["proj:wkt2"] = profile["crs"].to_wkt()
+    item.properties["proj:shape"] = [rows, cols]
+    item.properties["proj:transform"] = list(t)[:6]
+    item.properties["gsd"] = abs(t.a)
+    item.stac_extensions.append("https://stac-extensions.github.io/projection/v2.0.0/schema.json")
+    return item
+
+
+@register
+class LinzProcessor(Processor):
+    """Sampled scenes of one LINZ survey per task, resampled to one GSD."""
+
+    name = "linz"
+    prog = "stacchip-linz"
+    description = "LINZ aerial imagery surveys from the static catalog into a bucket, as COGs."
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--root", default=None, help=f"catalog root (env STACCHIP_LINZ_ROOT; default {ROOT})")
+        parser.add_argument("--prefixes", default=None, help="file of survey prefixes, one per line (env STACCHIP_LINZ_PREFIXES)")
+        parser.add_argument("--resolution", type=float, default=None, help=f"target GSD in metres (env STACCHIP_RESOLUTION; default {TARGET_RESOLUTION})")
+
+    @classmethod
+    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        settings["root"] = (jobs.env_str(args.root, "STACCHIP_LINZ_ROOT", ROOT) or ROOT).rstrip("/")
+        settings["resolution"] = jobs.env_float(args.resolution, "STACCHIP_RESOLUTION", TARGET_RESOLUTION, flag="--resolution", minimum=1e-6)
+        source = jobs.env_str(args.prefixes, "STACCHIP_LINZ_PREFIXES", None)
+        if source:
+            try:
+                lines = storage.read_bytes_retry(source).decode().splitlines()
+            except Exception as exc:
+                raise ConfigError(f"LINZ prefix list {source!r} cannot be read: {exc}") from exc
+            settings["prefixes"] = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+            if not settings["prefixes"]:
+                raise ConfigError(f"LINZ prefix list {source!r} is empty")
+        else:
+            settings["prefixes"] = LINZ_PREFIXES
+
+    def validate(self, indices: Sequence[int]) -> None:
+        for index in indices:
+            if not 0 <= index < len(self.settings["prefixes"]):
+                raise ConfigError(f"task index {index} is beyond the {len(self.settings['prefixes'])} LINZ surveys")
+
+    def run_task(self, index: int) -> list[Outcome]:
+        s = self.settings
+        prefix = storage.join(s["root"], s["prefixes"][index])
+        try:
+            files = [f for f in storage.list_files(prefix, ".tiff")]
+        except StorageError as exc:
+            raise StorageError(f"cannot list LINZ survey {prefix!r}: {exc}") from exc
+        scenes = sample_scenes(files)
+        logger.info("task %d: %s has %d scenes, keeping %d", index, prefix, len(files), len(scenes))
+        publisher = self.publisher(index)
+        outcomes: list[Outcome] = []
+        for href in scenes:
+            meta_url = href[: -len(".tiff")] + ".json"
+            original = pystac.Item.from_dict(json.loads(storage.read_bytes_retry(meta_url)))
+            filename = Path(href).name
+            if publisher.dry_run or publisher.bucket.is_done(PLATFORM_NAME, original.id):
+                stub = original.clone()
+                stub.assets = {ASSET_KEY: pystac.Asset(href)}
+                outcomes.append(publisher.publish(stub, PLATFORM_NAME, {ASSET_KEY: RenderedAsset(lambda p: None, filename, href)}, lambda it: None))  # type: ignore[arg-type,return-value]
+                continue
+            data, profile = resample(href, s["resolution"])
+            item = linz_item(original, profile, data.shape[1:])
+            item.add_asset(ASSET_KEY, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
+            mask = data[0] == 0
+            plan = {ASSET_KEY: RenderedAsset(lambda path, d=data, p=profile: write_cog(d, p, path), filename, href)}
+            outcomes.append(
+                publisher.publish(
+                    item, PLATFORM_NAME, plan,
+                    lambda it, m=mask: NoDataMaskChipIndexer(
+                        it, nodata_mask=m, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"],
+                        platform=PLATFORM_NAME,
+                    ),
+                )
+            )
+        return outcomes
+
+
+def process_linz_tile(index: int, bucket: str) -> None:
+    """Upstream-compatible call: process survey ``index`` into ``bucket``."""
+    args = LinzProcessor.build_parser().parse_args(["--index", str(index), "--bucket", bucket])
+    LinzProcessor(LinzProcessor.settings_from(args)).run_task(index)
+
+
+def process(argv: Sequence[str] | None = None) -> int:
+    """Console script ``stacchip-linz``."""
+    return main(LinzProcessor, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(process())

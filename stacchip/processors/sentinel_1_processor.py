@@ -1,0 +1,130 @@
+"""``stacchip-sentinel-1``: Sentinel-1 RTC backscatter per MGRS tile, written as COGs.
+
+Task ``i`` takes row ``i`` of the MGRS sample file (``STACCHIP_MGRS_SOURCE``)
+and, with a generator seeded by ``i`` (as upstream), draws ``--n-years`` years
+(default one of 2018-2023) and ``--n-seasons`` seasons (default one quarter).
+It searches scenes that intersect the tile (upstream's search had no working
+spatial filter) and picks the one covering most of the tile (then the
+earliest). The ``vv`` and ``vh`` assets are rewritten as Cloud-Optimized
+GeoTIFFs (upstream wrote plain GeoTIFFs), then the item JSON and its chip
+index (:class:`~stacchip.indexer.Sentinel1Indexer`: nodata where any
+backscatter band is nodata) are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from typing import Any, Sequence
+
+import pystac
+from shapely.geometry import mapping, shape
+
+from stacchip.indexer import Sentinel1Indexer
+from stacchip.processors import jobs
+from stacchip.processors.base import Processor, main, register
+from stacchip.processors.cog import copy_as_cog
+from stacchip.processors.publish import Outcome, RenderedAsset, filename_of
+from stacchip.processors.sampling import period
+from stacchip.reader import gdal_env, resolve_href
+
+logger = logging.getLogger(__name__)
+
+STAC_API = "https://planetarycomputer.microsoft.com/api/stac/v1"
+COLLECTION = "sentinel-1-rtc"
+PLATFORM_NAME = "sentinel-1-rtc"
+S1_ASSETS = ["vv", "vh"]
+
+
+def coverage(item: pystac.Item, area: Any) -> float:
+    """Fraction (0-1) of ``area`` (shapely, degrees) covered by the item's footprint."""
+    if item.geometry is None or area.area == 0:
+        return 0.0
+    return float(shape(item.geometry).intersection(area).area / area.area)
+
+
+def render_cog(href: str) -> Any:
+    """A render function writing the raster at ``href`` as a COG to a local path."""
+    def render(path: str) -> None:
+        with gdal_env():
+            copy_as_cog(resolve_href(href), path)
+    return render
+
+
+@register
+class Sentinel1Processor(Processor):
+    """One Sentinel-1 RTC scene per MGRS tile for random years and seasons."""
+
+    name = "sentinel-1"
+    prog = "stacchip-sentinel-1"
+    description = "Sentinel-1 RTC scenes per MGRS tile into a bucket, as COGs."
+    default_api = STAC_API
+    sample_var = "STACCHIP_MGRS_SOURCE"
+    default_years = tuple(range(2018, 2024))
+    default_n_years = 1
+    default_seasons = ("q1", "q2", "q3", "q4")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--n-seasons", type=int, default=None, help="seasons drawn per year (env STACCHIP_N_SEASONS; default 1)")
+        parser.add_argument("--collection", default=None, help=f"STAC collection (env STACCHIP_COLLECTION; default {COLLECTION})")
+
+    @classmethod
+    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        settings["n_seasons"] = jobs.env_int(args.n_seasons, "STACCHIP_N_SEASONS", 1, flag="--n-seasons", minimum=1)
+        if settings["n_seasons"] > len(settings["seasons"]):
+            from stacchip.errors import ConfigError
+
+            raise ConfigError(f"--n-seasons {settings['n_seasons']} is more than the {len(settings['seasons'])} seasons given")
+        settings["collection"] = jobs.env_str(args.collection, "STACCHIP_COLLECTION", COLLECTION)
+
+    def run_task(self, index: int) -> list[Outcome]:
+        s = self.settings
+        row = self.sample(index)
+        area = row.geometry
+        rng = random.Random(index)
+        years = rng.sample(sorted(set(s["years"])), s["n_years"])
+        publisher = self.publisher(index)
+        outcomes: list[Outcome] = []
+        for year in years:
+            for season in rng.sample(list(s["seasons"]), s["n_seasons"]):
+                p = period(year, season)
+                items = self.catalog.search([s["collection"]], datetime=p.interval, intersects=mapping(area))
+                if not items:
+                    logger.info("task %d: %s: no scene intersects the tile; skipping", index, p.name)
+                    continue
+                items.sort(key=lambda it: (-round(coverage(it, area), 6), it.datetime.isoformat() if it.datetime else "", it.id))
+                item = items[0]
+                plan = {
+                    key: RenderedAsset(render_cog(item.assets[key].href), filename_of(item.assets[key].href), item.assets[key].href)
+                    for key in S1_ASSETS if key in item.assets
+                }
+                for key in plan:
+                    item.assets[key].media_type = pystac.MediaType.COG
+                outcome = publisher.publish(
+                    item, PLATFORM_NAME, plan,
+                    lambda it: Sentinel1Indexer(
+                        it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME
+                    ),
+                )
+                outcome.note = outcome.note or p.name
+                outcomes.append(outcome)
+        return outcomes
+
+
+def process_mgrs_tile(index: int, mgrs_source: str, bucket: str) -> None:
+    """Upstream-compatible call: process row ``index`` of ``mgrs_source`` into ``bucket``."""
+    args = Sentinel1Processor.build_parser().parse_args(
+        ["--index", str(index), "--sample-source", mgrs_source, "--bucket", bucket]
+    )
+    Sentinel1Processor(Sentinel1Processor.settings_from(args)).run_task(index)
+
+
+def process(argv: Sequence[str] | None = None) -> int:
+    """Console script ``stacchip-sentinel-1``."""
+    return main(Sentinel1Processor, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(process())
