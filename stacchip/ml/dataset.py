@@ -32,11 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from stacchip import storage
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError
-from stacchip.index import index_files, query
+from stacchip.index import SCHEMA, index_files, open_index, query
 from stacchip.indexer import NoStatsChipIndexer
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
@@ -72,8 +73,10 @@ def load_index(
     """
     if isinstance(index, pa.Table):
         source: Any = pads.dataset(index)
-    else:
+    elif isinstance(index, pads.Dataset):
         source = index
+    else:
+        source = open_with_extra_columns(index)
     table = query(
         source, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
         max_nodata=max_nodata, platform=platform, item_id=item_id,
@@ -84,6 +87,27 @@ def load_index(
         values = [split] if isinstance(split, str) else list(split)
         table = table.filter(pc.is_in(table.column("split"), pa.array(values, pa.string())))
     return table
+
+
+def open_with_extra_columns(index: Any) -> pads.Dataset:
+    """:func:`stacchip.index.open_index`, keeping extra columns (e.g. ``split``).
+
+    Extra columns are taken from the first file's schema; files without them
+    read as nulls.
+    """
+    dataset = open_index(index)
+    files = list(dataset.files)
+    if not files:
+        return dataset
+    try:
+        first = pq.read_schema(files[0], filesystem=dataset.filesystem)
+    except (pa.ArrowException, OSError) as exc:
+        raise IndexFileError(f"cannot read the schema of {files[0]!r}: {exc}") from exc
+    extra = [f for f in first if f.name not in SCHEMA.names]
+    if not extra:
+        return dataset
+    schema = pa.schema(list(SCHEMA) + extra)
+    return pads.dataset(files, format="parquet", filesystem=dataset.filesystem, schema=schema)
 
 
 def load_stats(stats: Stats) -> Any:
