@@ -70,6 +70,11 @@ def s2_item(tile: str, when: dt.datetime, shift_x: float = 0.0, label: bool = Tr
     item["id"] = f"S2A_T{tile}_{stamp}_L2A"
     item["properties"]["datetime"] = when.isoformat().replace("+00:00", "Z")
     item["assets"] = {k: v for k, v in item["assets"].items() if k in KEEP_ASSETS}
+    # Local hrefs carry no bucket: drop the storage extension (pystac would warn migrating it).
+    item["stac_extensions"] = [e for e in item.get("stac_extensions", []) if "/storage/" not in e]
+    for fields in [item["properties"], *item["assets"].values()]:
+        for key in [k for k in fields if k.startswith("storage:")]:
+            del fields[key]
     if label:
         lab = copy.deepcopy(item["assets"]["scl"])
         lab["title"] = "Synthetic land-cover label"
