@@ -12,6 +12,9 @@ Fixtures
     Yields the endpoint URL.
 ``s3_bucket`` (function)
     A new, uniquely named bucket on ``s3_server``; yields its name.
+``s3_faults`` (function)
+    Like ``s3_env`` but through :class:`FaultyS3Proxy`, a loopback proxy whose
+    ``.fail_next(n, status=503)`` makes the next requests fail (retry tests).
 ``stac_api`` (session)
     PostgreSQL + PostGIS in a temporary data directory, the pgstac schema
     (``pypgstac migrate``) and stac-fastapi-pgstac served by uvicorn on
@@ -240,6 +243,170 @@ def s3_bucket(s3_env: str) -> str:
     name = f"test-{uuid.uuid4().hex[:20]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+class FaultyS3Proxy:
+    """A loopback HTTP proxy in front of the S3 server that can answer with errors.
+
+    Every request is forwarded to ``upstream`` unchanged, except the next
+    ``n`` matching ones after :meth:`fail_next`, which get ``status`` and an
+    S3 XML error (``SlowDown`` for 503) without reaching the server. GDAL
+    and boto3 in this process or in subprocesses reach it the same way.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+
+        self.upstream = upstream
+        self._lock = threading.Lock()
+        self._rules: list[dict[str, Any]] = []
+        #: ``(method, path, status, injected)`` of every request, in arrival order.
+        self.requests: list[tuple[str, str, int, bool]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("s3 proxy: " + format, *args)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            break
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                fault = proxy._take_fault(self.command, self.path)
+                if fault is not None:
+                    self._send(fault, {"Content-Type": "application/xml"}, _s3_error_xml(fault, self.path))
+                    proxy._record(self.command, self.path, fault, True)
+                    return
+                import http.client
+
+                conn = http.client.HTTPConnection(proxy._host, proxy._port, timeout=60)
+                try:
+                    headers = {
+                        k: v for k, v in self.headers.items()
+                        if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                    }
+                    if body or self.command in ("PUT", "POST"):
+                        headers["Content-Length"] = str(len(body))
+                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    out = {k: v for k, v in resp.getheaders()
+                           if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date")}
+                    self._send(resp.status, out, data, head_length=resp.getheader("Content-Length"))
+                    proxy._record(self.command, self.path, resp.status, False)
+                finally:
+                    conn.close()
+
+            def _send(self, status: int, headers: dict[str, str], data: bytes, head_length: str | None = None) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", head_length or str(len(data)))
+                    self.end_headers()
+                    return
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        from urllib.parse import urlparse
+
+        parsed = urlparse(upstream)
+        self._host, self._port = parsed.hostname or LOOPBACK, parsed.port or 80
+        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="faulty-s3-proxy", daemon=True
+        )
+        self._thread.start()
+
+    def fail_next(
+        self, n: int, status: int = 503, method: str | None = None, path_contains: str | None = None
+    ) -> None:
+        """Answer the next ``n`` requests (of ``method``, whose path contains ``path_contains``) with ``status``."""
+        with self._lock:
+            self._rules.append({"n": n, "status": status, "method": method, "path": path_contains})
+
+    def clear_faults(self) -> None:
+        """Forget every pending :meth:`fail_next`."""
+        with self._lock:
+            self._rules.clear()
+
+    @property
+    def failures(self) -> int:
+        """How many requests were answered with an injected error."""
+        with self._lock:
+            return sum(1 for r in self.requests if r[3])
+
+    def _take_fault(self, method: str, path: str) -> int | None:
+        with self._lock:
+            for rule in self._rules:
+                if rule["n"] <= 0:
+                    continue
+                if rule["method"] and rule["method"] != method:
+                    continue
+                if rule["path"] and rule["path"] not in path:
+                    continue
+                rule["n"] -= 1
+                return int(rule["status"])
+        return None
+
+    def _record(self, method: str, path: str, status: int, injected: bool) -> None:
+        with self._lock:
+            self.requests.append((method, path, status, injected))
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=STOP_TIMEOUT)
+
+
+def _s3_error_xml(status: int, path: str) -> bytes:
+    code = {503: "SlowDown", 500: "InternalError", 429: "SlowDown"}.get(status, "ServiceUnavailable")
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>injected by the test proxy</Message><Resource>{path}</Resource>"
+        "<RequestId>test</RequestId></Error>"
+    ).encode()
+
+
+@pytest.fixture
+def s3_faults(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3Proxy]:
+    """Like ``s3_env``, but boto3 and GDAL go through a :class:`FaultyS3Proxy`.
+
+    Buckets made by ``s3_bucket`` are on the same server. Yields the proxy;
+    call ``.fail_next(n)`` to make the next ``n`` requests fail with 503.
+    """
+    from stacchip import storage
+
+    proxy = FaultyS3Proxy(s3_env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    storage._client.cache_clear()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        storage._client.cache_clear()
 
 
 # --------------------------------------------------------------------- STAC API

@@ -339,3 +339,35 @@ def test_stac_api_queryables_make_sort_numeric(stac_api: Any, s2_collection: Any
     got = [it["properties"]["test:score"] for it in client.search(collections=[cid], sortby="properties.test:score").items_as_dicts()]
     assert got == sorted(scores)
 
+
+
+# ------------------------------------------------------------- S3 with faults
+
+
+def test_s3_faults_are_retried_by_boto3_and_storage(s3_bucket: str, s3_faults: Any) -> None:
+    url = f"s3://{s3_bucket}/retry/object.bin"
+    payload = np.random.default_rng(3).bytes(5000)
+    s3_faults.fail_next(2, status=503, method="PUT")
+    storage.write_bytes(url, payload)
+    assert s3_faults.failures == 2
+    s3_faults.fail_next(2, status=500, method="GET")
+    assert storage.read_bytes(url) == payload
+    assert s3_faults.failures == 4
+    injected = [r for r in s3_faults.requests if r[3]]
+    assert [r[0] for r in injected] == ["PUT", "PUT", "GET", "GET"]
+    # The object reached the server once, whole: read it around the proxy.
+    direct = boto3.client("s3", endpoint_url=s3_faults.upstream)
+    assert direct.get_object(Bucket=s3_bucket, Key="retry/object.bin")["Body"].read() == payload
+
+
+def test_gdal_retries_through_s3_faults(s3_bucket: str, s3_faults: Any, tmp_path: Path) -> None:
+    data = np.arange(300 * 280, dtype=np.uint16).reshape(300, 280)
+    local = tmp_path / "b.tif"
+    _write_cog(local, data)
+    boto3.client("s3").upload_file(str(local), s3_bucket, "g/b.tif")
+    s3_faults.fail_next(2, status=503, method="GET", path_contains="/g/b.tif")
+    with gdal_env(GDAL_HTTP_RETRY_DELAY="0.05"):
+        with rasterio.open(f"s3://{s3_bucket}/g/b.tif") as src:
+            got = src.read(1)
+    np.testing.assert_array_equal(got, data)
+    assert s3_faults.failures == 2
