@@ -113,37 +113,6 @@ def _tail(path: Path, n_chars: int = 3000) -> str:
     return text[-n_chars:]
 
 
-def wait_for_http(
-    url: str,
-    proc: subprocess.Popen[bytes] | None,
-    logfile: Path | None,
-    timeout: float = START_TIMEOUT,
-    ok_status: tuple[int, ...] = (200,),
-) -> float:
-    """Poll ``url`` until it answers with ``ok_status``; returns the seconds waited.
-
-    Calls :func:`service_unavailable` when ``proc`` exits or ``timeout``
-    seconds pass first.
-    """
-    start = time.monotonic()
-    last_error = "no answer"
-    while time.monotonic() - start < timeout:
-        if proc is not None and proc.poll() is not None:
-            tail = _tail(logfile) if logfile else ""
-            service_unavailable(f"server for {url} exited with code {proc.returncode}:\n{tail}")
-        try:
-            status, _ = http_get(url, timeout=2.0)
-            if status in ok_status:
-                return time.monotonic() - start
-            last_error = f"HTTP {status}"
-        except (OSError, urllib.error.URLError) as exc:
-            last_error = str(exc)
-        time.sleep(0.1)
-    tail = _tail(logfile) if logfile else ""
-    stop_process(proc)
-    service_unavailable(f"{url} did not answer within {timeout:.0f} s ({last_error}):\n{tail}")
-
-
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = STOP_TIMEOUT) -> None:
     """Terminate ``proc``; kill it when it has not exited after ``timeout`` seconds."""
     if proc is None or proc.poll() is not None:
@@ -461,6 +430,19 @@ class StacApi:
                 [json.dumps({"properties": properties}), list(collection_ids) if collection_ids else None, None, False],
             )
 
+    def delete_collection(self, collection_id: str) -> bool:
+        """Remove a collection and all its items; False when there was none.
+
+        The server is shared by the session: a test that must use a fixed
+        collection id (``sentinel-2-l2a``) deletes it first.
+        """
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SET search_path TO pgstac, public")
+            cur = conn.execute("DELETE FROM collections WHERE id = %s", [collection_id])
+            return cur.rowcount > 0
+
     @staticmethod
     def make_collection(
         collection_id: str, items: Sequence[dict[str, Any]] = (), **extra: Any
@@ -694,7 +676,7 @@ def stac_api() -> Iterator[StacApi]:
     t0 = time.monotonic()
     # Under /tmp, not pytest's tmp dir: the unix socket path must stay short and the
     # `postgres` user must be able to reach it.
-    workdir = Path(tempfile.mkdtemp(prefix="stacchip-pg-"))
+    workdir = Path(tempfile.mkdtemp(prefix="stacchip-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
     pg = _Postgres(workdir, bindir)
     app: subprocess.Popen[bytes] | None = None
     try:

@@ -371,3 +371,16 @@ def test_gdal_retries_through_s3_faults(s3_bucket: str, s3_faults: Any, tmp_path
             got = src.read(1)
     np.testing.assert_array_equal(got, data)
     assert s3_faults.failures == 2
+
+
+def test_stac_api_delete_collection(stac_api: Any, s2_collection: Any) -> None:
+    cid, items = s2_collection
+    client = _client(stac_api.url)
+    assert len(list(client.search(collections=[cid]).items_as_dicts())) == len(items)
+    assert stac_api.delete_collection(cid)
+    assert not stac_api.delete_collection(cid)
+    assert http_get(f"{stac_api.url}/collections/{cid}")[0] == 404
+    # The same id can be loaded again from scratch.
+    stac_api.load_collection(stac_api.make_collection(cid, items[:1]))
+    stac_api.load_items(items[:1])
+    assert [it["id"] for it in client.search(collections=[cid]).items_as_dicts()] == [items[0]["id"]]
