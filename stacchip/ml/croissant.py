@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from stacchip import storage
 from stacchip.errors import ConfigError, IndexFileError
-from stacchip.index import index_files, open_index
+from stacchip.index import index_files
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +335,9 @@ def croissant_metadata(
     """The Croissant JSON-LD document (a dict) for index files ``index``.
 
     ``index``: index files, directories or ``s3://`` prefixes. ``out_dir`` is
-    where the document will live; local paths are written relative to it.
+    where the document will live; local paths are written relative to it (one
+    file may be anywhere; several must lie under ``out_dir``, since a FileSet
+    is matched within the document's folder).
     ``items`` (an :class:`~stacchip.ml.items.ItemSource`) supplies CRS,
     resolution and bands; ``crs``/``resolution_m``/``band_names`` override or
     stand in for them. ``cubes``: directories (or globs) of exported ``.npz``
@@ -344,19 +346,13 @@ def croissant_metadata(
     """
     files = index_files(index)
     base = Path(out_dir) if out_dir is not None else None
-    dataset = open_index(files)
+    from stacchip.ml.dataset import open_with_extra_columns
+
+    dataset = open_with_extra_columns(files)
     table = dataset.to_table()
     if table.num_rows == 0:
         raise IndexFileError(f"index {files[:3]} has no rows")
     schema = dataset.schema
-    try:
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(pa.BufferReader(storage.read_bytes(files[0])))
-    except (OSError, ValueError):  # fall back to the dataset schema
-        pass
-    table_cols = set(table.column_names)
-    schema = pa.schema([f for f in schema if f.name in table_cols])
 
     distribution: list[dict[str, Any]] = []
     if len(files) == 1:
@@ -373,6 +369,12 @@ def croissant_metadata(
         source = {"fileObject": {"@id": file_id}}
     else:
         file_id = "index-files"
+        outside = [f for f in files if _relative(f, base).startswith("../")]
+        if outside:
+            raise ConfigError(
+                f"{len(outside)} index files (e.g. {outside[0]!r}) are not under {str(base)!r}: a FileSet "
+                "is read relative to the folder of croissant.json, so write it at or above the index directory"
+            )
         distribution.append({
             "@type": "cr:FileSet",
             "@id": file_id,
@@ -434,8 +436,9 @@ def croissant_metadata(
     }
     if url:
         doc["url"] = url
-    if cite_as:
-        doc["citeAs"] = cite_as
+    doc["citeAs"] = cite_as or (
+        f"{name}, version {version}" + (f", {url}" if url else "") + ". Chip index built with stacchip."
+    )
     if creators:
         doc["creator"] = [{"@type": "sc:Person", "name": c} for c in creators]
     if res_value is not None:
