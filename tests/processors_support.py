@@ -126,3 +126,131 @@ def variant(base: dict[str, Any], item_id: str, collection: str, when: str, **pr
     item["properties"]["datetime"] = when
     item["properties"].update(props)
     return item
+
+
+# --- loopback HTTP helpers ------------------------------------------------------------------
+
+import contextlib
+import functools
+import http.client
+import http.server
+import threading
+import time
+from typing import Iterator
+from urllib.parse import urlparse
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    delay = 0.0
+
+    def log_message(self, *args: Any) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        time.sleep(self.delay)
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def file_server(directory: Path, delay: float = 0.0) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on 127.0.0.1 (each GET delayed by ``delay`` s); yields the base URL."""
+    handler = type("Handler", (_QuietHandler,), {"delay": delay})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+class FaultProxy:
+    """A reverse proxy in front of an S3 server that answers 503 SlowDown to the first
+    ``fail_first`` requests and then to every ``fail_every``-th one (0: never)."""
+
+    def __init__(self, upstream: str, fail_first: int, fail_every: int = 0) -> None:
+        self.upstream = urlparse(upstream)
+        self.fail_first = fail_first
+        self.fail_every = fail_every
+        self.count = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            break
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _handle(self) -> None:
+                body = self._body()
+                with proxy.lock:
+                    proxy.count += 1
+                    n = proxy.count
+                    fail = n <= proxy.fail_first or (proxy.fail_every and n % proxy.fail_every == 0)
+                    if fail:
+                        proxy.failed += 1
+                if fail:
+                    payload = (
+                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>injected</Message></Error>"
+                    )
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload) if self.command != "HEAD" else 0))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if body or self.command in ("PUT", "POST"):
+                    headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in _HOP and key.lower() != "content-length":
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)) if self.command != "HEAD" else response.getheader("Content-Length", "0"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

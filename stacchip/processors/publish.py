@@ -185,6 +185,7 @@ class Publisher:
             logger.warning("%s/%s is claimed by task %s; leaving it to that task", platform, item_id, other)
             return Outcome(platform, item_id, "skipped-claimed", sources, note=f"claimed by {other}")
 
+        self._clean_partials(platform, item_id)
         names = _unique_filenames(plan)
         for key in list(item.assets):
             if key not in plan:
@@ -213,6 +214,20 @@ class Publisher:
         storage.write_bytes_retry(self.bucket.index_url(platform, item_id), index_bytes(table, meta))
         logger.info("%s/%s done: %d assets, %d chips", platform, item_id, len(plan), table.num_rows)
         return Outcome(platform, item_id, "done", sources, chips=table.num_rows)
+
+    def _clean_partials(self, platform: str, item_id: str) -> None:
+        """Remove temp files a killed run of this task left in the item's folders (local output only).
+
+        Only the owner of the claim writes there, so any ``.*.part`` file is ours.
+        """
+        root = self.bucket.root
+        if storage.is_s3(root) or "://" in root:
+            return  # S3 objects appear only when complete; nothing partial to clean
+        for folder in (Path(self.bucket.url(platform, item_id)), Path(self.bucket.index_url(platform, item_id)).parent):
+            if folder.is_dir():
+                for stale in folder.glob(".*.part"):
+                    logger.info("removing %s left by an interrupted run", stale)
+                    stale.unlink(missing_ok=True)
 
     def _write_asset(self, plan: AssetPlan, dst: str, what: str) -> None:
         if storage.exists_retry(dst):  # whole by construction: written atomically by an earlier run
