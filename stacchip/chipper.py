@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from collections import deque
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from stacchip import grid as gridmath
 from stacchip.errors import AssetNotFoundError, ChipOutOfRangeError
 from stacchip.indexer import ChipIndexer
-from stacchip.reader import DatasetCache, gdal_env, read_indexed, resolve_href
+from stacchip.reader import DatasetCache, LanePool, gdal_env, read_indexed, resolve_href
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 NON_RASTER_TYPES = ("json", "xml", "html", "text/", "jpeg", "png")
 #: Asset roles that mark previews and metadata, not data.
 NON_DATA_ROLES = {"thumbnail", "overview", "metadata", "tiles", "visual-preview"}
+#: Parallel reads for remote (S3/HTTP) hrefs, where threads wait on latency.
+REMOTE_THREADS = 16
 
 
 def is_raster_asset(asset: Any) -> bool:
@@ -58,6 +61,7 @@ class Chipper:
         asset_blacklist: Sequence[str] | None = None,
         *,
         native: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.indexer = indexer
         self.mountpath = None if mountpath in (None, "") else mountpath
@@ -72,6 +76,19 @@ class Chipper:
                     + ", ".join(sorted(item.assets))
                 )
         self._datasets = DatasetCache()
+        self.threads = self._auto_threads() if threads is None else max(1, int(threads))
+        self._lanes = LanePool(self.threads) if self.threads > 1 else None
+
+    def _auto_threads(self) -> int:
+        """Lanes for parallel asset reads: one per core for local files, 16 when
+        any href is remote (reads then wait on the network, not the CPU)."""
+        keys = self.asset_keys
+        remote = any("://" in self.indexer.item.assets[k].href and not
+                     self.indexer.item.assets[k].href.startswith("file://") for k in keys)
+        if self.mountpath is not None:
+            remote = False
+        want = REMOTE_THREADS if remote else (os.cpu_count() or 1)
+        return max(1, min(want, len(keys) * 4))
 
     @property
     def asset_keys(self) -> list[str]:
@@ -102,8 +119,8 @@ class Chipper:
         return x, y, self.chip(x, y)
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-        for i in range(len(self)):
-            yield self[i]
+        xs, ys = self.indexer.kept_chips
+        yield from self.chips(zip(xs.tolist(), ys.tolist()))
 
     def path(self, key: str) -> str:
         """The path GDAL opens for asset ``key``."""
@@ -120,23 +137,86 @@ class Chipper:
         """Pixels of asset ``key`` for chip ``(x, y)``: ``(bands, rows, cols)``."""
         ix = self.indexer
         ix.check_chip(x, y)
-        ds = self._datasets.get(self.path(key), f"item {ix.item.id!r} asset {key!r} ")
+        with gdal_env():
+            return self._read(key, self.path(key), x, y)
+
+    def _read(self, key: str, path: str, x: int, y: int) -> np.ndarray:
+        ix = self.indexer
+        what = f"item {ix.item.id!r} asset {key!r} "
+        ds = self._datasets.get(path, what)
         rows, cols = gridmath.chip_asset_indices(ix.affine, ds.transform, x, y, ix.chip_size)
         if self.native:
             rows, cols = np.unique(rows), np.unique(cols)
-        return read_indexed(
-            ds, rows, cols, fill=self.fill_value(key, ds.nodata),
-            what=f"item {ix.item.id!r} asset {key!r} ",
-        )
+        return read_indexed(ds, rows, cols, fill=self.fill_value(key, ds.nodata), what=what)
+
+    def _read_in_lane(self, key: str, path: str, x: int, y: int) -> np.ndarray:
+        with gdal_env():
+            return self._read(key, path, x, y)
+
+    def _cost(self, key: str) -> float:
+        """Relative read cost of an asset: its pixels per fine pixel (from STAC metadata)."""
+        from stacchip.projection import asset_grid
+
+        try:
+            grid = asset_grid(self.indexer.item, key)
+        except Exception:  # noqa: BLE001 - cost is a hint; metadata errors surface on read
+            grid = None
+        if grid is None:
+            return 1.0
+        fine = self.indexer.grid.res
+        return (fine[0] / grid.res[0]) * (fine[1] / grid.res[1])
+
+    def _submit(self, x: int, y: int) -> dict[str, Any]:
+        """Start reading every asset of chip ``(x, y)``; values are futures (or arrays)."""
+        self.indexer.check_chip(x, y)
+        keys = self.asset_keys
+        if self._lanes is None or len(keys) == 0:
+            with gdal_env():
+                return {key: self._read(key, self.path(key), x, y) for key in keys}
+        if not hasattr(self, "_costs"):
+            self._costs = {key: self._cost(key) for key in keys}
+        return {
+            key: self._lanes.submit(
+                self.path(key), self._costs.get(key, 1.0), self._read_in_lane, key, self.path(key), x, y
+            )
+            for key in keys
+        }
+
+    @staticmethod
+    def _collect(pending: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {key: (value.result() if hasattr(value, "result") else value) for key, value in pending.items()}
 
     def chip(self, x: int, y: int) -> dict[str, np.ndarray]:
-        """``{asset key: (bands, chip_size, chip_size) array}`` for chip ``(x, y)``."""
-        self.indexer.check_chip(x, y)
-        with gdal_env():
-            return {key: self.get_pixels_for_asset(key, x, y) for key in self.asset_keys}
+        """``{asset key: (bands, chip_size, chip_size) array}`` for chip ``(x, y)``.
+
+        Assets are read in parallel (``threads`` lanes)."""
+        return self._collect(self._submit(int(x), int(y)))
+
+    def chips(
+        self, positions: Iterable[tuple[int, int]], prefetch: int | None = None
+    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Read many chips, yielding ``(x, y, chip)`` in the order given.
+
+        Up to ``prefetch`` chips (default: 4 per lane) are read ahead in parallel,
+        which keeps every lane busy for random access across scenes and bounds
+        memory. For whole-scene exports pass positions in row order (as the
+        index stores them): each block is then decoded once for all its chips.
+        """
+        ahead = max(1, prefetch if prefetch is not None else 4 * self.threads)
+        queue: deque[tuple[int, int, dict[str, Any]]] = deque()
+        for x, y in positions:
+            queue.append((int(x), int(y), self._submit(int(x), int(y))))
+            if len(queue) >= ahead:
+                qx, qy, pending = queue.popleft()
+                yield qx, qy, self._collect(pending)
+        while queue:
+            qx, qy, pending = queue.popleft()
+            yield qx, qy, self._collect(pending)
 
     def close(self) -> None:
-        """Close the datasets this chipper opened."""
+        """Stop the read threads and close the datasets this chipper opened."""
+        if self._lanes is not None:
+            self._lanes.shutdown()
         self._datasets.close()
 
     def __enter__(self) -> "Chipper":

@@ -69,9 +69,18 @@ def reproject_geometries(geoms: np.ndarray, transformer: pyproj.Transformer) -> 
 
 
 def chip_polygons_lonlat(bounds: np.ndarray, crs: pyproj.CRS) -> np.ndarray:
-    """Every chip polygon (from ``chip_bounds``) in lon/lat, in one call."""
-    boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-    return reproject_geometries(boxes, lonlat_transformer(crs))
+    """Every chip polygon (from ``chip_bounds``) in lon/lat, in one call.
+
+    Each polygon is the chip's four corners reprojected, in shapely's
+    counter-clockwise ``box`` order starting at ``(maxx, miny)``.
+    """
+    n = len(bounds)
+    minx, miny, maxx, maxy = bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3]
+    xs = np.column_stack([maxx, maxx, minx, minx, maxx]).ravel()
+    ys = np.column_stack([miny, maxy, maxy, miny, miny]).ravel()
+    lon, lat = lonlat_transformer(crs).transform(xs, ys)
+    coords = np.stack([np.asarray(lon), np.asarray(lat)], axis=-1).reshape(n, 5, 2)
+    return shapely.polygons(coords)
 
 
 def axis_map(

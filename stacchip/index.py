@@ -27,24 +27,25 @@ import datetime as dt
 import io
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pyproj
 import shapely
 
 from stacchip import storage
 from stacchip.errors import IndexFileError, StorageError
 
+if TYPE_CHECKING:  # pyarrow.dataset costs ~50 MB of RSS; imported where used
+    import pyarrow.dataset as pads
+
 GEOPARQUET_VERSION = "1.1.0"
 GEOMETRY_COLUMN = "geometry"
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 STACCHIP_METADATA_KEY = b"stacchip"
 
+EPOCH = dt.date(1970, 1, 1)
 BBOX_TYPE = pa.struct([(name, pa.float64()) for name in BBOX_FIELDS])
 
 #: Arrow schema of an index table as written to Parquet.
@@ -76,6 +77,21 @@ def _geometry_type() -> pa.DataType:
         return pa.binary()
 
 
+# Arrays are built from buffers: ``pa.array`` on numpy or Python input imports
+# pandas (~45 MB of RSS) inside pyarrow, which an indexing job never needs.
+def _fixed_array(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """Arrow array of a fixed-width type over a contiguous numpy array (no nulls)."""
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(typ, len(values), [None, pa.py_buffer(values)])
+
+
+def _binary_array(items: list[bytes], typ: pa.DataType) -> pa.Array:
+    """Arrow binary/string array from a list of bytes (no nulls)."""
+    offsets = np.zeros(len(items) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, items), np.int64, len(items)), out=offsets[1:])
+    return pa.Array.from_buffers(typ, len(items), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(items))])
+
+
 def index_table(
     *,
     item_id: str,
@@ -92,31 +108,32 @@ def index_table(
     n = len(xs)
     xs_u16 = np.asarray(xs).astype(np.uint16)
     ys_u16 = np.asarray(ys).astype(np.uint16)
-    chipid = pc.binary_join_element_wise(
-        pa.array(np.full(n, item_id, dtype=object), pa.string()),
-        pc.cast(pa.array(xs_u16), pa.string()),
-        pc.cast(pa.array(ys_u16), pa.string()),
-        "-",
+    chipids = np.strings.add(
+        np.strings.add(f"{item_id}-", xs_u16.astype(np.str_)),
+        np.strings.add("-", ys_u16.astype(np.str_)),
     )
-    ts = pa.scalar(datetime, pa.timestamp("us", tz="UTC"))
+    when = datetime if datetime.tzinfo else datetime.replace(tzinfo=dt.timezone.utc)
+    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
     bounds = shapely.bounds(polygons) if n else np.zeros((0, 4))
-    wkb = pa.array(shapely.to_wkb(polygons) if n else [], pa.binary())
+    wkb = _binary_array(list(shapely.to_wkb(polygons)) if n else [], pa.binary())
     geom_type = _geometry_type()
     geometry = geom_type.wrap_array(wkb) if geom_type != pa.binary() else wkb
     columns = {
-        "chipid": chipid,
-        "date": pa.array(np.full(n, datetime.date(), dtype="datetime64[D]"), pa.date32()),
-        "chip_index_x": pa.array(xs_u16, pa.uint16()),
-        "chip_index_y": pa.array(ys_u16, pa.uint16()),
-        "cloud_cover_percentage": pa.array(np.asarray(cloud, dtype=np.float32)),
-        "nodata_percentage": pa.array(np.asarray(nodata, dtype=np.float32)),
+        "chipid": _binary_array([c.encode() for c in chipids.tolist()], pa.string()),
+        "date": _fixed_array(np.full(n, (datetime.date() - EPOCH).days, dtype=np.int32), pa.date32()),
+        "chip_index_x": _fixed_array(xs_u16, pa.uint16()),
+        "chip_index_y": _fixed_array(ys_u16, pa.uint16()),
+        "cloud_cover_percentage": _fixed_array(np.asarray(cloud, dtype=np.float32), pa.float32()),
+        "nodata_percentage": _fixed_array(np.asarray(nodata, dtype=np.float32), pa.float32()),
         GEOMETRY_COLUMN: geometry,
-        "item_id": pa.array(np.full(n, item_id, dtype=object), pa.string()),
-        "platform": pa.array(np.full(n, platform, dtype=object), pa.string()),
-        "datetime": pa.array(np.full(n, ts.value, dtype=np.int64), pa.timestamp("us", tz="UTC")),
-        "chip_size": pa.array(np.full(n, chip_size, dtype=np.uint16)),
+        "item_id": _binary_array([item_id.encode()] * n, pa.string()),
+        "platform": _binary_array([platform.encode()] * n, pa.string()),
+        "datetime": _fixed_array(np.full(n, micros, dtype=np.int64), pa.timestamp("us", tz="UTC")),
+        "chip_size": _fixed_array(np.full(n, chip_size, dtype=np.uint16), pa.uint16()),
         "bbox": pa.StructArray.from_arrays(
-            [pa.array(bounds[:, i], pa.float64()) for i in range(4)], names=list(BBOX_FIELDS)
+            [_fixed_array(np.ascontiguousarray(bounds[:, i], dtype=np.float64), pa.float64()) for i in range(4)],
+            names=list(BBOX_FIELDS),
         ),
     }
     return pa.table(columns)
@@ -146,10 +163,10 @@ def geo_metadata(table: pa.Table) -> dict[str, Any]:
     if table.num_rows:
         bbox = table.column("bbox").combine_chunks()
         extent = [
-            float(pc.min(bbox.field("xmin")).as_py()),
-            float(pc.min(bbox.field("ymin")).as_py()),
-            float(pc.max(bbox.field("xmax")).as_py()),
-            float(pc.max(bbox.field("ymax")).as_py()),
+            float(np.min(bbox.field("xmin").to_numpy())),
+            float(np.min(bbox.field("ymin").to_numpy())),
+            float(np.max(bbox.field("xmax").to_numpy())),
+            float(np.max(bbox.field("ymax").to_numpy())),
         ]
     else:
         extent = []
@@ -173,6 +190,8 @@ def index_bytes(table: pa.Table, extra_metadata: dict[str, Any] | None = None) -
     if extra_metadata:
         metadata[STACCHIP_METADATA_KEY] = json.dumps(extra_metadata).encode()
     table = table.replace_schema_metadata(metadata)
+    import pyarrow.parquet as pq
+
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", write_statistics=True)
     return sink.getvalue()
@@ -193,6 +212,8 @@ def write_index(
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``stacchip`` file metadata of one index file (``{}`` when absent)."""
+    import pyarrow.parquet as pq
+
     schema = pq.read_schema(pa.BufferReader(storage.read_bytes(path)))
     raw = (schema.metadata or {}).get(STACCHIP_METADATA_KEY)
     return json.loads(raw) if raw else {}
@@ -239,8 +260,10 @@ def index_files(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str
     return files
 
 
-def open_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> pads.Dataset:
+def open_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> "pads.Dataset":
     """Open index files, directories or ``s3://`` prefixes as one pyarrow dataset."""
+    import pyarrow.dataset as pads
+
     files = index_files(sources)
     filesystem, paths = _filesystem(files)
     try:
@@ -283,6 +306,9 @@ def query(
     ``start``/``end`` bound ``datetime`` inclusively (ISO strings, dates or
     datetimes, naive meaning UTC); ``max_cloud``/``max_nodata`` are fractions.
     """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
     dataset = sources if isinstance(sources, pads.Dataset) else open_index(sources)
     expr = None
 

@@ -35,7 +35,7 @@ from stacchip.errors import (
 )
 from stacchip.index import index_table
 from stacchip.projection import Grid, item_grid
-from stacchip.reader import DatasetCache, gdal_env, resolve_href
+from stacchip.reader import StripReader, gdal_env, resolve_href
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def as_item(item: Any) -> pystac.Item:
         return item
     if isinstance(item, Mapping):
         try:
-            return pystac.Item.from_dict(dict(item))
+            return pystac.Item.from_dict(dict(item), migrate=False)
         except Exception as exc:  # pystac raises several types for bad dicts
             raise ItemError(f"not a valid STAC item: {exc}") from exc
     raise ItemError(f"expected a pystac.Item or STAC item dict, got {type(item).__name__}")
@@ -113,7 +113,6 @@ class ChipIndexer:
         self._shape = shape
         self.grid: Grid = item_grid(self.item, shape)
         self._transformer = gridmath.lonlat_transformer(self.grid.crs)
-        self._datasets = DatasetCache()
 
     # --- geometry -----------------------------------------------------------------
 
@@ -286,24 +285,13 @@ class ChipIndexer:
         nearest-neighbour weights (see :func:`stacchip.grid.reduction_weights`).
         Fine pixels that fall outside the QA raster count as nodata.
         """
-        path = resolve_href(href)
-        with gdal_env(**(gdal_options or {})):
-            ds = self._datasets.get(path, what)
-            try:
-                return block_reduce(
-                    self.grid.transform, ds.transform, (ds.height, ds.width),
-                    self.x_size, self.y_size, self.chip_size,
-                    lambda r0, r1: decode(_read_rows(ds, band, r0, r1, what)),
-                )
-            finally:
-                self._datasets.close()
-
-
-def _read_rows(ds: Any, band: int, r0: int, r1: int, what: str) -> np.ndarray:
-    try:
-        return ds.read(band, window=Window(0, r0, ds.width, r1 - r0))
-    except (RasterioError, OSError) as exc:
-        raise AssetReadError(f"cannot read {what}href {ds.name!r}: {exc}") from exc
+        with gdal_env(**(gdal_options or {})), StripReader(resolve_href(href), what) as strips:
+            ds = strips.dataset
+            return block_reduce(
+                self.grid.transform, ds.transform, (ds.height, ds.width),
+                self.x_size, self.y_size, self.chip_size,
+                lambda r0, r1: decode(strips.read(r0, r1, band)),
+            )
 
 
 def block_reduce(
@@ -336,13 +324,34 @@ def block_reduce(
         if len(rows):
             r0, r1 = int(rows[0]), int(rows[-1]) + 1
             cloud_mask, nodata_mask = read_masks(r0, r1)
-            weights = wy[j, r0:r1].astype(np.float32)
-            cloud[j] = (weights @ cloud_mask.astype(np.float32)) @ wxt
-            nodata[j] = (weights @ nodata_mask.astype(np.float32)) @ wxt
+            weights = wy[j, r0:r1]
+            cloud[j] = _weighted_row_sum(cloud_mask, weights) @ wxt
+            nodata[j] = _weighted_row_sum(nodata_mask, weights) @ wxt
     inside = np.outer(chip_size - out_y, chip_size - out_x)
     total = float(chip_size) ** 2
     nodata += total - inside  # fine pixels with no QA pixel under them
     return cloud / total, nodata / total
+
+
+def _weighted_row_sum(mask: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``weights @ mask`` for a boolean ``(rows, cols)`` mask, as float32.
+
+    Row weights take few distinct values (fine pixels per QA row), so this sums
+    the rows of each weight with an integer reduction (fast, no float copy of
+    the mask) and scales.
+    """
+    counts = np.zeros(mask.shape[1], dtype=np.float32)
+    values = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    for w in np.unique(weights):
+        if w == 0:
+            continue
+        sel = weights == w
+        if sel.all():
+            part = np.add.reduce(values, axis=0, dtype=np.uint32)
+        else:
+            part = np.add.reduce(values[sel], axis=0, dtype=np.uint32)
+        counts += np.float32(w) * part
+    return counts
 
 
 class NoStatsChipIndexer(ChipIndexer):
@@ -497,22 +506,25 @@ class Sentinel1Indexer(ChipIndexer):
                 f"item {self.item.id!r}: no backscatter asset; expected one of "
                 + ", ".join(self.backscatter_assets)
             )
+        readers = []
         with gdal_env():
             try:
-                datasets = [self._datasets.get(resolve_href(self.asset_href(k)), f"asset {k!r} ") for k in keys]
-                first = datasets[0]
-                for key, ds in zip(keys, datasets):
+                for key in keys:
+                    readers.append(StripReader(resolve_href(self.asset_href(key)), f"item {self.item.id!r} asset {key!r} "))
+                first = readers[0].dataset
+                for key, reader in zip(keys, readers):
+                    ds = reader.dataset
                     if (ds.height, ds.width) != (first.height, first.width) or ds.transform != first.transform:
                         raise ItemError(
                             f"item {self.item.id!r}: backscatter asset {key!r} is not on the "
                             f"grid of asset {keys[0]!r}"
                         )
-                nodatas = [self.nodata_of(k, ds.nodata) for k, ds in zip(keys, datasets)]
+                nodatas = [self.nodata_of(k, r.dataset.nodata) for k, r in zip(keys, readers)]
 
                 def read(r0: int, r1: int) -> Masks:
                     mask = np.zeros((r1 - r0, first.width), dtype=bool)
-                    for key, ds, nd in zip(keys, datasets, nodatas):
-                        mask |= qamod.nodata_value(_read_rows(ds, 1, r0, r1, f"asset {key!r} "), nd)
+                    for reader, nd in zip(readers, nodatas):
+                        mask |= qamod.nodata_value(reader.read(r0, r1), nd)
                     return np.zeros_like(mask), mask
 
                 return block_reduce(
@@ -520,7 +532,8 @@ class Sentinel1Indexer(ChipIndexer):
                     self.x_size, self.y_size, self.chip_size, read,
                 )
             finally:
-                self._datasets.close()
+                for reader in readers:
+                    reader.close()
 
 
 #: Indexer classes by short name (CLI ``--indexer`` and ``utils.load_indexer_*``).

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import rasterio
+from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import RasterioError
 from rasterio.session import DummySession
 from rasterio.windows import Window
@@ -65,14 +66,34 @@ def gdal_options() -> dict[str, str]:
     return options
 
 
+_config_lock = threading.Lock()
+
+
+def configure_gdal(**extra: str) -> None:
+    """Apply :func:`gdal_options` (plus ``extra``) as GDAL configuration, once.
+
+    Options are process-wide GDAL settings, set only when they differ from the
+    current value and never for a key the user set in the environment, so the
+    user's own settings win. They are not unset afterwards: a scoped
+    ``rasterio.Env(**options)`` would unset them for every thread on exit while
+    other threads still read.
+    """
+    wanted = {k: v for k, v in {**gdal_options(), **extra}.items() if k not in os.environ or k in extra}
+    if all(get_gdal_config(k, normalize=False) == v for k, v in wanted.items()):
+        return
+    with _config_lock:
+        for key, value in wanted.items():
+            if get_gdal_config(key, normalize=False) != value:
+                set_gdal_config(key, value, normalize=False)
+
+
 @contextmanager
 def gdal_env(**extra: str) -> Iterator[None]:
-    """Scoped GDAL environment with :func:`gdal_options` (plus ``extra``).
-
-    GDAL reads credentials itself (environment, ``~/.aws``); no boto3 session
-    is created per call.
-    """
-    with rasterio.Env(session=DummySession(), **gdal_options(), **extra):
+    """GDAL environment for stacchip's reads: :func:`configure_gdal` plus a
+    rasterio environment without a boto3 session (GDAL reads credentials itself
+    from the environment or ``~/.aws``, so no session is built per call)."""
+    configure_gdal(**extra)
+    with rasterio.Env(session=DummySession()):
         yield
 
 
@@ -136,6 +157,12 @@ class DatasetCache:
                 raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
             handles[path] = ds
         return ds
+
+    def open_count(self) -> int:
+        """Number of datasets this process holds open, over all threads."""
+        self._handles()
+        with self._lock:
+            return sum(len(h) for h in self._all)
 
     def close(self) -> None:
         """Close every dataset this process opened, in all threads."""
@@ -213,3 +240,127 @@ def _is_identity(idx: np.ndarray, n: int) -> bool:
     return len(idx) == n and idx[0] == 0 and idx[-1] == n - 1 and bool(
         np.all(np.diff(idx) == 1)
     )
+
+
+class LanePool:
+    """Worker threads ("lanes") with sticky assignment of files to lanes.
+
+    Every read of one file goes to the same lane, so each file is opened once
+    (in that lane's thread) and its decoded blocks sit in one GDAL block cache
+    instead of being decoded again by another thread's handle. Files are given
+    to the least-loaded lane by cost (pixels per chip), which balances the
+    lanes when assets differ in resolution. Created lazily, rebuilt after a
+    fork, never pickled.
+    """
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = max(1, int(lanes))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._executors: list[Any] = []
+        self._load = [0.0] * self.lanes
+        self._lane_of: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _check_pid(self) -> None:
+        if os.getpid() != self._pid:
+            self._reset()  # forked child: the parent's threads do not exist here
+
+    def lane(self, path: str, cost: float = 1.0) -> int:
+        """The lane that reads ``path`` (assigned on first use)."""
+        self._check_pid()
+        lane = self._lane_of.get(path)
+        if lane is None:
+            with self._lock:
+                lane = self._lane_of.get(path)
+                if lane is None:
+                    lane = min(range(self.lanes), key=self._load.__getitem__)
+                    self._load[lane] += cost
+                    self._lane_of[path] = lane
+        return lane
+
+    def submit(self, path: str, cost: float, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on ``path``'s lane; returns a Future."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        lane = self.lane(path, cost)
+        if not self._executors:
+            with self._lock:
+                if not self._executors:
+                    self._executors = [
+                        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stacchip-lane{i}")
+                        for i in range(self.lanes)
+                    ]
+        return self._executors[lane].submit(fn, *args)
+
+    def shutdown(self) -> None:
+        """Stop the lane threads (waits for queued reads)."""
+        if os.getpid() != self._pid:
+            self._reset()
+            return
+        for executor in self._executors:
+            executor.shutdown(wait=True)
+        self._executors = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"lanes": self.lanes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.lanes = state["lanes"]
+        self._reset()
+
+
+class StripReader:
+    """Reads full-width strips of rows of one raster, top to bottom.
+
+    GDAL keeps every decoded block in its block cache while a dataset is open;
+    for a whole-band pass that is the whole band again in memory. This reader
+    reopens the dataset when a strip starts in a new block row, so only the
+    blocks of the current block row stay cached (peak memory: one block row).
+    Use as a context manager.
+    """
+
+    def __init__(self, path: str, what: str = "") -> None:
+        self.path = path
+        self.what = what
+        self._ds: Any = None
+        self._block_row = -1
+        self._open()
+
+    def _open(self) -> None:
+        if self._ds is not None:
+            self._ds.close()
+        try:
+            self._ds = rasterio.open(self.path)
+        except (RasterioError, OSError) as exc:
+            raise AssetReadError(f"cannot open {self.what}href {self.path!r}: {exc}") from exc
+
+    @property
+    def dataset(self) -> Any:
+        """The open dataset (its ``transform``, ``height``, ``width``, ``nodata``)."""
+        return self._ds
+
+    def read(self, r0: int, r1: int, band: int = 1) -> np.ndarray:
+        """Rows ``r0:r1`` of ``band``, full width."""
+        block_rows = self._ds.block_shapes[band - 1][0] or 1
+        block_row = r0 // block_rows
+        if self._block_row >= 0 and block_row > self._block_row:
+            self._open()  # drop the cached blocks above this strip
+        self._block_row = block_row
+        try:
+            return self._ds.read(band, window=Window(0, r0, self._ds.width, r1 - r0))
+        except (RasterioError, OSError) as exc:
+            raise AssetReadError(f"cannot read {self.what}href {self.path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._ds is not None:
+            self._ds.close()
+            self._ds = None
+
+    def __enter__(self) -> "StripReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -26,7 +26,7 @@ def load_item(url: str | os.PathLike[str]) -> pystac.Item:
     """A STAC item from a local path, ``file://`` or ``s3://`` URL."""
     raw = storage.read_bytes(url)
     try:
-        return pystac.Item.from_dict(json.loads(raw))
+        return pystac.Item.from_dict(json.loads(raw), migrate=False)
     except (ValueError, KeyError, TypeError) as exc:
         raise ItemError(f"{str(url)!r} is not a STAC item: {exc}") from exc
 

@@ -170,7 +170,7 @@ def test_datasets_opened_once(s2_item, monkeypatch):
 
 def _child_read(chipper, x, y, queue):
     try:
-        before = len(chipper._datasets._handles())
+        before = chipper._datasets.open_count()
         chip = chipper.chip(x, y)
         queue.put((before, {k: v.tolist() for k, v in chip.items()}))
     except Exception as exc:  # pragma: no cover - reported to the parent
@@ -182,7 +182,7 @@ def test_fork_and_spawn_workers_open_their_own(s2_item, method):
     item = pystac.Item.from_dict(s2_item)
     chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16"])
     expected = chipper.chip(2, 3)  # parent opens handles first
-    assert len(chipper._datasets._handles()) == 2
+    assert chipper._datasets.open_count() == 2
     ctx = mp.get_context(method)
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_read, args=(chipper, 2, 3, queue))
@@ -195,7 +195,7 @@ def test_fork_and_spawn_workers_open_their_own(s2_item, method):
         np.testing.assert_array_equal(np.array(chip[key]), expected[key])
     # Pickling drops handles too.
     clone = pickle.loads(pickle.dumps(chipper))
-    assert len(clone._datasets._handles()) == 0
+    assert clone._datasets.open_count() == 0
 
 
 def test_mountpath_and_file_urls(s2_item, tmp_path):
