@@ -374,3 +374,23 @@ def test_s3_sources_and_output(scenes: dict[str, Any], all_cubes: dict[str, Any]
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     # skip-existing on S3
     assert prechip.run_job(0, cfg) == []
+
+
+def test_npz_levels_load_like_savez_compressed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    arrays = {
+        "pixels": rng.integers(0, 5000, size=(3, 2, 8, 8)).astype(np.float32),
+        "chipids": np.asarray(["a-0-1", "b-2-3", "c-4-5"], dtype=str),
+        "nodata_mask": rng.random((3, 2, 8, 8)) < 0.2,
+    }
+    sizes = {}
+    for level in (0, 1, 9):
+        data = prechip.cube_bytes(arrays, level)
+        sizes[level] = len(data)
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            assert sorted(npz.files) == sorted(arrays)
+            for name, value in arrays.items():
+                np.testing.assert_array_equal(npz[name], value)
+    assert sizes[0] > sizes[1] >= sizes[9]
+    with pytest.raises(ConfigError):
+        prechip.cube_bytes(arrays, 10)

@@ -54,6 +54,7 @@ import logging
 import math
 import multiprocessing
 import os
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -93,11 +94,14 @@ CUBESIZE = 128
 DEFAULT_SEED = 42
 #: Largest nodata fraction of a chip by default.
 DEFAULT_MAX_NODATA = 0.05
-#: Memory for the pixels of the cubes assembled at once, bytes.
-DEFAULT_BATCH_BYTES = 2 * 1024**3
+#: Memory for the pixels of the cubes assembled at once, bytes (two batches
+#: can be in memory: one compressing while the next is read).
+DEFAULT_BATCH_BYTES = 1024**3
 #: Largest number of chips one worker task reads (one item's chips are split
 #: into tasks of at most this many, in row order).
 TASK_CHIPS = 64
+#: zlib level of the npz members (see :func:`cube_bytes`).
+DEFAULT_COMPRESS_LEVEL = 1
 #: Items whose chipper a worker keeps open.
 CHIPPER_CACHE = 8
 
@@ -261,10 +265,27 @@ class _OpenItem:
                 return float(ds.nodatavals[band])
         return self.spec.default_nodata
 
-    def read(self, x: int, y: int, item_id: str) -> tuple[np.ndarray, np.ndarray]:
-        pixels = self.spec.stack(item_id, self.chipper.chip(x, y), self.keys)
+    def _stack(self, chip: dict[str, np.ndarray], item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.spec.stack(item_id, chip, self.keys)
         mask = np.stack([is_nodata(pixels[i], nd) for i, nd in enumerate(self.nodata)])
         return pixels, mask
+
+    def read(self, x: int, y: int, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels and nodata mask of one chip."""
+        return self._stack(self.chipper.chip(x, y), item_id)
+
+    def read_many(
+        self, xs: Sequence[int], ys: Sequence[int], item_id: str
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Pixels and masks of many chips in the order given (read ahead in parallel
+        when the chipper offers ``chips``)."""
+        many = getattr(self.chipper, "chips", None)
+        if many is None:
+            for x, y in zip(xs, ys):
+                yield self.read(x, y, item_id)
+            return
+        for _, _, chip in many(zip(xs, ys)):
+            yield self._stack(chip, item_id)
 
     def close(self) -> None:
         self.chipper.close()
@@ -299,8 +320,7 @@ def read_task(task: ReadTask) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
     opened = _open_item(task)
     pixels = []
     masks = []
-    for x, y in zip(task.xs, task.ys):
-        p, m = opened.read(x, y, task.item_id)
+    for p, m in opened.read_many(task.xs, task.ys, task.item_id):
         pixels.append(p)
         masks.append(m)
     return task.slots, np.stack(pixels), np.stack(masks)
@@ -337,6 +357,16 @@ def plan_reads(
     return tasks
 
 
+class _Done:
+    """A finished result with the ``AsyncResult.get`` interface."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.value
+
+
 class ChipReader:
     """Runs :class:`ReadTask` s inline or over a process pool (kept for the reader's life)."""
 
@@ -356,6 +386,12 @@ class ChipReader:
             self._pool.join()
             self._pool = None
         close_open_items()
+
+    def submit(self, func: Any, *args: Any) -> Any:
+        """Run ``func(*args)`` in the pool (an ``AsyncResult``) or inline (a finished stand-in)."""
+        if self._pool is not None:
+            return self._pool.apply_async(func, args)
+        return _Done(func(*args))
 
     def run(self, tasks: Sequence[ReadTask], desc: str = "chips") -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
         """Results of ``tasks`` as they finish, with a progress bar counting chips."""
@@ -395,6 +431,7 @@ class PrechipConfig:
     mountpath: str | None = None
     batch_bytes: int = DEFAULT_BATCH_BYTES
     dry_run: bool = False
+    compress_level: int = DEFAULT_COMPRESS_LEVEL
 
 
 @dataclass
@@ -472,11 +509,29 @@ def cube_arrays(rows: pa.Table, pixels: np.ndarray, mask: np.ndarray, bands: Seq
     }
 
 
-def cube_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """``savez_compressed`` bytes of a cube (loadable with ``allow_pickle=False``)."""
+def cube_bytes(arrays: dict[str, np.ndarray], level: int = DEFAULT_COMPRESS_LEVEL) -> bytes:
+    """npz bytes of a cube, each array a DEFLATE-compressed ``.npy`` member.
+
+    The same format as ``np.savez_compressed`` (``np.load`` reads it, with
+    ``allow_pickle=False``), at zlib level ``level`` (0 = stored, 1 fastest,
+    9 smallest; numpy's default is 6, about 6x slower than 1 on chip pixels
+    for ~15 % smaller files).
+    """
+    if not 0 <= level <= 9:
+        raise ConfigError(f"compression level must be 0..9, got {level}")
     sink = io.BytesIO()
-    np.savez_compressed(sink, **arrays)
+    method = zipfile.ZIP_STORED if level == 0 else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(sink, "w", compression=method, compresslevel=level or None, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return sink.getvalue()
+
+
+def write_cube(url: str, arrays: dict[str, np.ndarray], level: int = DEFAULT_COMPRESS_LEVEL) -> str:
+    """Compress and write one cube whole (atomic); returns ``url``."""
+    storage.write_bytes(url, cube_bytes(arrays, level))
+    return url
 
 
 def make_cubes(
@@ -511,7 +566,15 @@ def make_cubes(
             print(f"would write cube {k} ({len(cube_members(selection, k, config.cube_size))} chips) "
                   f"to {cube_url(config.output, platform, k)}")
         return []
-    written = []
+    written: list[str] = []
+    pending: list[Any] = []  # writes of the previous batch, compressing in the pool
+
+    def finish(results: list[Any]) -> None:
+        for result in results:
+            url = result.get()
+            logger.info("wrote %s", url)
+            written.append(url)
+
     with ChipReader(workers) as reader:
         for start in range(0, len(todo), per_batch):
             batch = todo[start:start + per_batch]
@@ -525,6 +588,8 @@ def make_cubes(
                 idx = np.asarray(slots)
                 pixels[idx] = p
                 mask[idx] = m
+            finish(pending)  # at most two batches in memory
+            pending = []
             offset = 0
             for k, member in zip(batch, members):
                 n = len(member)
@@ -532,10 +597,9 @@ def make_cubes(
                     rows.slice(offset, n), pixels[offset:offset + n], mask[offset:offset + n], spec.band_order
                 )
                 url = cube_url(config.output, platform, k)
-                storage.write_bytes(url, cube_bytes(arrays))
-                logger.info("wrote cube %d (%d chips) to %s", k, n, url)
-                written.append(url)
+                pending.append(reader.submit(write_cube, url, arrays, config.compress_level))
                 offset += n
+        finish(pending)
     return written
 
 
@@ -592,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None, help="rewrite cubes that exist")
     p.add_argument("--partial", action="store_true", default=None,
                    help="also write the last, incomplete cube (env STACCHIP_PARTIAL_CUBES)")
+    p.add_argument("--compress-level", type=int, help="zlib level of the npz, 0-9 (env STACCHIP_COMPRESS_LEVEL, "
+                   f"default {DEFAULT_COMPRESS_LEVEL})")
     p.add_argument("--all", action="store_true", help="run every job of the array locally")
     jobs.add_job_arguments(p)
     return p
@@ -617,7 +683,16 @@ def config_from_args(args: argparse.Namespace) -> PrechipConfig:
         partial=jobs.env_bool(args.partial, "STACCHIP_PARTIAL_CUBES", False),
         mountpath=jobs.env_str(args.mountpath, "STACCHIP_MOUNTPATH", None),
         dry_run=jobs.env_bool(args.dry_run, "STACCHIP_DRY_RUN", False),
+        compress_level=_level(jobs.env_int(args.compress_level, "STACCHIP_COMPRESS_LEVEL", DEFAULT_COMPRESS_LEVEL,
+                                           flag="--compress-level", minimum=0)),
     )
+
+
+def _level(value: int | None) -> int:
+    level = DEFAULT_COMPRESS_LEVEL if value is None else int(value)
+    if level > 9:
+        raise ConfigError(f"compression level must be 0..9, got {level}")
+    return level
 
 
 def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
