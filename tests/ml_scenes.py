@@ -82,6 +82,19 @@ def s2_item(tile: str, when: dt.datetime, shift_x: float = 0.0, label: bool = Tr
         lab["raster:bands"] = [{"data_type": "uint8", "spatial_resolution": 20}]
         item["assets"]["label"] = lab
     if shift_x:
+        import pyproj
+        import shapely
+
+        to_utm = pyproj.Transformer.from_crs("EPSG:4326", "EPSG:32720", always_xy=True)
+        to_ll = pyproj.Transformer.from_crs("EPSG:32720", "EPSG:4326", always_xy=True)
+
+        def move(xy: np.ndarray) -> np.ndarray:
+            x, y = to_utm.transform(xy[:, 0], xy[:, 1])
+            return np.column_stack(to_ll.transform(np.asarray(x) + shift_x, y))
+
+        footprint = shapely.transform(shapely.geometry.shape(item["geometry"]), move)
+        item["geometry"] = shapely.geometry.mapping(footprint)
+        item["bbox"] = list(footprint.bounds)
         for asset in item["assets"].values():
             t = list(asset["proj:transform"])
             t[2] += shift_x

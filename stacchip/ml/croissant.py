@@ -518,9 +518,12 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cubes", action="append", default=[], help="directory of exported .npz cubes (repeatable)")
     p.add_argument("--validate", action="store_true", help="validate the result with mlcroissant")
     for name, many in RAI_FIELDS.items():
+        flags = [_flag(name)]
+        if name == "dataDataManipulationProtocol":  # mlcroissant's spelling; offer the plain one too
+            flags.append("--rai-data-manipulation-protocol")
         p.add_argument(
-            _flag(name), dest=f"rai_{name}", action="append" if many else "store", default=None,
-            help=f"rai:{name}" + (" (repeatable)" if many else ""),
+            *flags, dest=f"rai_{name}", action="append" if many else "store", default=None,
+            metavar="TEXT", help=f"rai:{name}" + (" (repeatable)" if many else ""),
         )
     p.set_defaults(func=run_cli)
     return p

@@ -121,10 +121,11 @@ def render_quicklook(
     )
     collection.set_clim(0.0, 1.0)
     ax.add_collection(collection)
-    for outline in scene_outlines(table, items):
+    outlines = scene_outlines(table, items)
+    for outline in outlines:
         for ring in _rings(outline):
             ax.plot(ring[:, 0], ring[:, 1], color="black", linewidth=1.0)
-    minx, miny, maxx, maxy = shapely.total_bounds(geoms)
+    minx, miny, maxx, maxy = shapely.total_bounds(np.concatenate([geoms, np.asarray(outlines, dtype=object)]))
     padx = (maxx - minx) * 0.05 or 0.01
     pady = (maxy - miny) * 0.05 or 0.01
     ax.set_xlim(minx - padx, maxx + padx)
