@@ -258,3 +258,40 @@ def test_ml_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.services
+def test_s3_data_root_and_index(scene, table, s3_bucket):
+    """Items, COGs and index files in a bucket laid out as the processors write it."""
+    from stacchip import storage
+
+    bucket = f"s3://{s3_bucket}"
+    for item_id, item in scene.items.items():
+        remote = json.loads(json.dumps(item))
+        for key, asset in remote["assets"].items():
+            url = f"{bucket}/{scene.platform}/{item_id}/{Path(asset['href']).name}"
+            storage.write_bytes(url, Path(asset["href"]).read_bytes())
+            asset["href"] = url
+        storage.write_bytes(f"{bucket}/{scene.platform}/{item_id}/stac_item.json", json.dumps(remote).encode())
+    for path in scene.index_files:
+        rel = Path(path).relative_to(scene.index_dir).as_posix()
+        storage.write_bytes(f"{bucket}/index/{rel}", Path(path).read_bytes())
+    remote_ds = ChipDataset(f"{bucket}/index/", root=bucket, assets=["red", "swir16"], label_asset="label")
+    local_ds = ChipDataset(table, root=scene.root, assets=["red", "swir16"], label_asset="label")
+    assert len(remote_ds) == len(local_ds)
+    for k in (0, len(remote_ds) // 3, len(remote_ds) - 1):
+        j = int(local_ds.rows_of([remote_ds.chipid[k]])[0])
+        got, want = remote_ds[k], local_ds[j]
+        np.testing.assert_array_equal(got["pixels"], want["pixels"])
+        np.testing.assert_array_equal(got["target"], want["target"])
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(remote_ds, batch_sampler=ItemBlockBatchSampler(remote_ds, 8, seed=0), num_workers=2,
+                        multiprocessing_context="fork")
+    batches = list(loader)
+    assert sum(len(b["chipid"]) for b in batches) == len(remote_ds)
+    first = batches[0]
+    k = int(remote_ds.rows_of([first["chipid"][0]])[0])
+    assert isinstance(first["pixels"], torch.Tensor)
+    np.testing.assert_array_equal(first["pixels"][0].numpy(), remote_ds[k]["pixels"])
