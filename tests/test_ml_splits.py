@@ -18,7 +18,9 @@ import shapely
 from stacchip.errors import ConfigError, IndexFileError
 from stacchip.index import index_table, read_index, write_index
 from stacchip.ml.dataset import ChipDataset
-from stacchip.ml.splits import assign_splits, block_ids, format_report, split_report, tile_of
+from stacchip.ml.splits import (
+    assign_splits, block_ids, format_report, label_class_report, split_report, tile_of,
+)
 from tests.ml_scenes import build_scene
 
 
@@ -174,3 +176,23 @@ def test_bad_arguments_are_named():
         assign_splits(table, by="country")
     with pytest.raises(ConfigError, match="fractions"):
         assign_splits(table, fractions={"train": -1.0})
+
+
+def test_label_class_report_counts_every_target_pixel(scene):
+    table = assign_splits(read_index(scene.index_dir), block_size=30_000.0, seed=0)
+    ds = ChipDataset(table, root=scene.root, assets=["red"], label_asset="label")
+    report = label_class_report(ds)
+    chips = {name: e["chips"] for name, e in split_report(table).items()}
+    assert set(report) == set(chips)
+    for name, entry in report.items():
+        assert entry["pixels"] == chips[name] * 60 * 60
+        assert sum(c["pixels"] for c in entry["classes"].values()) == entry["pixels"]
+        assert sum(c["fraction"] for c in entry["classes"].values()) == pytest.approx(1.0)
+    # brute force on one split
+    name = sorted(report)[0]
+    rows = [i for i in range(len(ds)) if ds.split[i] == name]
+    values = np.concatenate([ds[i]["target"].ravel() for i in rows])
+    for cls, c in report[name]["classes"].items():
+        assert c["pixels"] == int((values == int(cls)).sum())
+    with pytest.raises(ConfigError, match="label"):
+        label_class_report(ChipDataset(table, root=scene.root, assets=["red"]))

@@ -19,6 +19,7 @@ _EXPORTS = {
     "ItemBlockBatchSampler": "stacchip.ml.samplers",
     "assign_splits": "stacchip.ml.splits",
     "split_report": "stacchip.ml.splits",
+    "label_class_report": "stacchip.ml.splits",
     "format_report": "stacchip.ml.splits",
     "TimeStack": "stacchip.ml.stacks",
     "TimeStackDataset": "stacchip.ml.stacks",

@@ -268,3 +268,42 @@ def split_counts(table: pa.Table) -> dict[str, int]:
     """Chips per split value (``None`` counted as ``"none"``)."""
     counts = pc.value_counts(table.column("split")).to_pylist()
     return {("none" if c["values"] is None else c["values"]): int(c["counts"]) for c in counts}
+
+
+def label_class_report(dataset: Any, classes: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Pixel class balance of the label targets per split.
+
+    ``dataset`` is a :class:`~stacchip.ml.dataset.ChipDataset` over an index
+    with a ``split`` column and with labels (``label_asset`` or
+    ``label_raster``); every chip's target is read once. Returns
+    ``{split: {"pixels": n, "classes": {class: {"pixels", "fraction"}}}}``;
+    ``classes`` restricts the listed classes (others are still counted in
+    ``pixels``).
+    """
+    from tqdm import tqdm
+
+    if getattr(dataset, "split", None) is None:
+        raise IndexFileError("the dataset's index has no 'split' column; run assign_splits first")
+    if dataset.label_asset is None and dataset.label_raster is None:
+        raise ConfigError("label_class_report needs a dataset with label_asset or label_raster")
+    counts: dict[str, dict[int, int]] = {}
+    totals: dict[str, int] = {}
+    for i in tqdm(range(len(dataset)), desc="label classes", unit="chip", leave=False):
+        name = "none" if dataset.split[i] is None else str(dataset.split[i])
+        target = np.asarray(dataset.read_target(i))
+        values, n = np.unique(target, return_counts=True)
+        bucket = counts.setdefault(name, {})
+        for v, c in zip(values.tolist(), n.tolist()):
+            bucket[int(v)] = bucket.get(int(v), 0) + int(c)
+        totals[name] = totals.get(name, 0) + int(target.size)
+    report: dict[str, dict[str, Any]] = {}
+    for name in sorted(counts):
+        keep = sorted(counts[name]) if classes is None else [int(c) for c in classes]
+        report[name] = {
+            "pixels": totals[name],
+            "classes": {
+                str(c): {"pixels": counts[name].get(c, 0), "fraction": counts[name].get(c, 0) / totals[name]}
+                for c in keep
+            },
+        }
+    return report
