@@ -24,7 +24,7 @@ from stacchip.ml.items import ItemSource
 from stacchip.ml.labels import LabelRaster
 from stacchip.ml.samplers import ItemBlockBatchSampler
 from tests.builders import write_cog
-from tests.ml_scenes import CHIP_SIZE, LABEL_CLASSES, build_scene, label_pixels
+from tests.ml_scenes import CHIP_SIZE, LABEL_CLASSES, build_scene
 
 RGBN = ["red", "green", "blue", "nir", "swir16"]
 
@@ -295,3 +295,28 @@ def test_s3_data_root_and_index(scene, table, s3_bucket):
     k = int(remote_ds.rows_of([first["chipid"][0]])[0])
     assert isinstance(first["pixels"], torch.Tensor)
     np.testing.assert_array_equal(first["pixels"][0].numpy(), remote_ds[k]["pixels"])
+
+
+def test_band_selection_of_a_multiband_asset(tmp_path):
+    """NAIP: one 4-band asset; keep three bands and normalise them with per-band statistics."""
+    from stacchip.indexer import NoStatsChipIndexer
+    from tests.builders import materialize, real_item
+
+    item = materialize(real_item("naip"), tmp_path / "naip", factor=100)
+    indexer = NoStatsChipIndexer(item, chip_size=32)
+    table = indexer.create_index()
+    assert table.num_rows == indexer.size > 1
+    key = next(iter(item["assets"]))
+    ds = ChipDataset(table, items={item["id"]: item}, bands={key: [2, 0, 1]})
+    assert ds.channel_names() == [f"{key}:2", f"{key}:0", f"{key}:1"]
+    row = table.to_pylist()[1]
+    chip = Chipper(NoStatsChipIndexer(item, chip_size=32)).chip(row["chip_index_x"], row["chip_index_y"])[key]
+    np.testing.assert_array_equal(ds[1]["pixels"], chip[[2, 0, 1]].astype(np.float32))
+    stats = {key: {"mean": [10.0, 20.0, 30.0, 40.0], "std": [1.0, 2.0, 3.0, 4.0]}}
+    normed = ChipDataset(table, items={item["id"]: item}, bands={key: [2, 0, 1]}, normalize=stats)[1]["pixels"]
+    mean = np.array([30.0, 10.0, 20.0])[:, None, None]
+    std = np.array([3.0, 1.0, 2.0])[:, None, None]
+    np.testing.assert_allclose(normed, (chip[[2, 0, 1]] - mean) / std, rtol=1e-5)
+    bad = {key: {"mean": [1.0, 2.0], "std": [1.0, 2.0]}}
+    with pytest.raises(ConfigError, match="statistics values"):
+        ChipDataset(table, items={item["id"]: item}, bands={key: [2, 0, 1]}, normalize=bad)[0]

@@ -355,27 +355,38 @@ class ChipDataset:
                 if key not in stats:
                     raise ConfigError(f"normalize: no statistics for asset {key!r}")
                 entry = stats[key]
-                n = self._asset_channels(chipper, key)
-                m = np.broadcast_to(np.asarray(entry["mean"], dtype=np.float64), (n,))
-                s = np.broadcast_to(np.asarray(entry["std"], dtype=np.float64), (n,))
-                if key in self.bands and np.ndim(entry["mean"]) and len(entry["mean"]) != len(self.bands[key]):
-                    m, s = m[self.bands[key]], s[self.bands[key]]
-                means.extend(m.tolist())
-                stds.extend(s.tolist())
+                if not isinstance(entry, Mapping) or "mean" not in entry or "std" not in entry:
+                    raise ConfigError(f"normalize: statistics of asset {key!r} need 'mean' and 'std'")
+                picked = []
+                for value in (entry["mean"], entry["std"]):
+                    arr = np.atleast_1d(np.asarray(value, dtype=np.float64))
+                    if key in self.bands and len(arr) == self._asset_channels(chipper, key, all_bands=True) > 1:
+                        arr = arr[self.bands[key]]
+                    n = self._asset_channels(chipper, key)
+                    if len(arr) not in (1, n):
+                        raise ConfigError(
+                            f"normalize: asset {key!r} has {n} channel(s) but {len(arr)} statistics values"
+                        )
+                    picked.append(np.broadcast_to(arr, (n,)))
+                means.extend(picked[0].tolist())
+                stds.extend(picked[1].tolist())
             mean, std = means, stds
         else:
             raise ConfigError(
                 "normalize must be {'mean': [...], 'std': [...]}, {asset: {'mean', 'std'}}, "
                 "a (mean, std) pair or a JSON file of one of these"
             )
-        mean_a = np.broadcast_to(np.asarray(mean, dtype=np.float64), (channels,))
-        std_a = np.broadcast_to(np.asarray(std, dtype=np.float64), (channels,))
+        try:
+            mean_a = np.broadcast_to(np.asarray(mean, dtype=np.float64), (channels,))
+            std_a = np.broadcast_to(np.asarray(std, dtype=np.float64), (channels,))
+        except ValueError as exc:
+            raise ConfigError(f"normalize: statistics do not fit {channels} channels: {exc}") from exc
         if np.any(std_a == 0):
             raise ConfigError("normalize: a standard deviation is 0")
         return mean_a, std_a
 
-    def _asset_channels(self, chipper: Chipper, key: str) -> int:
-        if key in self.bands:
+    def _asset_channels(self, chipper: Chipper, key: str, all_bands: bool = False) -> int:
+        if key in self.bands and not all_bands:
             return len(self.bands[key])
         asset = chipper.indexer.item.assets[key]
         return len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
