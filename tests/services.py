@@ -18,8 +18,11 @@ Fixtures
 ``stac_api`` (session)
     PostgreSQL + PostGIS in a temporary data directory, the pgstac schema
     (``pypgstac migrate``) and stac-fastapi-pgstac served by uvicorn on
-    ``127.0.0.1``. Yields :class:`StacApi` (``.url``, ``.dsn``,
-    ``.load_collection(dict)``, ``.load_items(list[dict])``).
+    ``127.0.0.1``. Yields :class:`StacApi` (``.url``, ``.dsn``, ``.conforms_to``,
+    ``.load_collection(dict)``, ``.load_items(list[dict])`` (pypgstac load, upsert),
+    ``.load_queryables(props, collection_ids)``, ``.delete_collection(id)``,
+    ``StacApi.make_collection(id, items)``). :data:`DEFAULT_QUERYABLES` are loaded
+    at start so ``sortby`` on ``eo:cloud_cover`` is numeric, as on public APIs.
 
 A service that cannot be started (program not installed, start failed) fails
 the test when ``CI=true`` is set and skips it with the reason otherwise; see
