@@ -290,6 +290,9 @@ def test_existing_cubes_are_skipped(scenes: dict[str, Any], tmp_path: Path) -> N
     assert load_cube(first[1])["pixels"].shape[0] == 8
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
     assert leftovers == []
+    dry = config(scenes, tmp_path / "dry", dry_run=True)
+    assert prechip.run_job(0, dry) == []
+    assert not (tmp_path / "dry").exists()
 
 
 def test_cli_array_job_from_environment(scenes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

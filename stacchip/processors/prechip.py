@@ -563,8 +563,8 @@ def make_cubes(
     per_batch = max(1, int(config.batch_bytes // max(per_cube, 1)))
     if config.dry_run:
         for k in todo:
-            print(f"would write cube {k} ({len(cube_members(selection, k, config.cube_size))} chips) "
-                  f"to {cube_url(config.output, platform, k)}")
+            logger.info("dry run: would write cube %d (%d chips) to %s", k,
+                        len(cube_members(selection, k, config.cube_size)), cube_url(config.output, platform, k))
         return []
     written: list[str] = []
     pending: list[Any] = []  # writes of the previous batch, compressing in the pool
