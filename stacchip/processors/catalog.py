@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pystac
 import pystac_client
+import requests
+from pystac_client.exceptions import APIError
 from pystac_client.conformance import ConformanceClasses
 
 from stacchip.errors import ConfigError
@@ -162,6 +164,14 @@ def wants_signing(api_url: str, mode: str = "auto") -> bool:
 # --- the catalog -------------------------------------------------------------------------------
 
 
+class _Rejected(Exception):
+    """The API refused the request (HTTP 4xx)."""
+
+
+class _Transient(ConnectionError):
+    """A search failure worth retrying (5xx, 429, dropped connection)."""
+
+
 class Catalog:
     """A STAC API, opened once per process, with its conformance looked up once."""
 
@@ -185,6 +195,27 @@ class Catalog:
         except Exception:  # noqa: BLE001 - an API without conformance info conforms to nothing
             return False
 
+    def _fetch(self, params: dict[str, Any]) -> list[pystac.Item]:
+        from stacchip import storage
+
+        def once() -> list[pystac.Item]:
+            try:
+                return list(self.client.search(**params).items())
+            except APIError as exc:
+                status = getattr(exc, "status_code", None)
+                if status is not None and 400 <= int(status) < 500 and int(status) != 429:
+                    raise _Rejected(f"HTTP {status}: {str(exc)[:300]}") from exc
+                raise _Transient(f"STAC search on {self.url} failed: {exc}") from exc
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise _Transient(f"STAC search on {self.url} failed: {exc}") from exc
+
+        try:
+            return storage.retry(once, what=f"STAC search on {self.url}")
+        except _Rejected:
+            raise
+        except _Transient as exc:
+            raise RuntimeError(f"STAC search on {self.url} failed ({params}): {exc.__cause__}") from exc
+
     def search(
         self,
         collections: Sequence[str],
@@ -206,16 +237,16 @@ class Catalog:
         if intersects is not None:
             params["intersects"] = intersects
         pushed_rules = not rules
-        if rules and self.can_query:
+        if rules and self.can_filter:
+            args = [rule.cql2() for rule in rules]
+            params["filter"] = args[0] if len(args) == 1 else {"op": "and", "args": args}
+            params["filter_lang"] = "cql2-json"
+            pushed_rules = True
+        elif rules and self.can_query:
             query: dict[str, dict[str, Any]] = {}
             for rule in rules:
                 query.setdefault(rule.field, {})[rule.op] = list(rule.value) if rule.op == "in" else rule.value
             params["query"] = query
-            pushed_rules = True
-        elif rules and self.can_filter:
-            args = [rule.cql2() for rule in rules]
-            params["filter"] = args[0] if len(args) == 1 else {"op": "and", "args": args}
-            params["filter_lang"] = "cql2-json"
             pushed_rules = True
         pushed_sort = not sort
         if sort and self.can_sort:
@@ -225,9 +256,15 @@ class Catalog:
         params["max_items"] = limit if (complete and limit) else MAX_FETCH
         params["limit"] = min(params["max_items"], 100)
         try:
-            found = list(self.client.search(**params).items())
-        except Exception as exc:  # noqa: BLE001 - network and API errors surface per search
-            raise RuntimeError(f"STAC search on {self.url} failed ({params}): {exc}") from exc
+            found = self._fetch(params)
+        except _Rejected as exc:
+            # The API declared the extension but refused this use of it (e.g. an operator
+            # it does not implement): ask without it and apply the rule here instead.
+            logger.warning("STAC API %s refused %s; applying rules and sort client-side", self.url, exc)
+            for key in ("query", "filter", "filter_lang", "sortby"):
+                params.pop(key, None)
+            params["max_items"] = MAX_FETCH
+            found = self._fetch(params)
         items = apply(found, rules, sort)
         if limit is not None:
             items = items[:limit]

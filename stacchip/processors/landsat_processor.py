@@ -75,6 +75,8 @@ class LandsatProcessor(Processor):
             "--platforms", default=None,
             help="values of the 'platform' property to accept (env STACCHIP_PLATFORMS; default LANDSAT_8,LANDSAT_9)",
         )
+        parser.add_argument("--collection-l1", default=None, help=f"Level-1 STAC collection (env STACCHIP_COLLECTION_L1; default {PLATFORM_NAME_L1})")
+        parser.add_argument("--collection-l2", default=None, help=f"Level-2 STAC collection (env STACCHIP_COLLECTION_L2; default {PLATFORM_NAME_L2})")
 
     @classmethod
     def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
@@ -84,6 +86,10 @@ class LandsatProcessor(Processor):
         if not levels:
             raise ConfigError("--levels is empty; use l1, l2 or l1,l2")
         settings["levels"] = levels
+        settings["collections"] = {
+            "l1": jobs.env_str(args.collection_l1, "STACCHIP_COLLECTION_L1", PLATFORM_NAME_L1),
+            "l2": jobs.env_str(args.collection_l2, "STACCHIP_COLLECTION_L2", PLATFORM_NAME_L2),
+        }
         settings["platforms"] = jobs.env_list(args.platforms, "STACCHIP_PLATFORMS", LANDSAT_PLATFORMS, flag="--platforms")
         needed = settings["n_years"] * len(levels)
         if needed > len(set(settings["years"])):
@@ -107,7 +113,7 @@ class LandsatProcessor(Processor):
             logger.info("task %d: %s years %s", index, platform, years)
             for period in periods(years, s["seasons"]):
                 items = self.catalog.search(
-                    [platform],
+                    [s["collections"][level]],
                     datetime=period.interval,
                     intersects=centroid,
                     rules=[
