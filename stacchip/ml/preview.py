@@ -90,9 +90,7 @@ def render_quicklook(
     ``size`` is ``(width, height)`` in pixels. Above ``max_chips`` chips a
     deterministic sample is drawn (the title says so).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # Figure + Agg canvas directly: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
