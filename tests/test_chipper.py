@@ -300,6 +300,32 @@ def test_s3_hrefs(s2_item, s3_bucket):
         url = f"s3://{s3_bucket}/sentinel-2-l2a/{item.id}/{os.path.basename(src)}"
         storage.write_bytes(url, open(src, "rb").read())
         item.assets[key].href = url
-    got = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16", "coastal"]).chip(3, 2)
+    remote = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16", "coastal"])
+    assert remote.threads > 1  # remote hrefs get parallel lanes by default
+    got = remote.chip(3, 2)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+    plain = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16", "coastal"], threads=1)
+    for x, y, chip in remote.chips([(0, 0), (3, 2), (4, 1)]):
+        for key, value in plain.chip(x, y).items():
+            np.testing.assert_array_equal(chip[key], value)
+    remote.close()
+
+
+def test_fast_paths_return_the_plain_pixels(s2_item):
+    """Batch reads, lane threads and the plain single-thread path agree exactly."""
+    item = pystac.Item.from_dict(s2_item)
+    assets = ["red", "swir16", "coastal", "scl"]
+    plain = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=assets, threads=1)
+    threaded = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=assets, threads=4)
+    positions = [(4, 4), (0, 0), (2, 3), (2, 3), (1, 0), (3, 1)]
+    batch = list(threaded.chips(positions, prefetch=3))
+    assert [(x, y) for x, y, _ in batch] == positions
+    for (x, y), (_, _, chip) in zip(positions, batch):
+        want = plain.chip(x, y)
+        got = threaded.chip(x, y)
+        for key in assets:
+            np.testing.assert_array_equal(chip[key], want[key])
+            np.testing.assert_array_equal(got[key], want[key])
+    threaded.close()
+    plain.close()
