@@ -81,6 +81,8 @@ def test_items_from_index_metadata_and_mapping(scene, table):
     j = int(by_map.rows_of([by_meta.chipid[k]])[0])
     np.testing.assert_array_equal(by_meta[k]["pixels"], by_map[j]["pixels"])
     np.testing.assert_array_equal(by_paths[j]["pixels"], by_map[j]["pixels"])
+    by_source = ChipDataset(table, items=ItemSource(root=scene.root), assets=["red"])
+    np.testing.assert_array_equal(by_source[j]["pixels"], by_map[j]["pixels"])
 
 
 def test_bands_channel_names_and_default_assets(scene, table):

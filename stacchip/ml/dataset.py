@@ -141,7 +141,8 @@ class ChipDataset:
     ``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``,
     ``split``) select rows.
 
-    Items come from ``items`` (mapping ``item_id -> item/dict/path``), ``root``
+    Items come from ``items`` (an :class:`ItemSource`, or a mapping
+    ``item_id -> item/dict/path``), ``root``
     (``{root}/{platform}/{item_id}/stac_item.json``) or, for index files written
     by ``stacchip index``, the ``item_href`` in their metadata. ``mountpath``
     re-roots asset hrefs (as in :class:`Chipper`).
@@ -196,7 +197,10 @@ class ChipDataset:
             if isinstance(index, (pa.Table, pads.Dataset)):
                 raise ConfigError("ChipDataset over a table needs root= or items= to find STAC items")
             hrefs = hrefs_from_index(index_files(index))
-        self.items = ItemSource(root=root, items=items, hrefs=hrefs)
+        if isinstance(items, ItemSource):
+            self.items = items
+        else:
+            self.items = ItemSource(root=root, items=items, hrefs=hrefs)
         self.assets = list(assets) if assets is not None else None
         self.bands = {k: [int(b) for b in v] for k, v in (bands or {}).items()}
         if self.assets is not None:
