@@ -25,9 +25,20 @@ BOUNDARY_TOLERANCE = 1e-9
 LONLAT = pyproj.CRS.from_user_input("OGC:CRS84")
 
 
-def chip_counts(shape: tuple[int, int], chip_size: int) -> tuple[int, int]:
-    """Number of whole chips ``(x_size, y_size)`` in a ``(rows, cols)`` grid."""
-    return int(shape[1]) // int(chip_size), int(shape[0]) // int(chip_size)
+EDGE_RULES = ("drop", "keep")
+
+
+def chip_counts(shape: tuple[int, int], chip_size: int, edge: str = "drop") -> tuple[int, int]:
+    """Number of chips ``(x_size, y_size)`` in a ``(rows, cols)`` grid.
+
+    ``edge="drop"`` (upstream's rule) counts whole chips only; ``edge="keep"``
+    also counts the partial chips at the right and bottom edges (their pixels
+    beyond the grid are nodata).
+    """
+    rows, cols, size = int(shape[0]), int(shape[1]), int(chip_size)
+    if edge == "keep":
+        return -(-cols // size), -(-rows // size)
+    return cols // size, rows // size
 
 
 def chip_positions(x_size: int, y_size: int) -> tuple[np.ndarray, np.ndarray]:

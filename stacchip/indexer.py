@@ -85,8 +85,11 @@ class ChipIndexer:
     ``chip_size`` is in pixels of the finest grid; ``chip_max_nodata`` is the
     largest nodata fraction (0-1) a chip may have to be kept (0 keeps only chips
     with no nodata at all); ``shape`` overrides the ``(rows, cols)`` shape.
-    Subclasses provide statistics through :meth:`compute_stats` (all chips at
-    once) or, as upstream subclasses did, :meth:`get_stats` (one chip).
+    ``edge="keep"`` also indexes the partial chips at the right and bottom
+    edges, whose pixels beyond the grid count as nodata (default ``"drop"``,
+    upstream's rule). Subclasses provide statistics through
+    :meth:`compute_stats` (all chips at once) or, as upstream subclasses did,
+    :meth:`get_stats` (one chip).
     """
 
     def __init__(
@@ -97,8 +100,12 @@ class ChipIndexer:
         shape: Sequence[int] | None = None,
         *,
         platform: str | None = None,
+        edge: str = "drop",
     ) -> None:
         self.item = as_item(item)
+        if edge not in gridmath.EDGE_RULES:
+            raise ConfigError(f"edge must be one of {gridmath.EDGE_RULES}, got {edge!r}")
+        self.edge = edge
         if isinstance(chip_size, bool) or not isinstance(chip_size, (int, np.integer)) or chip_size <= 0:
             raise ConfigError(f"item {self.item.id!r}: chip_size must be a positive integer, got {chip_size!r}")
         try:
@@ -138,13 +145,13 @@ class ChipIndexer:
 
     @property
     def x_size(self) -> int:
-        """Number of whole chips in x."""
-        return gridmath.chip_counts(self.grid.shape, self.chip_size)[0]
+        """Number of chips in x (whole chips only unless ``edge="keep"``)."""
+        return gridmath.chip_counts(self.grid.shape, self.chip_size, self.edge)[0]
 
     @property
     def y_size(self) -> int:
-        """Number of whole chips in y."""
-        return gridmath.chip_counts(self.grid.shape, self.chip_size)[1]
+        """Number of chips in y (whole chips only unless ``edge="keep"``)."""
+        return gridmath.chip_counts(self.grid.shape, self.chip_size, self.edge)[1]
 
     @property
     def size(self) -> int:
@@ -355,11 +362,18 @@ def _weighted_row_sum(mask: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 class NoStatsChipIndexer(ChipIndexer):
-    """Indexer that assumes no chip has clouds or nodata (NAIP, LINZ)."""
+    """Indexer that assumes no chip has clouds or nodata (NAIP, LINZ).
+
+    With ``edge="keep"`` the part of an edge chip beyond the grid is nodata.
+    """
 
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        zeros = np.zeros((self.y_size, self.x_size))
-        return zeros, zeros.copy()
+        rows, cols = self.grid.shape
+        size = self.chip_size
+        in_y = np.clip(rows - np.arange(self.y_size) * size, 0, size)
+        in_x = np.clip(cols - np.arange(self.x_size) * size, 0, size)
+        nodata = 1.0 - np.outer(in_y, in_x) / float(size * size)
+        return np.zeros((self.y_size, self.x_size)), nodata
 
 
 class NoDataMaskChipIndexer(ChipIndexer):
@@ -379,8 +393,9 @@ class NoDataMaskChipIndexer(ChipIndexer):
         shape: Sequence[int] | None = None,
         *,
         platform: str | None = None,
+        edge: str = "drop",
     ) -> None:
-        super().__init__(item, chip_size, chip_max_nodata, shape, platform=platform)
+        super().__init__(item, chip_size, chip_max_nodata, shape, platform=platform, edge=edge)
         mask = np.asarray(nodata_mask)
         if mask.ndim != 2 or mask.size == 0:
             raise ConfigError(
@@ -438,9 +453,10 @@ class LandsatIndexer(ChipIndexer):
         shape: Sequence[int] | None = None,
         *,
         platform: str | None = None,
+        edge: str = "drop",
         alternate: str | None = None,
     ) -> None:
-        super().__init__(item, chip_size, chip_max_nodata, shape, platform=platform)
+        super().__init__(item, chip_size, chip_max_nodata, shape, platform=platform, edge=edge)
         self.alternate = alternate
 
     def qa_href(self) -> tuple[str, dict[str, str]]:

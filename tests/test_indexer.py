@@ -382,3 +382,26 @@ def test_indexer_accepts_item_dict(tmp_path):
     assert idx.item.id == "synthetic" and idx.size == 4
     assert idx.crs.to_epsg() == 32633
     assert idx.bbox == (500000, 4000000 - 200, 500200, 4000000)
+
+
+def test_edge_rule_keep_counts_partial_chips(tmp_path):
+    scl = np.full((15, 25), 4, dtype=np.uint8)  # fine grid 30 x 50 at 10 m
+    item = _s2_item(tmp_path, scl)
+    drop = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=1)
+    keep = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=1, edge="keep")
+    assert (drop.x_size, drop.y_size) == (2, 1)
+    assert (keep.x_size, keep.y_size) == (3, 2)
+    table = keep.create_index()
+    nodata = np.array(table.column("nodata_percentage").to_pylist()).reshape(2, 3)
+    # Partial chips: the part beyond the 30 x 50 grid is nodata.
+    np.testing.assert_allclose(nodata, [[0, 0, 0.5], [0.5, 0.5, 0.75]], atol=1e-6)
+    nostats = NoStatsChipIndexer(item, chip_size=20, chip_max_nodata=1, edge="keep").create_index()
+    np.testing.assert_allclose(nostats.column("nodata_percentage").to_numpy().reshape(2, 3), nodata, atol=1e-6)
+    assert Sentinel2Indexer(item, chip_size=20, edge="keep").create_index().num_rows == 5  # 0.75 dropped
+    with pytest.raises(ConfigError, match="edge"):
+        Sentinel2Indexer(item, chip_size=20, edge="pad")
+    from stacchip.chipper import Chipper
+
+    chip = Chipper(keep, assets=["scl"]).chip(2, 1)["scl"]
+    assert chip.shape == (1, 20, 20)
+    assert np.all(chip[0, :10, :10] == 4) and np.all(chip[0, 10:, :] == 0) and np.all(chip[0, :, 10:] == 0)
