@@ -225,13 +225,36 @@ def test_sampler_groups_blocks_and_covers_every_row_once(scene, table):
         ItemBlockBatchSampler(ds, batch_size=0)
 
 
+def record_worker_state(sample: dict) -> dict:
+    """Transform run in a DataLoader worker: which process owns the handles it used."""
+    import os
+
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    own = info.dataset
+    pids = {c._datasets._pid for c in own._chippers.values()}
+    sample["worker_pid"] = os.getpid()
+    sample["handles_owned"] = bool(own._pid == os.getpid() and pids == {os.getpid()})
+    return sample
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_dataloader_two_workers(scene, table, context):
+    import os
+
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
-    ds = ChipDataset(table, root=scene.root, assets=["red", "nir"], label_asset="label")
+    ds = ChipDataset(table, root=scene.root, assets=["red", "nir"], label_asset="label",
+                     transform=record_worker_state)
+    plain = ChipDataset(table, root=scene.root, assets=["red", "nir"], label_asset="label")
+    with pytest.raises(AttributeError):  # outside a worker there is no worker info
+        ds[0]
+    ds.transform = None
     ds[0]  # the parent has open handles before the workers start
+    assert len(ds._chippers) == 1
+    ds.transform = record_worker_state
     sampler = ItemBlockBatchSampler(ds, batch_size=6, block=2, seed=3)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, multiprocessing_context=context)
     seen = []
@@ -240,9 +263,12 @@ def test_dataloader_two_workers(scene, table, context):
         assert batch["pixels"].shape == (len(rows), 2, CHIP_SIZE, CHIP_SIZE)
         assert batch["target"].dtype == torch.int64
         assert list(batch["chipid"]) == [ds.chipid[r] for r in rows]
+        assert bool(batch["handles_owned"].all())
+        assert os.getpid() not in batch["worker_pid"].tolist()
         for k in (0, len(rows) - 1):
-            np.testing.assert_array_equal(batch["pixels"][k].numpy(), ds[rows[k]]["pixels"])
-            np.testing.assert_array_equal(batch["target"][k].numpy(), ds[rows[k]]["target"])
+            direct = plain[rows[k]]
+            np.testing.assert_array_equal(batch["pixels"][k].numpy(), direct["pixels"])
+            np.testing.assert_array_equal(batch["target"][k].numpy(), direct["target"])
         assert batch["timestamp"].dtype == torch.int64
         seen.extend(batch["chipid"])
     assert sorted(seen) == sorted(ds.chipid.tolist())
