@@ -37,6 +37,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"chip_size": args.chip_size, "chip_max_nodata": args.max_nodata}
     if args.platform:
         kwargs["platform"] = args.platform
+    if args.edge != "drop":
+        kwargs["edge"] = args.edge
     indexer = cls(item, **kwargs)
     table = indexer.create_index()
     meta = {
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-nodata", type=float, default=0.5,
                    help="drop chips with a larger nodata fraction (0-1, default 0.5)")
     p.add_argument("--platform", default=None, help="platform name stored in the index")
+    p.add_argument("--edge", choices=["drop", "keep"], default="drop",
+                   help="drop (default, upstream) or keep the partial chips at the right/bottom edges")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("chip", help="read one chip of an index into an .npz file")
