@@ -348,3 +348,21 @@ def test_band_selection_of_a_multiband_asset(tmp_path):
     bad = {key: {"mean": [1.0, 2.0], "std": [1.0, 2.0]}}
     with pytest.raises(ConfigError, match="statistics values"):
         ChipDataset(table, items={item["id"]: item}, bands={key: [2, 0, 1]}, normalize=bad)[0]
+
+
+def test_partial_edge_chips_of_an_edge_keep_index(scene):
+    """Indexes made with edge='keep' hold partial chips at the right/bottom edges."""
+    item = scene.items[sorted(scene.items)[-1]]
+    indexer = Sentinel2Indexer(item, chip_size=CHIP_SIZE, chip_max_nodata=1.0, edge="keep")
+    table = indexer.create_index()
+    rows = table.to_pylist()
+    edge_rows = [k for k, r in enumerate(rows) if r["chip_index_x"] == indexer.x_size - 1]
+    assert edge_rows and indexer.grid.shape[1] % CHIP_SIZE != 0
+    ds = ChipDataset(table, items=scene.items, assets=["red"])
+    k = edge_rows[0]
+    pixels = ds[k]["pixels"][0]
+    inside = indexer.grid.shape[1] - (indexer.x_size - 1) * CHIP_SIZE
+    want = Chipper(indexer, assets=["red"]).chip(rows[k]["chip_index_x"], rows[k]["chip_index_y"])["red"][0]
+    np.testing.assert_array_equal(pixels, want)
+    assert np.all(pixels[:, inside:] == 0)  # beyond the grid: the asset's nodata
+    assert np.all(pixels[:, :inside] > 0)

@@ -274,7 +274,9 @@ class ChipDataset:
             self._chippers.move_to_end(key)
             return chipper
         item = self.items.get(platform, item_id)
-        indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform)
+        # edge="keep" accepts every position an index can hold (whole chips and
+        # partial edge chips); pixels beyond the grid read as nodata.
+        indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform, edge="keep")
         chipper = Chipper(indexer, mountpath=self.mountpath, assets=self.assets)
         self._chippers[key] = chipper
         while len(self._chippers) > self.max_open_items:
