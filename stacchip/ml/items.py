@@ -104,12 +104,20 @@ def hrefs_from_index(files: Iterable[str]) -> dict[str, str]:
 
     Files without that metadata are skipped.
     """
-    from stacchip.index import read_metadata
+    import json
+
+    import pyarrow.parquet as pq
+
+    from stacchip.index import STACCHIP_METADATA_KEY, read_metadata
 
     hrefs: dict[str, str] = {}
     for path in files:
         try:
-            meta = read_metadata(path)
+            if storage.is_s3(path):
+                meta = read_metadata(path)
+            else:  # local: read the footer only
+                raw = (pq.read_schema(storage.local_path(path)).metadata or {}).get(STACCHIP_METADATA_KEY)
+                meta = json.loads(raw) if raw else {}
         except (StorageError, OSError, ValueError):
             continue
         if meta.get("item_id") and meta.get("item_href"):
