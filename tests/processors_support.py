@@ -124,6 +124,9 @@ def variant(base: dict[str, Any], item_id: str, collection: str, when: str, **pr
     item["collection"] = collection
     item["links"] = []
     item["properties"]["datetime"] = when
+    for key in ("start_datetime", "end_datetime"):  # pgstac searches these when present
+        if key in item["properties"]:
+            item["properties"][key] = when
     item["properties"].update(props)
     return item
 
