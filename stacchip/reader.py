@@ -68,6 +68,24 @@ def gdal_options() -> dict[str, str]:
 
 _config_lock = threading.Lock()
 
+#: Smallest GDAL block cache stacchip wants, in MB: a block row of 10 bands of
+#: a 10980-px scene (~160 MB) plus room for random reads. GDAL's default is 5 %
+#: of RAM, which is less than this on the small machines batch jobs get.
+MIN_BLOCK_CACHE_MB = 512
+_cache_checked = False
+
+
+def _ensure_block_cache() -> None:
+    global _cache_checked
+    if _cache_checked:
+        return
+    _cache_checked = True
+    if "GDAL_CACHEMAX" in os.environ:
+        return  # the user chose
+    current = get_gdal_config("GDAL_CACHEMAX")  # effective size in bytes
+    if isinstance(current, int) and current < MIN_BLOCK_CACHE_MB * 2**20:
+        set_gdal_config("GDAL_CACHEMAX", MIN_BLOCK_CACHE_MB)
+
 
 def configure_gdal(**extra: str) -> None:
     """Apply :func:`gdal_options` (plus ``extra``) as GDAL configuration, once.
@@ -78,6 +96,7 @@ def configure_gdal(**extra: str) -> None:
     ``rasterio.Env(**options)`` would unset them for every thread on exit while
     other threads still read.
     """
+    _ensure_block_cache()
     wanted = {k: v for k, v in {**gdal_options(), **extra}.items() if k not in os.environ or k in extra}
     if all(get_gdal_config(k, normalize=False) == v for k, v in wanted.items()):
         return

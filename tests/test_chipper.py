@@ -329,3 +329,21 @@ def test_fast_paths_return_the_plain_pixels(s2_item):
             np.testing.assert_array_equal(got[key], want[key])
     threaded.close()
     plain.close()
+
+
+def test_block_order_groups_chips_by_block(tmp_path):
+    data = np.arange(256 * 256, dtype=np.uint16).reshape(1, 256, 256)
+    path = write_cog(tmp_path / "a.tif", data, Affine(FINE, 0, X0, 0, -FINE, Y0), "EPSG:32633", blocksize=64)
+    chipper = Chipper(NoStatsChipIndexer(_item({"a": {"href": str(path)}}, 256, 256), chip_size=32), threads=2)
+    positions = [(x, y) for y in range(8) for x in range(8)]
+    ordered = chipper.block_order(positions)
+    assert sorted(ordered) == sorted(positions)
+    # 64-px blocks hold 2 x 2 chips of 32 px: each group of four shares a block.
+    for i in range(0, 64, 4):
+        assert len({(x // 2, y // 2) for x, y in ordered[i:i + 4]}) == 1
+    got = {(x, y): chip["a"] for x, y, chip in chipper.chips(positions, order="block")}
+    for x, y in positions:
+        np.testing.assert_array_equal(got[(x, y)], data[:, y * 32:(y + 1) * 32, x * 32:(x + 1) * 32])
+    with pytest.raises(ValueError, match="order"):
+        list(chipper.chips(positions, order="random"))
+    chipper.close()
