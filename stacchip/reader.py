@@ -82,8 +82,10 @@ def _ensure_block_cache() -> None:
     _cache_checked = True
     if "GDAL_CACHEMAX" in os.environ:
         return  # the user chose
-    current = get_gdal_config("GDAL_CACHEMAX")  # effective size in bytes
-    if isinstance(current, int) and current < MIN_BLOCK_CACHE_MB * 2**20:
+    current = get_gdal_config("GDAL_CACHEMAX")
+    if not isinstance(current, int) or current < 100_000:
+        return  # set by the user (GDAL reads values below 100000 as MB)
+    if current < MIN_BLOCK_CACHE_MB * 2**20:  # GDAL's default, in bytes
         set_gdal_config("GDAL_CACHEMAX", MIN_BLOCK_CACHE_MB)
 
 
