@@ -267,7 +267,7 @@ def _unique_filenames(plan: dict[str, AssetPlan]) -> dict[str, str]:
 
 _S3_HOSTS = (
     # virtual-hosted style: bucket.s3.region.amazonaws.com / bucket.s3.amazonaws.com
-    r"^(?P<bucket>[a-z0-9][a-z0-9.\-]+)\.s3(?:[.\-][a-z0-9\-]+)?\.amazonaws\.com$",
+    r"^(?P<bucket>[a-z0-9][a-z0-9.\-]*)\.s3(?:[.\-][a-z0-9\-]+)?\.amazonaws\.com$",
 )
 
 
