@@ -278,14 +278,14 @@ def test_unknown_source_is_refused(tmp_path):
         ({"STACCHIP_BUCKET": "./out", "AWS_BATCH_JOB_ARRAY_INDEX": "0"}, ["STACCHIP_MGRS_SOURCE"]),
         ({"STACCHIP_BUCKET": "./out", "STACCHIP_MGRS_SOURCE": "x.fgb"}, ["AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX"]),
         ({"STACCHIP_BUCKET": "./out", "STACCHIP_MGRS_SOURCE": "x.fgb", "AWS_BATCH_JOB_ARRAY_INDEX": "one"}, ["AWS_BATCH_JOB_ARRAY_INDEX", "integer"]),
-        ({"STACCHIP_BUCKET": "./out", "STACCHIP_MGRS_SOURCE": "x.fgb", "AWS_BATCH_JOB_ARRAY_INDEX": "0", "STACCHIP_MAX_CLOUD": "150"}, ["STACCHIP_MAX_CLOUD"]),
+        ({"STACCHIP_BUCKET": "./out", "STACCHIP_MGRS_SOURCE": "x.fgb", "AWS_BATCH_JOB_ARRAY_INDEX": "0", "STACCHIP_MAX_CLOUD_COVER": "150"}, ["STACCHIP_MAX_CLOUD_COVER"]),
         ({"STACCHIP_BUCKET": "./out", "STACCHIP_MGRS_SOURCE": "x.fgb", "AWS_BATCH_JOB_ARRAY_INDEX": "0", "STACCHIP_SEASONS": "winter"}, ["winter"]),
         ({"STACCHIP_BUCKET": "Bad_Bucket!", "STACCHIP_MGRS_SOURCE": "x.fgb", "AWS_BATCH_JOB_ARRAY_INDEX": "0"}, ["Bad_Bucket!"]),
     ],
 )
 def test_bad_settings_are_refused(env, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("STACCHIP_BUCKET", "STACCHIP_MGRS_SOURCE", "STACCHIP_MAX_CLOUD", "STACCHIP_SEASONS"):
+    for name in ("STACCHIP_BUCKET", "STACCHIP_MGRS_SOURCE", "STACCHIP_MAX_CLOUD_COVER", "STACCHIP_SEASONS"):
         monkeypatch.delenv(name, raising=False)
     proc = run_script("stacchip-sentinel-2", env)
     _refused(proc, *words)

@@ -132,8 +132,8 @@ class Processor:
             )
         if cls.default_max_cloud is not None:
             parser.add_argument(
-                "--max-cloud", type=float, default=None,
-                help="largest scene cloud cover in percent, 0-100 (env STACCHIP_MAX_CLOUD; "
+                "--max-cloud-cover", type=float, default=None,
+                help="largest scene cloud cover in percent, 0-100 (env STACCHIP_MAX_CLOUD_COVER; "
                 f"default {cls.default_max_cloud:g})",
             )
         if cls.default_max_scene_nodata is not None:
@@ -181,7 +181,7 @@ class Processor:
                 season_bounds(season)
         if cls.default_max_cloud is not None:
             s["max_cloud"] = jobs.env_float(
-                args.max_cloud, "STACCHIP_MAX_CLOUD", cls.default_max_cloud, flag="--max-cloud", minimum=0, maximum=100
+                args.max_cloud_cover, "STACCHIP_MAX_CLOUD_COVER", cls.default_max_cloud, flag="--max-cloud-cover", minimum=0, maximum=100
             )
         if cls.default_max_scene_nodata is not None:
             s["max_scene_nodata"] = jobs.env_float(

@@ -5,7 +5,7 @@ searches at its centroid. It draws distinct years, seeded by ``i``: the first
 ``--n-years`` for Level-1 (``landsat-c2l1``), the next for Level-2
 (``landsat-c2l2-sr``), so the two levels cover different years (upstream drew
 the same year for both). For each season (default the four quarters) it picks
-the least cloudy Landsat 8 or 9 scene with cloud cover at most ``--max-cloud``
+the least cloudy Landsat 8 or 9 scene with cloud cover at most ``--max-cloud-cover``
 percent, copies the level's bands (server-side from the requester-pays
 ``usgs-landsat`` bucket when the output is on S3) and writes the item JSON and
 its chip index (:class:`~stacchip.indexer.LandsatIndexer`, chips with no

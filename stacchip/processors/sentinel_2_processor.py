@@ -5,7 +5,7 @@ a ``name`` column such as ``20HNJ`` and the tile geometry), draws
 ``--n-years`` years (default 2 of 2018-2022, seeded by ``i`` as upstream) and,
 for each season (default the four quarters), picks the least cloudy scene of
 that tile whose nodata is at most ``--max-scene-nodata`` percent and whose
-cloud cover is at most ``--max-cloud`` percent. A season without such a scene
+cloud cover is at most ``--max-cloud-cover`` percent. A season without such a scene
 is skipped. The scene's bands are copied to the bucket (server-side from
 ``sentinel-cogs`` when the bucket is on S3), with its item JSON and its chip
 index (:class:`~stacchip.indexer.Sentinel2Indexer`).
