@@ -67,7 +67,7 @@ def test_linz_from_static_catalog(s3_env, tmp_path):
             assert ds.count == 3 and abs(ds.res[0] - 0.3) < 1e-9
             assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         table = read_index(out / "index" / "linz" / name / f"index_{name}.parquet")
-        nodata = dict(zip(table.column("chip_index_x").to_pylist(), table.column("nodata_percentage").to_pylist()))
+        nodata = dict(zip(table.column("chip_index_x").to_pylist(), table.column("nodata_percentage").to_pylist(), strict=True))
         assert 0 not in nodata  # 20 of its 32 columns are nodata: over the 0.5 limit
         assert nodata[1] == 0.0 and len(nodata) == 80 // 32 - 1
     assert f"linz/{names[0]}/{names[0]}.tiff" in files

@@ -82,7 +82,7 @@ def test_sentinel1_picks_the_covering_scene_and_writes_cogs(stac_api, s3_env, s3
             assert ds.read(1)[0, 0] == NODATA and ds.read(1)[0, -1] == pytest.approx(0.05)
     table = read_index(f"s3://{s3_bucket}/index/sentinel-1-rtc/{item_id}/index_{item_id}.parquet")
     assert table.num_rows >= 1
-    nodata = dict(zip(table.column("chip_index_x").to_pylist(), table.column("nodata_percentage").to_pylist()))
+    nodata = dict(zip(table.column("chip_index_x").to_pylist(), table.column("nodata_percentage").to_pylist(), strict=True))
     assert nodata[0] > 0.0  # the left chip holds the nodata band
     assert f"index/sentinel-1-rtc/{item_id}/index_{item_id}.parquet" in objects
 

@@ -93,7 +93,7 @@ def test_sentinel2_fills_bucket_and_rerun_skips(s2_setup):
         item = json.loads(body)
         assert item["id"] == item_id
         assert set(item["assets"]) == COPIED
-        for key, asset in item["assets"].items():
+        for asset in item["assets"].values():
             assert asset["href"].startswith(f"s3://{bucket}/{PLATFORM}/{item_id}/"), asset["href"]
             assert asset["href"].removeprefix(f"s3://{bucket}/") in objects
             assert "alternate" not in asset
