@@ -290,3 +290,34 @@ def test_bad_settings_are_refused(env, words, tmp_path, monkeypatch):
     proc = run_script("stacchip-sentinel-2", env)
     _refused(proc, *words)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.services
+def test_a_failing_item_fails_the_task_but_not_its_other_items(stac_api, s3_env, scene_dir, tmp_path):
+    """One picked scene has an asset missing at its source: the other scene is still
+    published, the task exits 1 (so the scheduler retries it), and once the source is
+    fixed a re-run finishes the failed item and skips the done one."""
+    import boto3
+
+    base = sentinel2_base(scene_dir)
+    source = new_bucket(s3_env)
+    base = upload_assets(base, s3_env, source, "src")
+    collection, items = _load(stac_api, base, n_items=2)
+    broken, fine = items
+    broken["assets"]["scl"]["href"] = f"s3://{source}/missing/scl.tif"
+    stac_api.load_items([broken])
+    bucket = new_bucket(s3_env, "out")
+    env = _env(stac_api, collection, _samples(tmp_path, base), bucket)
+    proc = run_script("stacchip-sentinel-2", env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    status = {r["item_id"]: r["status"] for r in records(proc)}
+    assert status == {broken["id"]: "failed", fine["id"]: "done"}
+    assert broken["id"] in proc.stderr.strip().splitlines()[-1]
+    objects = bucket_objects(s3_env, bucket)
+    assert f"index/{PLATFORM}/{broken['id']}/index_{broken['id']}.parquet" not in objects
+    assert f"index/{PLATFORM}/{fine['id']}/index_{fine['id']}.parquet" in objects
+
+    boto3.client("s3", endpoint_url=s3_env).copy({"Bucket": source, "Key": "src/scl.tif"}, source, "missing/scl.tif")
+    again = run_script("stacchip-sentinel-2", env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {r["item_id"]: r["status"] for r in records(again)} == {broken["id"]: "done", fine["id"]: "skipped-done"}

@@ -241,7 +241,15 @@ def _processor(name: str, settings_json: str) -> Processor:
 def run_index(name: str, settings_json: str, index: int) -> list[dict[str, Any]]:
     """Run task ``index`` of source ``name`` (module-level so process pools can pickle it)."""
     proc = _processor(name, settings_json)
-    return [o.as_dict() for o in proc.run_task(index)]
+    records = [o.as_dict() for o in proc.run_task(index)]
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        raise jobs.TaskFailed(
+            f"{len(failed)} of {len(records)} items failed: "
+            + "; ".join(f"{r['item_id']}: {r.get('note', '')}" for r in failed),
+            records,
+        )
+    return records
 
 
 def cli(cls: type[Processor], argv: Sequence[str] | None = None) -> jobs.RunSummary:

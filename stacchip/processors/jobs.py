@@ -366,12 +366,23 @@ class RunSummary:
         return not self.failed
 
 
+class TaskFailed(StacchipError):
+    """A task did part of its work and failed the rest; ``result`` is what it did."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 def _call(payload: tuple[Callable[[int], Any], int]) -> TaskOutcome:
     func, index = payload
     try:
         return TaskOutcome(index, True, func(index))
     except ConfigError:
         raise
+    except TaskFailed as exc:
+        logger.error("task %d failed: %s", index, exc)
+        return TaskOutcome(index, False, result=exc.result, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
         logger.exception("task %d failed", index)
         return TaskOutcome(index, False, error=f"{type(exc).__name__}: {exc}")
@@ -450,6 +461,7 @@ __all__ = [
     "POOL_SIZE_VAR",
     "RunSummary",
     "StacchipError",
+    "TaskFailed",
     "TaskOutcome",
     "add_job_arguments",
     "env_array_index",

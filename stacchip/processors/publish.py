@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import pystac
 
 from stacchip import storage
-from stacchip.errors import StorageNotFoundError
+from stacchip.errors import ConfigError, StorageNotFoundError
 from stacchip.index import index_bytes
 from stacchip.indexer import ChipIndexer
 
@@ -68,7 +68,7 @@ AssetPlan = CopyAsset | RenderedAsset
 
 @dataclass
 class Outcome:
-    """What happened to one item: ``status`` is done, skipped-done, skipped-claimed or planned."""
+    """What happened to one item: ``status`` is done, skipped-done, skipped-claimed, planned or failed."""
 
     platform: str
     item_id: str
@@ -168,8 +168,26 @@ class Publisher:
 
         ``item`` keeps only the assets in ``plan``; their hrefs are rewritten to
         the copies. ``make_indexer`` builds the indexer from the rewritten item
-        (so the index is computed from what landed in the bucket).
+        (so the index is computed from what landed in the bucket). An error is
+        logged and returned as a ``failed`` outcome so the task's other items
+        still run; :func:`raise_failures` then fails the task (its index is not
+        written, so a re-run redoes the item).
         """
+        try:
+            return self._publish(item, platform, plan, make_indexer)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad item must not stop the task's others
+            logger.exception("%s/%s failed", platform, item.id)
+            return Outcome(platform, item.id, "failed", note=f"{type(exc).__name__}: {exc}")
+
+    def _publish(
+        self,
+        item: pystac.Item,
+        platform: str,
+        plan: dict[str, AssetPlan],
+        make_indexer: Callable[[pystac.Item], ChipIndexer],
+    ) -> Outcome:
         item_id = item.id
         sources = {
             key: (p.sources[0] if isinstance(p, CopyAsset) else (p.source or "rendered"))
