@@ -15,6 +15,7 @@ nodata by default, as upstream).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -133,8 +134,8 @@ class LandsatProcessor(Processor):
                 }
                 outcome = publisher.publish(
                     item, platform, plan,
-                    lambda it, platform=platform: LandsatIndexer(
-                        it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=platform
+                    functools.partial(
+                        LandsatIndexer, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=platform
                     ),
                 )
                 outcome.note = outcome.note or period.name

@@ -16,6 +16,7 @@ and indexed with a nodata mask of the first band's zeros
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -166,22 +167,21 @@ class LinzProcessor(Processor):
             meta_url = href[: -len(".tiff")] + ".json"
             original = pystac.Item.from_dict(json.loads(storage.read_bytes_retry(meta_url)))
             filename = Path(href).name
-            if publisher.dry_run or publisher.bucket.is_done(PLATFORM_NAME, original.id):
-                stub = original.clone()
-                stub.assets = {ASSET_KEY: pystac.Asset(href)}
-                outcomes.append(publisher.publish(stub, PLATFORM_NAME, {ASSET_KEY: RenderedAsset(lambda p: None, filename, href)}, lambda it: None))  # type: ignore[arg-type,return-value]
+            early = publisher.skip_or_plan(PLATFORM_NAME, original.id, {ASSET_KEY: href})
+            if early is not None:
+                outcomes.append(early)
                 continue
             data, profile = resample(href, s["resolution"])
             item = linz_item(original, profile, data.shape[1:])
             item.add_asset(ASSET_KEY, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
             mask = data[0] == 0
-            plan = {ASSET_KEY: RenderedAsset(lambda path, d=data, p=profile: write_cog(d, p, path), filename, href)}
+            plan = {ASSET_KEY: RenderedAsset(functools.partial(write_cog, data, profile), filename, href)}
             outcomes.append(
                 publisher.publish(
                     item, PLATFORM_NAME, plan,
-                    lambda it, m=mask: NoDataMaskChipIndexer(
-                        it, nodata_mask=m, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"],
-                        platform=PLATFORM_NAME,
+                    functools.partial(
+                        NoDataMaskChipIndexer, nodata_mask=mask, chip_size=s["chip_size"],
+                        chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME,
                     ),
                 )
             )

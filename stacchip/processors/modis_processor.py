@@ -169,12 +169,16 @@ class ModisProcessor(Processor):
                 item = items[0]
                 keys = [k for k in BANDS if k in item.assets]
                 hrefs = {k: item.assets[k].href for k in keys}
+                early = publisher.skip_or_plan(PLATFORM_NAME, item.id, hrefs)
+                if early is not None:
+                    early.note = p.name
+                    outcomes.append(early)
+                    continue
                 plan = {k: RenderedAsset(render_warped(hrefs[k]), filename_of(hrefs[k]), hrefs[k]) for k in keys}
-                if not (publisher.dry_run or publisher.bucket.is_done(PLATFORM_NAME, item.id)):
-                    end = item.properties.get("end_datetime")
-                    if end:
-                        item.datetime = parse_datetime(end)
-                    reproject_metadata(item, {k: warped_grid(hrefs[k]) for k in keys})
+                end = item.properties.get("end_datetime")
+                if end:
+                    item.datetime = parse_datetime(end)
+                reproject_metadata(item, {k: warped_grid(hrefs[k]) for k in keys})
                 outcome = publisher.publish(
                     item, PLATFORM_NAME, plan,
                     lambda it: ModisIndexer(

@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 import pystac
@@ -79,7 +79,7 @@ class Outcome:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form (what the console scripts print)."""
-        out = {"platform": self.platform, "item_id": self.item_id, "status": self.status}
+        out: dict[str, Any] = {"platform": self.platform, "item_id": self.item_id, "status": self.status}
         if self.assets:
             out["assets"] = self.assets
         if self.chips is not None:
@@ -157,11 +157,23 @@ class Publisher:
 
     # --- one item ------------------------------------------------------------------------------
 
+    def skip_or_plan(self, platform: str, item_id: str, sources: Mapping[str, str]) -> Outcome | None:
+        """The outcome without any work when the item is done or this is a dry run, else None.
+
+        For processors that compute something expensive (resampling,
+        reprojection) before :meth:`publish`.
+        """
+        if self.bucket.is_done(platform, item_id):
+            return Outcome(platform, item_id, "skipped-done", dict(sources))
+        if self.dry_run:
+            return Outcome(platform, item_id, "planned", dict(sources))
+        return None
+
     def publish(
         self,
         item: pystac.Item,
         platform: str,
-        plan: dict[str, AssetPlan],
+        plan: Mapping[str, AssetPlan],
         make_indexer: Callable[[pystac.Item], ChipIndexer],
     ) -> Outcome:
         """Write ``plan``'s assets, the item JSON and its chip index; skip done or foreign items.
@@ -185,7 +197,7 @@ class Publisher:
         self,
         item: pystac.Item,
         platform: str,
-        plan: dict[str, AssetPlan],
+        plan: Mapping[str, AssetPlan],
         make_indexer: Callable[[pystac.Item], ChipIndexer],
     ) -> Outcome:
         item_id = item.id
@@ -275,7 +287,7 @@ class Publisher:
             Path(tmp).unlink(missing_ok=True)
 
 
-def _unique_filenames(plan: dict[str, AssetPlan]) -> dict[str, str]:
+def _unique_filenames(plan: Mapping[str, AssetPlan]) -> dict[str, str]:
     """Asset file names, prefixed with the asset key where two assets share one."""
     counts: dict[str, int] = {}
     for p in plan.values():
