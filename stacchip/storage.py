@@ -277,7 +277,7 @@ def _local_tmp(path: Path) -> str:
     return tmp
 
 
-def _into_local(path: Path, fill: Callable[[str], None]) -> None:
+def _into_local(path: Path, fill: Callable[[str], Any]) -> None:
     """Run ``fill(tmp_path)`` then rename the temp file onto ``path`` (whole or nothing)."""
     tmp = _local_tmp(path)
     try:
