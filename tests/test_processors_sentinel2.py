@@ -142,3 +142,18 @@ def test_sentinel2_empty_quarters_succeed(s2_setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert records(proc) == []
     assert bucket_objects(s2_setup["endpoint"], s2_setup["bucket"]) == {}
+
+
+def test_upstream_entry_point_still_works(s2_setup, monkeypatch):
+    """``process_mgrs_tile(index, mgrs_source, bucket)`` as upstream called it, with a bucket name."""
+    from stacchip.processors import sentinel_2_processor
+
+    env = s2_setup["env"]
+    for name in ("STACCHIP_STAC_API", "STACCHIP_COLLECTION", "STACCHIP_YEARS", "STACCHIP_N_YEARS"):
+        monkeypatch.setenv(name, env[name])
+    sentinel_2_processor.process_mgrs_tile(0, env["STACCHIP_MGRS_SOURCE"], s2_setup["bucket"])
+    objects = bucket_objects(s2_setup["endpoint"], s2_setup["bucket"], "index/")
+    assert sorted(objects) == sorted(
+        f"index/{PLATFORM}/S2A_{s2_setup['tag']}_{name}/index_S2A_{s2_setup['tag']}_{name}.parquet"
+        for name in ("Q1_CLOUD10", "Q2_CLOUD40")
+    )
