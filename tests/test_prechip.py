@@ -194,8 +194,8 @@ def test_latlon_and_time_encodings_by_hand(scenes: dict[str, Any], all_cubes: di
             np.testing.assert_allclose(cube["lat_norm"][k], [math.sin(math.radians(lat)), math.cos(math.radians(lat))], atol=1e-6)
             np.testing.assert_allclose(cube["lon_norm"][k], [math.sin(math.radians(lon)), math.cos(math.radians(lon))], atol=1e-6)
             t = dt.datetime.fromisoformat(item["properties"]["datetime"].replace("Z", "+00:00"))
-            start = dt.datetime(t.year, 1, 1, tzinfo=dt.timezone.utc)
-            end = dt.datetime(t.year + 1, 1, 1, tzinfo=dt.timezone.utc)
+            start = dt.datetime(t.year, 1, 1, tzinfo=dt.UTC)
+            end = dt.datetime(t.year + 1, 1, 1, tzinfo=dt.UTC)
             year_angle = 2 * math.pi * (t - start) / (end - start)
             hours = t.hour + t.minute / 60 + (t.second + t.microsecond / 1e6) / 3600
             hour_angle = 2 * math.pi * hours / 24
@@ -210,7 +210,7 @@ def test_week_53_does_not_collide_with_week_1() -> None:
     assert week53.isocalendar().week == 53 and week1.isocalendar().week == 1
     # upstream: 2*pi*week/52 gives the same angle for both
     assert math.isclose(math.sin(53 * 2 * math.pi / 52), math.sin(1 * 2 * math.pi / 52))
-    (w53, h53), (w1, h1) = prechip.normalize_timestamp(week53), prechip.normalize_timestamp(week1)
+    (w53, h53), (w1, _) = prechip.normalize_timestamp(week53), prechip.normalize_timestamp(week1)
     assert abs(w53[0] - w1[0]) > 1e-3 or abs(w53[1] - w1[1]) > 1e-3
     # neighbouring days are neighbours on the circle, 53 is not far from 1
     gap = math.atan2(w1[0], w1[1]) - math.atan2(w53[0], w53[1])
@@ -222,8 +222,8 @@ def test_week_53_does_not_collide_with_week_1() -> None:
 
 def test_normalize_latlon_returns_lat_then_lon() -> None:
     (lat_s, lat_c), (lon_s, lon_c) = prechip.normalize_latlon((10.0, 40.0, 12.0, 42.0))
-    assert lat_s == pytest.approx(math.sin(math.radians(41.0)), abs=1e-6)
-    assert lon_s == pytest.approx(math.sin(math.radians(11.0)), abs=1e-6)
+    assert (lat_s, lat_c) == pytest.approx((math.sin(math.radians(41.0)), math.cos(math.radians(41.0))), abs=1e-6)
+    assert (lon_s, lon_c) == pytest.approx((math.sin(math.radians(11.0)), math.cos(math.radians(11.0))), abs=1e-6)
     lon, lat = prechip.bbox_centres(np.array([[-179.9, 0.0, 179.9, 1.0]]))
     assert abs(abs(lon[0]) - 180.0) < 1e-9 and lat[0] == pytest.approx(0.5)
 
@@ -235,11 +235,11 @@ def test_filters(scenes: dict[str, Any], tmp_path: Path) -> None:
     ids = np.asarray(table.column("chipid").to_pylist())
     assert (nodata > 0).sum() == 6 and (cloud > 0).sum() > 6 and (cloud == 0).sum() > 20
     cases = [
-        (dict(max_nodata=0.0), nodata == 0),
-        (dict(max_nodata=0.5), nodata <= 0.5),
-        (dict(max_cloud=0.0), cloud == 0),
-        (dict(max_cloud=0.25), cloud <= 0.25),
-        (dict(max_cloud=0.0, max_nodata=0.0), (cloud == 0) & (nodata == 0)),
+        ({"max_nodata": 0.0}, nodata == 0),
+        ({"max_nodata": 0.5}, nodata <= 0.5),
+        ({"max_cloud": 0.0}, cloud == 0),
+        ({"max_cloud": 0.25}, cloud <= 0.25),
+        ({"max_cloud": 0.0, "max_nodata": 0.0}, (cloud == 0) & (nodata == 0)),
     ]
     for kw, keep in cases:
         sel = prechip.prepare(config(scenes, tmp_path, **kw))
@@ -356,7 +356,7 @@ def test_s3_sources_and_output(scenes: dict[str, Any], all_cubes: dict[str, Any]
     data_root = Path(scenes["data"])
     for item in scenes["items"]:
         moved = copy.deepcopy(item)
-        for key, asset in moved["assets"].items():
+        for asset in moved["assets"].values():
             rel = Path(asset["href"]).relative_to(data_root).as_posix()
             client.upload_file(asset["href"], s3_bucket, rel)
             asset["href"] = f"s3://{s3_bucket}/{rel}"

@@ -12,8 +12,9 @@ the file declares one.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -150,9 +151,9 @@ __all__ = [
     "MODIS_BANDS",
     "NAIP_BANDS",
     "PLATFORMS",
-    "PlatformBands",
     "S1_BANDS",
     "S2_BANDS",
+    "PlatformBands",
     "is_nodata",
     "platform_bands",
 ]

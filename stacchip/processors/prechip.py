@@ -56,8 +56,9 @@ import multiprocessing
 import os
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -177,7 +178,7 @@ def normalize_timestamp(date: dt.datetime | dt.date) -> tuple[tuple[float, float
     if not isinstance(date, dt.datetime):
         date = dt.datetime(date.year, date.month, date.day)
     if date.tzinfo is not None:
-        date = date.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        date = date.astimezone(dt.UTC).replace(tzinfo=None)
     week, hour = time_norm(np.array([np.datetime64(date, "us")]))
     return (float(week[0, 0]), float(week[0, 1])), (float(hour[0, 0]), float(hour[0, 1]))
 
@@ -291,7 +292,7 @@ class _OpenItem:
         self.chipper.close()
 
 
-_OPEN: "OrderedDict[tuple[Any, ...], _OpenItem]" = OrderedDict()
+_OPEN: OrderedDict[tuple[Any, ...], _OpenItem] = OrderedDict()
 
 
 def _open_item(task: ReadTask) -> _OpenItem:
@@ -374,7 +375,7 @@ class ChipReader:
         self.workers = max(1, int(workers))
         self._pool: Any = None
 
-    def __enter__(self) -> "ChipReader":
+    def __enter__(self) -> ChipReader:
         if self.workers > 1:
             # spawn: GDAL and boto3 state of the parent are not fork-safe.
             self._pool = multiprocessing.get_context("spawn").Pool(self.workers)

@@ -34,8 +34,9 @@ import io
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,8 +44,7 @@ from tqdm import tqdm
 
 from stacchip import storage
 from stacchip.errors import ConfigError, StorageError
-from stacchip.processors import jobs
-from stacchip.processors import prechip
+from stacchip.processors import jobs, prechip
 from stacchip.processors.bands import PlatformBands, is_nodata, platform_bands
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class StatsAccumulator:
                 pos = np.clip(pos, -1, self.bins).astype(np.int64) + 1
                 self.hist[b] += np.bincount(pos, minlength=self.bins + 2)
 
-    def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
+    def merge(self, other: StatsAccumulator) -> StatsAccumulator:
         """Fold ``other`` into this accumulator (Chan's parallel update); returns self."""
         if other.bands != self.bands:
             raise ConfigError(f"cannot merge statistics of bands {other.bands} into {self.bands}")
@@ -197,7 +197,7 @@ class StatsAccumulator:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StatsAccumulator":
+    def from_dict(cls, data: dict[str, Any]) -> StatsAccumulator:
         """Rebuild an accumulator from :meth:`to_dict` output."""
         try:
             acc = cls(data["bands"], tuple(data["hist_range"]) if data.get("hist_range") else None,
