@@ -397,3 +397,29 @@ def test_npz_levels_load_like_savez_compressed(tmp_path: Path) -> None:
     assert sizes[0] > sizes[1] >= sizes[9]
     with pytest.raises(ConfigError):
         prechip.cube_bytes(arrays, 10)
+
+
+def test_cubes_with_chips_of_items_lacking_a_band_are_skipped(scenes: dict[str, Any], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(scenes["data"], data)
+    broken = data / PLATFORM / "S2TEST_2" / "stac_item.json"
+    item = json.loads(broken.read_text())
+    del item["assets"]["swir22"]
+    broken.write_text(json.dumps(item))
+    cfg = config(scenes, tmp_path / "out", partial=True, cubes_per_job=100, cube_size=2)
+    cfg.data = str(data)
+    selection = prechip.prepare(cfg)
+    with caplog.at_level("WARNING", logger="stacchip.processors.prechip"):
+        written = prechip.run_job(0, cfg)
+    expected = [
+        k for k in range(selection.n_cubes)
+        if "S2TEST_2" not in {
+            selection.table.column("item_id")[int(r)].as_py() for r in prechip.cube_members(selection, k, 2)
+        }
+    ]
+    assert 0 < len(expected) < selection.n_cubes
+    assert sorted(int(Path(u).stem.split("_")[1]) for u in written) == expected
+    assert "swir22" in caplog.text and "S2TEST_2" in caplog.text

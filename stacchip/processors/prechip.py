@@ -58,7 +58,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from stacchip import storage
 from stacchip.chipper import Chipper
-from stacchip.errors import ConfigError, IndexFileError
+from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError
 from stacchip.index import open_index, query
 from stacchip.indexer import ChipIndexer
 from stacchip.processors import jobs
@@ -316,15 +316,33 @@ def close_open_items() -> None:
         opened.close()
 
 
-def read_task(task: ReadTask) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-    """``(slots, pixels (n, C, H, W) in the source dtype, nodata mask (n, C, H, W))``."""
-    opened = _open_item(task)
-    pixels = []
-    masks = []
-    for p, m in opened.read_many(task.xs, task.ys, task.item_id):
-        pixels.append(p)
-        masks.append(m)
-    return task.slots, np.stack(pixels), np.stack(masks)
+class ReadResult(NamedTuple):
+    """Chips of one :class:`ReadTask`: pixels ``(n, C, H, W)`` in the source dtype and
+    nodata mask, or ``None`` for both and ``missing`` naming why the item lacks a band."""
+
+    slots: tuple[int, ...]
+    pixels: np.ndarray | None
+    mask: np.ndarray | None
+    missing: str | None = None
+
+
+def read_task(task: ReadTask) -> ReadResult:
+    """Read the chips of ``task`` (see :class:`ReadResult`).
+
+    An item without an asset (or band) the platform's band order needs is
+    reported in ``missing`` instead of failing the job (upstream skipped such
+    cubes too, e.g. single-polarisation Sentinel-1 scenes); read errors raise.
+    """
+    try:
+        opened = _open_item(task)
+        pixels = []
+        masks = []
+        for p, m in opened.read_many(task.xs, task.ys, task.item_id):
+            pixels.append(p)
+            masks.append(m)
+    except AssetNotFoundError as exc:
+        return ReadResult(task.slots, None, None, str(exc))
+    return ReadResult(task.slots, np.stack(pixels), np.stack(masks))
 
 
 def plan_reads(
@@ -394,7 +412,7 @@ class ChipReader:
             return self._pool.apply_async(func, args)
         return _Done(func(*args))
 
-    def run(self, tasks: Sequence[ReadTask], desc: str = "chips") -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+    def run(self, tasks: Sequence[ReadTask], desc: str = "chips") -> Iterator[ReadResult]:
         """Results of ``tasks`` as they finish, with a progress bar counting chips."""
         total = sum(len(t.slots) for t in tasks)
         results = (
@@ -585,15 +603,25 @@ def make_cubes(
             tasks = plan_reads(rows, config.data, platform, config.mountpath)
             pixels = np.zeros((len(rows_idx), spec.count, chip_size, chip_size), dtype=np.float32)
             mask = np.zeros(pixels.shape, dtype=bool)
-            for slots, p, m in reader.run(tasks, desc=f"cubes {batch[0]}-{batch[-1]}"):
-                idx = np.asarray(slots)
-                pixels[idx] = p
-                mask[idx] = m
+            unusable = np.zeros(len(rows_idx), dtype=bool)
+            for result in reader.run(tasks, desc=f"cubes {batch[0]}-{batch[-1]}"):
+                idx = np.asarray(result.slots)
+                if result.pixels is None:
+                    logger.warning("%s", result.missing)
+                    unusable[idx] = True
+                    continue
+                pixels[idx] = result.pixels
+                mask[idx] = result.mask
             finish(pending)  # at most two batches in memory
             pending = []
             offset = 0
             for k, member in zip(batch, members):
                 n = len(member)
+                if unusable[offset:offset + n].any():
+                    logger.warning("cube %d skipped: %d of its chips come from items without the "
+                                   "platform's bands", k, int(unusable[offset:offset + n].sum()))
+                    offset += n
+                    continue
                 arrays = cube_arrays(
                     rows.slice(offset, n), pixels[offset:offset + n], mask[offset:offset + n], spec.band_order
                 )

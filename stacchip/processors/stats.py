@@ -359,8 +359,11 @@ def job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> StatsAcc
     rows = selection.table.take(pa.array(rows_idx))
     tasks = prechip.plan_reads(rows, str(config.data), config.platform, config.mountpath)
     with prechip.ChipReader(workers) as reader:
-        for _, pixels, mask in reader.run(tasks, desc=f"stats job {job_index}"):
-            acc.update(pixels, mask)
+        for result in reader.run(tasks, desc=f"stats job {job_index}"):
+            if result.pixels is None:
+                logger.warning("chips left out: %s", result.missing)
+                continue
+            acc.update(result.pixels, result.mask)
     return acc
 
 
