@@ -423,3 +423,56 @@ def test_cubes_with_chips_of_items_lacking_a_band_are_skipped(scenes: dict[str, 
     assert 0 < len(expected) < selection.n_cubes
     assert sorted(int(Path(u).stem.split("_")[1]) for u in written) == expected
     assert "swir22" in caplog.text and "S2TEST_2" in caplog.text
+
+
+@pytest.mark.parametrize("name,platform,factor", [("naip", "naip", 100), ("sentinel-1", "sentinel-1-rtc", 200)])
+def test_other_platforms_band_order_and_nodata(name: str, platform: str, factor: int, tmp_path: Path) -> None:
+    """NAIP (one 4-band asset, no declared nodata: the platform's 0) and Sentinel-1
+    (vv/vh float32, nodata -32768 and NaN)."""
+    from stacchip.indexer import NoStatsChipIndexer, Sentinel1Indexer
+
+    item = real_item(name)
+    item["collection"] = platform
+    item["id"] = item["id"].replace(".tif", "")
+
+    def pixels(key: str, asset: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
+        if name == "naip":
+            data = coded_pixels(shape, 4, "uint8", 1)
+            data[:, :10, :10] = 0
+            return data
+        rng = np.random.default_rng(len(key))
+        data = rng.random((1, *shape), dtype=np.float32)
+        data[:, :12, :20] = -32768
+        data[:, 40:44, 3:9] = np.nan
+        return data
+
+    scene = tmp_path / "data" / platform / item["id"]
+    item = materialize(item, scene, factor=factor, pixels=pixels)
+    (scene / "stac_item.json").write_text(json.dumps(item))
+    cls = NoStatsChipIndexer if name == "naip" else Sentinel1Indexer
+    table = cls(item, chip_size=CHIP, chip_max_nodata=1.0, platform=platform).create_index()
+    write_index(table, tmp_path / "index" / f"index_{item['id']}.parquet")
+    cfg = prechip.PrechipConfig(data=str(tmp_path / "data"), index=str(tmp_path / "index"), output=str(tmp_path / "out"),
+                                platform=platform, cube_size=3, cubes_per_job=100, max_nodata=None, partial=True)
+    written = prechip.run_job(0, cfg)
+    spec = platform_bands(platform)
+    seen = []
+    masked = 0
+    for url in written:
+        cube = load_cube(url)
+        assert cube["bands"].tolist() == list(spec.band_order)
+        for k, chipid in enumerate(cube["chipids"].tolist()):
+            _, x, y = chipid.rsplit("-", 2)
+            chip = Chipper(ChipIndexer(load_item(str(scene / "stac_item.json")), chip_size=CHIP)).chip(int(x), int(y))
+            if name == "naip":
+                expected = chip["asset"].astype(np.float32)
+                nodata = expected == 0
+            else:
+                expected = np.concatenate([chip["vv"], chip["vh"]]).astype(np.float32)
+                nodata = (expected == -32768) | np.isnan(expected)
+            np.testing.assert_array_equal(cube["pixels"][k], expected)
+            np.testing.assert_array_equal(cube["nodata_mask"][k], nodata)
+            masked += int(nodata.any())
+            seen.append(chipid)
+    assert sorted(seen) == sorted(table.column("chipid").to_pylist())
+    assert masked >= 1
