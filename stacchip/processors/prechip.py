@@ -69,7 +69,7 @@ from tqdm import tqdm
 from stacchip import storage
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError
-from stacchip.index import open_index, query
+from stacchip.index import open_index
 from stacchip.indexer import ChipIndexer
 from stacchip.processors import jobs
 from stacchip.processors.bands import (  # noqa: F401  (upstream names)
@@ -198,7 +198,18 @@ def select_chips(
     ``None`` means no filter).
     """
     dataset = open_index(index_sources)
-    table = query(dataset, platform=platform, max_nodata=max_nodata, max_cloud=max_cloud, columns=COLUMNS)
+    expr = pc.scalar(True)
+    if platform is not None:
+        expr &= pc.field("platform") == platform
+    if max_nodata is not None:
+        expr &= pc.field("nodata_percentage") <= float(max_nodata)
+    if max_cloud is not None:
+        expr &= pc.field("cloud_cover_percentage") <= float(max_cloud)
+    try:
+        # only the columns prechip needs (no geometry): the merged index can be large
+        table = dataset.to_table(columns=COLUMNS, filter=expr)
+    except (pa.ArrowException, OSError) as exc:
+        raise IndexFileError(f"cannot read index {index_sources!r}: {exc}") from exc
     if table.num_rows and len(set(pc.unique(table.column("platform")).to_pylist())) > 1:
         raise ConfigError(
             "the index holds several platforms "
