@@ -288,16 +288,20 @@ class _OpenItem:
 
     def read_many(
         self, xs: Sequence[int], ys: Sequence[int], item_id: str
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Pixels and masks of many chips in the order given (read ahead in parallel
-        when the chipper offers ``chips``)."""
+    ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``(x, y, pixels, mask)`` of many chips, in COG block order where the chipper
+        offers it (each block decoded once), read ahead in parallel."""
         many = getattr(self.chipper, "chips", None)
         if many is None:
             for x, y in zip(xs, ys):
-                yield self.read(x, y, item_id)
+                yield (x, y, *self.read(x, y, item_id))
             return
-        for _, _, chip in many(zip(xs, ys)):
-            yield self._stack(chip, item_id)
+        try:
+            chips = many(list(zip(xs, ys)), order="block")
+        except TypeError:  # a chipper without block ordering
+            chips = many(list(zip(xs, ys)))
+        for x, y, chip in chips:
+            yield (x, y, *self._stack(chip, item_id))
 
     def close(self) -> None:
         self.chipper.close()
@@ -344,16 +348,19 @@ def read_task(task: ReadTask) -> ReadResult:
     reported in ``missing`` instead of failing the job (upstream skipped such
     cubes too, e.g. single-polarisation Sentinel-1 scenes); read errors raise.
     """
+    slot_of = {(x, y): slot for x, y, slot in zip(task.xs, task.ys, task.slots)}
+    slots = []
+    pixels = []
+    masks = []
     try:
         opened = _open_item(task)
-        pixels = []
-        masks = []
-        for p, m in opened.read_many(task.xs, task.ys, task.item_id):
+        for x, y, p, m in opened.read_many(task.xs, task.ys, task.item_id):
+            slots.append(slot_of[(x, y)])
             pixels.append(p)
             masks.append(m)
     except AssetNotFoundError as exc:
         return ReadResult(task.slots, None, None, str(exc))
-    return ReadResult(task.slots, np.stack(pixels), np.stack(masks))
+    return ReadResult(tuple(slots), np.stack(pixels), np.stack(masks))
 
 
 def plan_reads(
