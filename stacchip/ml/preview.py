@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 COLOR_COLUMNS = {"cloud": "cloud_cover_percentage", "nodata": "nodata_percentage"}
 
 
+def _missing_extra(what: str, package: str, exc: ImportError) -> ConfigError:
+    """The error raised when an optional plotting package of the ``ml`` extra is missing."""
+    return ConfigError(f"{what} needs {package} ({exc}); install it with: pip install 'stacchip[ml]'")
+
+
 def _geometries(table: pa.Table) -> np.ndarray:
     geom = table.column("geometry")
     chunks = [c.storage if isinstance(c.type, pa.ExtensionType) else c for c in geom.chunks]
@@ -91,9 +96,12 @@ def render_quicklook(
     deterministic sample is drawn (the title says so).
     """
     # Figure + Agg canvas directly: no pyplot, no global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import PolyCollection
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.collections import PolyCollection
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise _missing_extra("the quicklook map", "matplotlib", exc) from exc
 
     if color_by not in COLOR_COLUMNS:
         raise ConfigError(f"color_by must be one of {sorted(COLOR_COLUMNS)}, got {color_by!r}")
@@ -182,7 +190,10 @@ def render_mosaic(
     three), else the first channel in grey; ``tile`` is the tile side in
     pixels; ``seed`` picks the sample.
     """
-    from PIL import Image, ImageDraw
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError as exc:
+        raise _missing_extra("the chip mosaic", "pillow", exc) from exc
 
     if len(dataset) == 0:
         raise IndexFileError("the dataset has no chips to show")
