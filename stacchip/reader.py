@@ -67,6 +67,8 @@ def gdal_options() -> dict[str, str]:
 
 
 _config_lock = threading.Lock()
+#: GDAL configuration values stacchip set (to tell them from the user's own).
+_applied: dict[str, str] = {}
 
 #: Smallest GDAL block cache stacchip wants, in MB: a block row of 10 bands of
 #: a 10980-px scene (~160 MB) plus room for random reads. GDAL's default is 5 %
@@ -93,19 +95,34 @@ def configure_gdal(**extra: str) -> None:
     """Apply :func:`gdal_options` (plus ``extra``) as GDAL configuration, once.
 
     Options are process-wide GDAL settings, set only when they differ from the
-    current value and never for a key the user set in the environment, so the
-    user's own settings win. They are not unset afterwards: a scoped
+    current value and never for a key the user set (in the environment, or as
+    GDAL configuration with ``rasterio.Env``/``set_gdal_config``: any value
+    stacchip did not set itself), so the user's own settings win; ``extra``
+    always applies. They are not unset afterwards: a scoped
     ``rasterio.Env(**options)`` would unset them for every thread on exit while
     other threads still read.
     """
     _ensure_block_cache()
-    wanted = {k: v for k, v in {**gdal_options(), **extra}.items() if k not in os.environ or k in extra}
-    if all(get_gdal_config(k, normalize=False) == v for k, v in wanted.items()):
+    todo = {}
+    for key, value in {**gdal_options(), **extra}.items():
+        if key in extra:
+            if get_gdal_config(key, normalize=False) != value:
+                todo[key] = value
+            continue
+        if key in os.environ:
+            continue  # the user chose, in the environment
+        current = get_gdal_config(key, normalize=False)
+        if current == value:
+            continue
+        if current is not None and current != _applied.get(key):
+            continue  # the user chose, with rasterio.Env / set_gdal_config
+        todo[key] = value
+    if not todo:
         return
     with _config_lock:
-        for key, value in wanted.items():
-            if get_gdal_config(key, normalize=False) != value:
-                set_gdal_config(key, value, normalize=False)
+        for key, value in todo.items():
+            set_gdal_config(key, value, normalize=False)
+            _applied[key] = value
 
 
 @contextmanager
