@@ -177,10 +177,7 @@ class Catalog:
 
     def __init__(self, url: str, sign: str = "auto") -> None:
         self.url = url
-        try:
-            self.client = pystac_client.Client.open(url)
-        except Exception as exc:  # pystac_client raises APIError, requests errors, ...
-            raise ConfigError(f"cannot open STAC API {url!r}: {exc}") from exc
+        self.client = self._open(url)
         self.sign = wants_signing(url, sign)
         self.can_sort = self._conforms(ConformanceClasses.SORT)
         self.can_query = self._conforms(ConformanceClasses.QUERY)
@@ -188,6 +185,34 @@ class Catalog:
         logger.info(
             "STAC API %s: sort=%s query=%s filter=%s", url, self.can_sort, self.can_query, self.can_filter
         )
+
+    @staticmethod
+    def _open(url: str) -> pystac_client.Client:
+        """Open the API, retrying transient failures (5xx, 429, dropped connections).
+
+        A refusal (4xx) or a response that is not a STAC API is a configuration
+        error; an API still unreachable after the retries is not (the task
+        fails with exit status 1 and can be re-run).
+        """
+        from stacchip import storage
+
+        def once() -> pystac_client.Client:
+            try:
+                return pystac_client.Client.open(url)
+            except APIError as exc:
+                status = getattr(exc, "status_code", None)
+                if status is None or int(status) >= 500 or int(status) == 429:
+                    raise _Transient(f"HTTP {status}: {str(exc)[:300]}") from exc
+                raise
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise _Transient(str(exc)) from exc
+
+        try:
+            return storage.retry(once, what=f"open STAC API {url}")
+        except _Transient as exc:
+            raise RuntimeError(f"STAC API {url!r} is unreachable: {exc}") from exc
+        except Exception as exc:  # pystac_client raises APIError, pystac errors, ...
+            raise ConfigError(f"cannot open STAC API {url!r}: {exc}") from exc
 
     def _conforms(self, cls: ConformanceClasses) -> bool:
         try:
