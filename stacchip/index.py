@@ -35,7 +35,7 @@ import pyproj
 import shapely
 
 from stacchip import storage
-from stacchip.errors import IndexFileError, StorageError
+from stacchip.errors import ConfigError, IndexFileError, StorageError
 
 if TYPE_CHECKING:  # pyarrow.dataset costs ~50 MB of RSS; imported where used
     import pyarrow.dataset as pads
@@ -113,6 +113,7 @@ def index_table(
         np.strings.add("-", ys_u16.astype(np.str_)),
     )
     when = datetime if datetime.tzinfo else datetime.replace(tzinfo=dt.timezone.utc)
+    when = when.astimezone(dt.timezone.utc)
     delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
     micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
     bounds = shapely.bounds(polygons) if n else np.zeros((0, 4))
@@ -121,7 +122,7 @@ def index_table(
     geometry = geom_type.wrap_array(wkb) if geom_type != pa.binary() else wkb
     columns = {
         "chipid": _binary_array([c.encode() for c in chipids.tolist()], pa.string()),
-        "date": _fixed_array(np.full(n, (datetime.date() - EPOCH).days, dtype=np.int32), pa.date32()),
+        "date": _fixed_array(np.full(n, (when.date() - EPOCH).days, dtype=np.int32), pa.date32()),
         "chip_index_x": _fixed_array(xs_u16, pa.uint16()),
         "chip_index_y": _fixed_array(ys_u16, pa.uint16()),
         "cloud_cover_percentage": _fixed_array(np.asarray(cloud, dtype=np.float32), pa.float32()),
@@ -277,10 +278,23 @@ def read_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     return query(sources)
 
 
-def _timestamp(value: Any) -> pa.Scalar:
+def _as_datetime(value: Any, field: str) -> dt.datetime | dt.date:
+    """A datetime, or a date for a whole day (date objects, ``YYYY-MM-DD``)."""
     if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        text = value.strip()
+        try:
+            if len(text) == 10:
+                return dt.date.fromisoformat(text)
+            return dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError as exc:
+            raise ConfigError(f"{field} = {value!r} is not an ISO 8601 date or datetime") from exc
+    if isinstance(value, dt.date):
+        return value
+    raise ConfigError(f"{field} = {value!r} is not a date, datetime or ISO 8601 string")
+
+
+def _timestamp(value: dt.datetime | dt.date) -> pa.Scalar:
+    if not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
@@ -304,7 +318,8 @@ def query(
     ``sources`` is a dataset from :func:`open_index` or anything it accepts.
     ``bbox`` is ``(minx, miny, maxx, maxy)`` in degrees (chips intersecting it);
     ``start``/``end`` bound ``datetime`` inclusively (ISO strings, dates or
-    datetimes, naive meaning UTC); ``max_cloud``/``max_nodata`` are fractions.
+    datetimes, naive meaning UTC; a date ``end`` includes that whole UTC
+    day); ``max_cloud``/``max_nodata`` are fractions.
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -325,9 +340,13 @@ def query(
             & (pc.field("bbox", "ymax") >= miny)
         )
     if start is not None:
-        add(pc.field("datetime") >= _timestamp(start))
+        add(pc.field("datetime") >= _timestamp(_as_datetime(start, "start")))
     if end is not None:
-        add(pc.field("datetime") <= _timestamp(end))
+        last = _as_datetime(end, "end")
+        if isinstance(last, dt.datetime):
+            add(pc.field("datetime") <= _timestamp(last))
+        else:  # a date ends with its last instant (UTC)
+            add(pc.field("datetime") < _timestamp(last + dt.timedelta(days=1)))
     if max_cloud is not None:
         add(pc.field("cloud_cover_percentage") <= float(max_cloud))
     if max_nodata is not None:

@@ -12,7 +12,7 @@ import pytest
 import shapely
 from affine import Affine
 
-from stacchip.errors import IndexFileError
+from stacchip.errors import ConfigError, IndexFileError
 from stacchip.index import SCHEMA, open_index, query, read_index, read_metadata, write_index
 from stacchip.indexer import Sentinel2Indexer
 from tests.builders import write_cog
@@ -127,6 +127,35 @@ def test_query_filters(indexes):
     assert set(hits.column("item_id").to_pylist()) == {"A", "B"}
     assert 1 <= hits.num_rows <= 8
     assert query(ds, item_id=["C"], columns=["chipid"]).column_names == ["chipid"]
+
+
+def test_query_time_range_dates_and_timezones(indexes):
+    root, _ = indexes
+    ds = open_index(root)
+
+    def ids(**kw):
+        return set(query(ds, **kw).column("item_id").to_pylist())
+
+    # A date end includes that whole day (B is at 10:00 UTC on 2024-06-10).
+    assert ids(start="2024-06-10", end="2024-06-10") == {"B"}
+    assert ids(start=dt.date(2024, 6, 10), end=dt.date(2024, 6, 10)) == {"B"}
+    assert ids(end="2024-06-10T09:59:59Z") == {"A"}
+    # Offsets are honoured: 12:00+02:00 is B's instant exactly.
+    assert ids(start="2024-06-10T12:00:00+02:00", end="2024-06-10T12:00:00+02:00") == {"B"}
+    with pytest.raises(ConfigError, match="end"):
+        query(ds, end="10th of June")
+
+
+def test_index_date_is_the_utc_date():
+    from stacchip.index import index_table
+
+    when = dt.datetime(2024, 6, 10, 22, 30, tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+    table = index_table(
+        item_id="x", platform="p", datetime=when, chip_size=8, xs=np.array([0]), ys=np.array([0]),
+        cloud=np.array([0.0]), nodata=np.array([0.0]), polygons=np.array([shapely.box(0, 0, 1, 1)]),
+    )
+    assert table.column("date")[0].as_py() == dt.date(2024, 6, 11)
+    assert table.column("datetime")[0].as_py() == dt.datetime(2024, 6, 11, 3, 30, tzinfo=dt.timezone.utc)
 
 
 def test_missing_index_sources(tmp_path):
