@@ -13,6 +13,7 @@ import yaml
 
 from stacchip import storage
 from stacchip.chipper import Chipper
+from stacchip.errors import ConfigError
 from stacchip.indexer import ChipIndexer
 from stacchip.processors import prechip, stats
 from stacchip.processors.bands import S2_BANDS
@@ -218,3 +219,28 @@ def test_stats_from_cubes_on_s3(cubes: dict[str, Any], s3_bucket: str) -> None:
     merged = stats.write_merged(cfg)
     check_against(merged["bands"], numpy_reference(stats.cube_files(cubes["root"], PLATFORM)))
     assert storage.exists(f"s3://{s3_bucket}/out/stats/{PLATFORM}/metadata.yaml")
+
+
+def test_merge_refuses_stale_and_missing_partials(cubes: dict[str, Any], tmp_path: Path) -> None:
+    ref = numpy_reference(stats.cube_files(cubes["root"], PLATFORM))
+    first = stats.StatsConfig(platform=PLATFORM, output=str(tmp_path), chips=cubes["root"], cubes_per_job=3)
+    for j in range(stats.job_count(first)):  # 4 jobs: partial_00000 .. partial_00003
+        stats.write_partial(j, first)
+    # re-run in the same place with bigger shares: 2 jobs; partials 2 and 3 of the first run stay behind
+    second = stats.StatsConfig(platform=PLATFORM, output=str(tmp_path), chips=cubes["root"], cubes_per_job=5)
+    assert stats.job_count(second) == 2
+    for j in range(2):
+        stats.write_partial(j, second)
+    with pytest.raises(ConfigError, match="different settings"):
+        stats.write_merged(second)
+    assert not (tmp_path / "stats" / PLATFORM / "stats.json").exists()
+    folder = tmp_path / "stats" / PLATFORM
+    for stale in ("partial_00002.json", "partial_00003.json"):
+        (folder / stale).unlink()
+    check_against(stats.write_merged(second)["bands"], ref)
+    # a failed (missing) job is not merged over
+    (folder / "partial_00001.json").unlink()
+    (folder / "stats.json").unlink()
+    with pytest.raises(ConfigError, match=r"missing jobs \[1\]"):
+        stats.write_merged(second)
+    assert not (folder / "stats.json").exists()

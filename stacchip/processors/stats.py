@@ -338,6 +338,11 @@ def _chips(config: StatsConfig) -> str:
 
 def job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> StatsAccumulator:
     """Statistics of array job ``job_index``'s share of the source."""
+    return _job_stats(job_index, config, workers)[0]
+
+
+def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[StatsAccumulator, int]:
+    """:func:`job_stats` and the number of jobs the whole source needs."""
     acc = config.accumulator()
     spec = platform_bands(config.platform)
     if config.source == "cubes":
@@ -348,14 +353,15 @@ def job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> StatsAcc
         for url in tqdm(mine, desc=f"stats job {job_index}", unit="cube", disable=len(mine) < 2 or None):
             pixels, mask = cube_pixels(url, spec)
             acc.update(pixels, mask)
-        return acc
+        return acc, math.ceil(len(files) / config.cubes_per_job)
     if config.source != "index":
         raise ConfigError(f"unknown statistics source {config.source!r}; use 'cubes' or 'index'")
     selection = _index_selection(config)
     n = selection.table.num_rows if config.max_chips is None else min(config.max_chips, selection.table.num_rows)
+    n_jobs = math.ceil(n / config.chips_per_job)
     rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
     if len(rows_idx) == 0:
-        return acc
+        return acc, n_jobs
     rows = selection.table.take(pa.array(rows_idx))
     tasks = prechip.plan_reads(rows, str(config.data), config.platform, config.mountpath)
     with prechip.ChipReader(workers) as reader:
@@ -364,25 +370,80 @@ def job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> StatsAcc
                 logger.warning("chips left out: %s", result.missing)
                 continue
             acc.update(result.pixels, result.mask)
-    return acc
+    return acc, n_jobs
+
+
+def share_settings(config: StatsConfig) -> dict[str, Any]:
+    """The settings that decide how the source is cut into job shares (recorded in each partial)."""
+    if config.source == "cubes":
+        return {"source": "cubes", "cubes_per_job": config.cubes_per_job, "max_cubes": config.max_cubes}
+    return {
+        "source": config.source, "chips_per_job": config.chips_per_job, "max_chips": config.max_chips,
+        "seed": config.seed, "max_nodata": config.max_nodata, "max_cloud": config.max_cloud,
+    }
 
 
 def write_partial(job_index: int, config: StatsConfig, workers: int = 1) -> str:
     """Run job ``job_index`` and write its partial result; returns its URL."""
-    acc = job_stats(job_index, config, workers)
+    acc, n_jobs = _job_stats(job_index, config, workers)
     record = acc.to_dict()
-    record.update({"platform": config.platform, "source": config.source, "job": job_index})
+    record.update({"platform": config.platform, "source": config.source, "job": job_index, "jobs": n_jobs,
+                   "settings": share_settings(config)})
     url = partial_url(config.output, config.platform, job_index)
     storage.write_bytes(url, json.dumps(record).encode())
     logger.info("job %d: %s pixels per band -> %s", job_index, acc.count.tolist(), url)
     return url
 
 
+def _read_record(url: str) -> dict[str, Any]:
+    try:
+        record = json.loads(storage.read_bytes(url))
+    except ValueError as exc:
+        raise ConfigError(f"partial statistics {url!r} are not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise ConfigError(f"partial statistics {url!r} are not a JSON object")
+    return record
+
+
+def check_partials(records: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Raise :class:`ConfigError` unless the partials are one complete run.
+
+    Every partial must record the same job count and share settings, and the
+    jobs ``0 .. jobs-1`` must each be there once: a partial left over from an
+    earlier run with other settings, or a missing (failed) job, would
+    otherwise be merged silently into wrong statistics.
+    """
+    if not records or not all("jobs" in r for _, r in records):
+        return  # partials of an older format carry no job count
+    runs = {(int(r["jobs"]), json.dumps(r.get("settings"), sort_keys=True)) for _, r in records}
+    if len(runs) > 1:
+        detail = "; ".join(f"{u}: job {r.get('job')} of {r['jobs']}, {r.get('settings')}" for u, r in records)
+        raise ConfigError(
+            "the partial statistics come from runs with different settings (remove the stale "
+            f"partial_*.json files and re-run): {detail}"
+        )
+    n_jobs = int(records[0][1]["jobs"])
+    jobs_seen = sorted(int(r.get("job", -1)) for _, r in records)
+    if jobs_seen != list(range(n_jobs)):
+        missing = sorted(set(range(n_jobs)) - set(jobs_seen))
+        extra = [u for u, r in records if not 0 <= int(r.get("job", -1)) < n_jobs]
+        raise ConfigError(
+            f"the partial statistics do not cover jobs 0..{n_jobs - 1} once each: missing jobs {missing}, "
+            f"stale or repeated files {extra or sorted(u for u, _ in records)}; re-run the missing jobs "
+            "or remove the stale files"
+        )
+
+
 def merge_partials(urls: Iterable[str]) -> StatsAccumulator:
-    """Merge partial result files (order does not matter beyond float round-off)."""
+    """Merge partial result files (order does not matter beyond float round-off).
+
+    The partials must be one complete run (see :func:`check_partials`).
+    """
+    records = [(url, _read_record(url)) for url in urls]
+    check_partials(records)
     acc: StatsAccumulator | None = None
-    for url in urls:
-        part = StatsAccumulator.from_dict(json.loads(storage.read_bytes(url)))
+    for _, record in records:
+        part = StatsAccumulator.from_dict(record)
         acc = part if acc is None else acc.merge(part)
     if acc is None:
         raise ConfigError("no partial statistics to merge")
