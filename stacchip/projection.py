@@ -195,6 +195,11 @@ def _shape_and_transform(
     )
 
 
+def _has_crs(item: Any, key: str) -> bool:
+    fields = {**_props(item), **_asset_fields(item, key)}
+    return any(fields.get(field) is not None for field in CRS_FIELDS)
+
+
 def asset_grid(item: Any, key: str) -> Grid | None:
     """Grid an asset declares (its own fields, else the item's), or ``None``."""
     where = _where(item, key)
@@ -215,10 +220,11 @@ def item_grid(item: Any, shape: Any = None) -> Grid:
     Raises :class:`ProjectionError` naming the item and field when nothing
     usable is present.
     """
-    crs = item_crs(item)
     st = _shape_and_transform(_props(item), _where(item, None))
-    if st is None:
-        best: tuple[tuple[float, int], tuple[tuple[int, int], Affine]] | None = None
+    if st is not None:
+        crs = item_crs(item)
+    else:
+        best: tuple[tuple[float, int], tuple[tuple[int, int], Affine], str] | None = None
         for key in item.assets:
             found = _shape_and_transform(_asset_fields(item, key), _where(item, key))
             if found is None:
@@ -226,13 +232,17 @@ def item_grid(item: Any, shape: Any = None) -> Grid:
             (rows, cols), tr = found
             rank = (abs(tr.a) * abs(tr.e), -rows * cols)
             if best is None or rank < best[0]:
-                best = (rank, found)
+                best = (rank, found, key)
         if best is None:
+            item_crs(item)  # a missing or unreadable CRS is the first thing to report
             raise ProjectionError(
                 f"{_where(item, None)}: no {SHAPE_FIELD!r} and {TRANSFORM_FIELD!r} "
                 "in the item properties or in any asset"
             )
         st = best[1]
+        # The grid's transform is in the CRS of the asset it comes from (asset
+        # fields override the item's), not whichever asset states a CRS first.
+        crs = item_crs(item, best[2]) if _has_crs(item, best[2]) else item_crs(item)
     grid_shape, transform = st
     if shape is not None:
         grid_shape = parse_shape(shape, f"{_where(item, None)} (shape argument)")

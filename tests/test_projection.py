@@ -63,6 +63,23 @@ def test_crs_only_on_assets():
     assert grid.shape == (100, 200)
 
 
+def test_finest_grid_takes_the_crs_of_its_own_asset():
+    coarse = {"proj:shape": [50, 100], "proj:transform": [20, 0, 500000, 0, -20, 4000000]}
+    # CRS stated per asset only: the grid's CRS is the finest asset's, not the first asset's.
+    item = _item(assets={
+        "thumb": {"href": "t.tif", "proj:code": "EPSG:32633", **coarse},
+        "b": {"href": "b.tif", "proj:code": "EPSG:32634", **GRID},
+    })
+    assert item_grid(item).crs.to_epsg() == 32634
+    # An asset CRS overrides the item's for the grid taken from that asset.
+    item = _item({"proj:code": "EPSG:32633"}, {
+        "c": {"href": "c.tif", **coarse},
+        "b": {"href": "b.tif", "proj:code": "EPSG:32634", **GRID},
+    })
+    assert item_grid(item).crs.to_epsg() == 32634
+    assert item_grid(item).transform.a == 10
+
+
 def test_nine_term_transform():
     item = _item({"proj:epsg": 32633, "proj:shape": [5, 6],
                   "proj:transform": [10.0, 0.0, 1.0, 0.0, -10.0, 2.0, 0.0, 0.0, 1.0]})
