@@ -252,6 +252,20 @@ def run_index(name: str, settings_json: str, index: int) -> list[dict[str, Any]]
     return records
 
 
+def run_upstream(cls: type[Processor], argv: Sequence[str]) -> list[dict[str, Any]]:
+    """Body of the upstream-compatible ``process_*_tile`` functions: one task from flags.
+
+    ``argv`` must hold ``--index``. Returns the item records; raises
+    :class:`~stacchip.processors.jobs.TaskFailed` when an item failed (as
+    upstream's functions raised), :class:`ConfigError` for bad settings.
+    """
+    args = cls.build_parser().parse_args(list(argv))
+    settings = cls.settings_from(args)
+    indices = jobs.resolve_indices(args.index, None)
+    cls(settings).validate(indices)
+    return run_index(cls.name, json.dumps(settings, sort_keys=True), indices[0])
+
+
 def cli(cls: type[Processor], argv: Sequence[str] | None = None) -> jobs.RunSummary:
     """Parse, validate, run, print; used by every console script through :func:`main`."""
     args = cls.build_parser().parse_args(argv)

@@ -25,7 +25,7 @@ from stacchip import storage
 from stacchip.errors import ConfigError
 from stacchip.indexer import LandsatIndexer
 from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register
+from stacchip.processors.base import Processor, main, register, run_upstream
 from stacchip.processors.catalog import Rule, Sort
 from stacchip.processors.publish import Outcome, copy_plan
 from stacchip.processors.sampling import periods, pick_years
@@ -145,10 +145,7 @@ class LandsatProcessor(Processor):
 
 def process_landsat_tile(index: int, sample_source: str, bucket: str) -> None:
     """Upstream-compatible call: process row ``index`` of ``sample_source`` into ``bucket``."""
-    args = LandsatProcessor.build_parser().parse_args(
-        ["--index", str(index), "--sample-source", sample_source, "--bucket", bucket]
-    )
-    LandsatProcessor(LandsatProcessor.settings_from(args)).run_task(index)
+    run_upstream(LandsatProcessor, ["--index", str(index), "--sample-source", sample_source, "--bucket", bucket])
 
 
 def process(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from stacchip import storage
 from stacchip.errors import ConfigError, ItemError, StorageError
 from stacchip.indexer import NoDataMaskChipIndexer
 from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register
+from stacchip.processors.base import Processor, main, register, run_upstream
 from stacchip.processors.cog import write_cog
 from stacchip.processors.publish import Outcome, RenderedAsset
 from stacchip.processors.sampling import parse_datetime
@@ -190,8 +190,7 @@ class LinzProcessor(Processor):
 
 def process_linz_tile(index: int, bucket: str) -> None:
     """Upstream-compatible call: process survey ``index`` into ``bucket``."""
-    args = LinzProcessor.build_parser().parse_args(["--index", str(index), "--bucket", bucket])
-    LinzProcessor(LinzProcessor.settings_from(args)).run_task(index)
+    run_upstream(LinzProcessor, ["--index", str(index), "--bucket", bucket])
 
 
 def process(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from stacchip import storage
 from stacchip.errors import ConfigError
 from stacchip.indexer import ModisIndexer
 from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register
+from stacchip.processors.base import Processor, main, register, run_upstream
 from stacchip.processors.catalog import Rule, Sort
 from stacchip.processors.cog import copy_as_cog
 from stacchip.processors.publish import Outcome, RenderedAsset, filename_of
@@ -213,8 +213,7 @@ def read_tiles(source: str) -> list[tuple[int, int]]:
 
 def process_modis_tile(index: int, bucket: str) -> None:
     """Upstream-compatible call: process tile ``index`` into ``bucket``."""
-    args = ModisProcessor.build_parser().parse_args(["--index", str(index), "--bucket", bucket])
-    ModisProcessor(ModisProcessor.settings_from(args)).run_task(index)
+    run_upstream(ModisProcessor, ["--index", str(index), "--bucket", bucket])
 
 
 def process(argv: Sequence[str] | None = None) -> int:

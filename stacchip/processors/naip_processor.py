@@ -24,7 +24,7 @@ from shapely.geometry import mapping
 from stacchip import storage
 from stacchip.indexer import NoStatsChipIndexer
 from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register
+from stacchip.processors.base import Processor, main, register, run_upstream
 from stacchip.processors.catalog import Sort
 from stacchip.processors.publish import Outcome, copy_plan, filename_of
 
@@ -117,10 +117,7 @@ class NaipProcessor(Processor):
 
 def process_naip_tile(index: int, sample_source: str, bucket: str) -> None:
     """Upstream-compatible call: process row ``index`` of ``sample_source`` into ``bucket``."""
-    args = NaipProcessor.build_parser().parse_args(
-        ["--index", str(index), "--sample-source", sample_source, "--bucket", bucket]
-    )
-    NaipProcessor(NaipProcessor.settings_from(args)).run_task(index)
+    run_upstream(NaipProcessor, ["--index", str(index), "--sample-source", sample_source, "--bucket", bucket])
 
 
 def process(argv: Sequence[str] | None = None) -> int:

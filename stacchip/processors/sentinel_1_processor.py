@@ -23,7 +23,7 @@ from shapely.geometry import mapping, shape
 
 from stacchip.indexer import Sentinel1Indexer
 from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register
+from stacchip.processors.base import Processor, main, register, run_upstream
 from stacchip.processors.cog import copy_as_cog
 from stacchip.processors.publish import Outcome, RenderedAsset, filename_of
 from stacchip.processors.sampling import period
@@ -115,10 +115,7 @@ class Sentinel1Processor(Processor):
 
 def process_mgrs_tile(index: int, mgrs_source: str, bucket: str) -> None:
     """Upstream-compatible call: process row ``index`` of ``mgrs_source`` into ``bucket``."""
-    args = Sentinel1Processor.build_parser().parse_args(
-        ["--index", str(index), "--sample-source", mgrs_source, "--bucket", bucket]
-    )
-    Sentinel1Processor(Sentinel1Processor.settings_from(args)).run_task(index)
+    run_upstream(Sentinel1Processor, ["--index", str(index), "--sample-source", mgrs_source, "--bucket", bucket])
 
 
 def process(argv: Sequence[str] | None = None) -> int:

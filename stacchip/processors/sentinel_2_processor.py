@@ -22,7 +22,7 @@ from shapely.geometry import mapping
 from stacchip import storage
 from stacchip.indexer import Sentinel2Indexer
 from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register
+from stacchip.processors.base import Processor, main, register, run_upstream
 from stacchip.processors.catalog import Rule, Sort
 from stacchip.processors.publish import Outcome, copy_plan
 from stacchip.processors.sampling import periods, pick_years
@@ -112,10 +112,7 @@ class Sentinel2Processor(Processor):
 
 def process_mgrs_tile(index: int, mgrs_source: str, bucket: str) -> None:
     """Upstream-compatible call: process row ``index`` of ``mgrs_source`` into ``bucket``."""
-    args = Sentinel2Processor.build_parser().parse_args(
-        ["--index", str(index), "--sample-source", mgrs_source, "--bucket", bucket]
-    )
-    Sentinel2Processor(Sentinel2Processor.settings_from(args)).run_task(index)
+    run_upstream(Sentinel2Processor, ["--index", str(index), "--sample-source", mgrs_source, "--bucket", bucket])
 
 
 def process(argv: Sequence[str] | None = None) -> int:
