@@ -201,10 +201,9 @@ def select_chips(
     expr = pc.scalar(True)
     if platform is not None:
         expr &= pc.field("platform") == platform
-    if max_nodata is not None:
-        expr &= pc.field("nodata_percentage") <= float(max_nodata)
-    if max_cloud is not None:
-        expr &= pc.field("cloud_cover_percentage") <= float(max_cloud)
+    for column, limit in (("nodata_percentage", max_nodata), ("cloud_cover_percentage", max_cloud)):
+        if limit is not None:
+            expr &= pc.field(column) <= _limit_scalar(dataset.schema, column, limit)
     try:
         # only the columns prechip needs (no geometry): the merged index can be large
         table = dataset.to_table(columns=COLUMNS, filter=expr)
@@ -222,6 +221,16 @@ def select_chips(
     if dupes:
         raise IndexFileError(f"the index holds {dupes} duplicate chipid rows; merge it without duplicates")
     return table
+
+
+def _limit_scalar(schema: pa.Schema, column: str, limit: float) -> pa.Scalar:
+    """``limit`` in the column's own float type: the fractions are float32, and a float64
+    0.05 is below float32(0.05), so a chip stored with exactly the limit would be dropped."""
+    index = schema.get_field_index(column)
+    typ = schema.field(index).type if index >= 0 else pa.float64()
+    if not pa.types.is_floating(typ):
+        typ = pa.float64()
+    return pa.scalar(float(limit), typ)
 
 
 def permutation(n: int, seed: int) -> np.ndarray:
