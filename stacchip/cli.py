@@ -90,7 +90,9 @@ def cmd_chip(args: argparse.Namespace) -> int:
         raise IndexFileError(f"chip id {args.chipid!r} is not in index {args.index!r}")
     row = table.slice(0, 1).to_pylist()[0]
     item = load_item(_find_item_for_chip(args.index, row, args.item))
-    indexer = ChipIndexer(item, chip_size=int(row["chip_size"]))
+    # "keep" covers every chip an index can hold (also those of `--edge keep`);
+    # whole chips read the same under either edge rule.
+    indexer = ChipIndexer(item, chip_size=int(row["chip_size"]), edge="keep")
     assets = args.assets.split(",") if args.assets else None
     with Chipper(indexer, assets=assets, native=args.native) as chipper:
         chip = chipper.chip(int(row["chip_index_x"]), int(row["chip_index_y"]))

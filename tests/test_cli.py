@@ -57,6 +57,20 @@ def test_index_then_chip(s2_item_file, tmp_path):
             np.testing.assert_array_equal(data[key], expected[key])
 
 
+def test_chip_of_an_edge_keep_index(s2_item_file, tmp_path):
+    out = tmp_path / "index.parquet"
+    proc = run("index", str(s2_item_file), "--out", str(out), "--chip-size", "64", "--edge", "keep")
+    assert "36/36 chips" in proc.stdout  # 366 px: 5 whole chips and a partial one per axis
+    item = load_item(s2_item_file)
+    npz = tmp_path / "edge.npz"
+    run("chip", str(out), "--chipid", f"{item.id}-5-2", "--out", str(npz), "--assets", "red")
+    with np.load(npz) as data:
+        ix = Sentinel2Indexer(item, chip_size=64, edge="keep")
+        np.testing.assert_array_equal(data["red"], Chipper(ix, assets=["red"]).chip(5, 2)["red"])
+        assert data["red"].shape == (1, 64, 64)
+        assert np.all(data["red"][:, :, 366 - 5 * 64:] == 0)  # beyond the grid: fill
+
+
 def test_index_bad_item_writes_nothing(tmp_path):
     bad = tmp_path / "item.json"
     item = real_item("sentinel-2")
