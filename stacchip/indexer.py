@@ -408,7 +408,7 @@ class NoDataMaskChipIndexer(ChipIndexer):
         mask = self.nodata_mask.astype(bool)
         rows, cols = self.grid.shape
         t = self.grid.transform
-        mask_transform = t * Affine.scale(cols / mask.shape[1], rows / mask.shape[0])
+        mask_transform = t @ Affine.scale(cols / mask.shape[1], rows / mask.shape[0])
         zeros = np.zeros(mask.shape[1], dtype=bool)
         cloud, nodata = block_reduce(
             t, mask_transform, mask.shape, self.x_size, self.y_size, self.chip_size,
