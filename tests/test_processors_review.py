@@ -1,11 +1,13 @@
-"""Processor edge cases found in review: STAC API outages are transient, not configuration errors."""
+"""Processor edge cases found in review: STAC API outages, upstream entry points, one bad scene in a task."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import threading
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,7 +92,7 @@ def test_catalog_refusal_is_a_configuration_error(flaky_api: _Api) -> None:
 
 
 @pytest.mark.services
-def test_upstream_entry_point_raises_when_an_item_fails(s2_setup, monkeypatch):
+def test_upstream_entry_point_raises_when_an_item_fails(s2_setup, monkeypatch):  # noqa: F811
     """Upstream's ``process_mgrs_tile`` raised on a failed item; a caller must still learn of failures."""
     from stacchip.processors import jobs, sentinel_2_processor
     from tests.processors_support import bucket_objects, s3
@@ -107,3 +109,38 @@ def test_upstream_entry_point_raises_when_an_item_fails(s2_setup, monkeypatch):
     assert {r["status"] for r in info.value.result} == {"failed"}
     assert f"S2A_{s2_setup['tag']}_Q1_CLOUD10" in str(info.value)
     assert not bucket_objects(s2_setup["endpoint"], s2_setup["bucket"], "index/")
+
+
+@pytest.mark.services
+def test_linz_unreadable_scene_fails_alone(s3_env, tmp_path, monkeypatch, capsys):
+    """One corrupt scene fails that item; the survey's other scenes are still published (exit 1)."""
+    import boto3
+
+    from stacchip.processors import linz_processor
+    from tests.test_processors_linz import SURVEY, _scene
+
+    source = f"nz-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_env)
+    client.create_bucket(Bucket=source)
+    names = [f"BQ31_500_05{n}0" for n in range(3)]
+    hrefs = [f"s3://{source}/{SURVEY}{name}.tiff" for name in names]
+    bad = Path(linz_processor.sample_scenes(hrefs)[0]).stem  # processed first
+    for n, name in enumerate(names):
+        _scene(tmp_path, name, n * 24)
+        if name == bad:
+            (tmp_path / f"{name}.tiff").write_bytes(b"not a tiff")
+        for ext in (".tiff", ".json"):
+            client.upload_file(str(tmp_path / f"{name}{ext}"), source, f"{SURVEY}{name}{ext}")
+    prefixes = tmp_path / "prefixes.txt"
+    prefixes.write_text("testregion/testregion_2023_0.1m/\n")
+    out = tmp_path / "corpus"
+    monkeypatch.setenv("STACCHIP_RETRIES", "1")
+    status = linz_processor.process([
+        "--index", "0", "--bucket", str(out), "--root", f"s3://{source}", "--prefixes", str(prefixes),
+        "--chip-size", "32",
+    ])
+    recs = {r["item_id"]: r["status"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert status == 1
+    assert recs == {name: ("failed" if name == bad else "done") for name in names}
+    for name in names:
+        assert (out / "index" / "linz" / name / f"index_{name}.parquet").exists() == (name != bad)

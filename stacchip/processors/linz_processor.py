@@ -164,28 +164,32 @@ class LinzProcessor(Processor):
         publisher = self.publisher(index)
         outcomes: list[Outcome] = []
         for href in scenes:
-            meta_url = href[: -len(".tiff")] + ".json"
-            original = pystac.Item.from_dict(json.loads(storage.read_bytes_retry(meta_url)))
-            filename = Path(href).name
-            early = publisher.skip_or_plan(PLATFORM_NAME, original.id, {ASSET_KEY: href})
-            if early is not None:
-                outcomes.append(early)
-                continue
-            data, profile = resample(href, s["resolution"])
-            item = linz_item(original, profile, data.shape[1:])
-            item.add_asset(ASSET_KEY, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
-            mask = data[0] == 0
-            plan = {ASSET_KEY: RenderedAsset(functools.partial(write_cog, data, profile), filename, href)}
+            # a scene that cannot be read fails alone; the survey's other scenes still run
             outcomes.append(
-                publisher.publish(
-                    item, PLATFORM_NAME, plan,
-                    functools.partial(
-                        NoDataMaskChipIndexer, nodata_mask=mask, chip_size=s["chip_size"],
-                        chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME,
-                    ),
-                )
+                publisher.guard(PLATFORM_NAME, Path(href).stem, functools.partial(self._scene, publisher, href))
             )
         return outcomes
+
+    def _scene(self, publisher: Any, href: str) -> Outcome:
+        s = self.settings
+        meta_url = href[: -len(".tiff")] + ".json"
+        original = pystac.Item.from_dict(json.loads(storage.read_bytes_retry(meta_url)))
+        filename = Path(href).name
+        early = publisher.skip_or_plan(PLATFORM_NAME, original.id, {ASSET_KEY: href})
+        if early is not None:
+            return early
+        data, profile = resample(href, s["resolution"])
+        item = linz_item(original, profile, data.shape[1:])
+        item.add_asset(ASSET_KEY, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
+        mask = data[0] == 0
+        plan = {ASSET_KEY: RenderedAsset(functools.partial(write_cog, data, profile), filename, href)}
+        return publisher.publish(
+            item, PLATFORM_NAME, plan,
+            functools.partial(
+                NoDataMaskChipIndexer, nodata_mask=mask, chip_size=s["chip_size"],
+                chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME,
+            ),
+        )
 
 
 def process_linz_tile(index: int, bucket: str) -> None:

@@ -16,6 +16,7 @@ chip index comes from :class:`~stacchip.indexer.ModisIndexer`.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import random
 from typing import Any, Sequence
@@ -167,27 +168,30 @@ class ModisProcessor(Processor):
                     logger.info("task %d: tile h%02dv%02d %s: no composite; skipping", index, h, v, p.name)
                     continue
                 item = items[0]
-                keys = [k for k in BANDS if k in item.assets]
-                hrefs = {k: item.assets[k].href for k in keys}
-                early = publisher.skip_or_plan(PLATFORM_NAME, item.id, hrefs)
-                if early is not None:
-                    early.note = p.name
-                    outcomes.append(early)
-                    continue
-                plan = {k: RenderedAsset(render_warped(hrefs[k]), filename_of(hrefs[k]), hrefs[k]) for k in keys}
-                end = item.properties.get("end_datetime")
-                if end:
-                    item.datetime = parse_datetime(end)
-                reproject_metadata(item, {k: warped_grid(hrefs[k]) for k in keys})
-                outcome = publisher.publish(
-                    item, PLATFORM_NAME, plan,
-                    lambda it: ModisIndexer(
-                        it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME
-                    ),
-                )
+                # a composite that cannot be read fails alone; the tile's other months still run
+                outcome = publisher.guard(PLATFORM_NAME, item.id, functools.partial(self._item, publisher, item))
                 outcome.note = outcome.note or p.name
                 outcomes.append(outcome)
         return outcomes
+
+    def _item(self, publisher: Any, item: pystac.Item) -> Outcome:
+        s = self.settings
+        keys = [k for k in BANDS if k in item.assets]
+        hrefs = {k: item.assets[k].href for k in keys}
+        early = publisher.skip_or_plan(PLATFORM_NAME, item.id, hrefs)
+        if early is not None:
+            return early
+        plan = {k: RenderedAsset(render_warped(hrefs[k]), filename_of(hrefs[k]), hrefs[k]) for k in keys}
+        end = item.properties.get("end_datetime")
+        if end:
+            item.datetime = parse_datetime(end)
+        reproject_metadata(item, {k: warped_grid(hrefs[k]) for k in keys})
+        return publisher.publish(
+            item, PLATFORM_NAME, plan,
+            lambda it: ModisIndexer(
+                it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME
+            ),
+        )
 
 
 def read_tiles(source: str) -> list[tuple[int, int]]:

@@ -185,13 +185,22 @@ class Publisher:
         still run; :func:`raise_failures` then fails the task (its index is not
         written, so a re-run redoes the item).
         """
+        return self.guard(platform, item.id, lambda: self._publish(item, platform, plan, make_indexer))
+
+    @staticmethod
+    def guard(platform: str, item_id: str, work: Callable[[], Outcome]) -> Outcome:
+        """``work()``, or a ``failed`` outcome (logged) when it raises anything but :class:`ConfigError`.
+
+        Processors wrap each item's preparation (reading, resampling) in it so
+        one bad scene fails that item only, not the rest of the task.
+        """
         try:
-            return self._publish(item, platform, plan, make_indexer)
+            return work()
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad item must not stop the task's others
-            logger.exception("%s/%s failed", platform, item.id)
-            return Outcome(platform, item.id, "failed", note=f"{type(exc).__name__}: {exc}")
+            logger.exception("%s/%s failed", platform, item_id)
+            return Outcome(platform, item_id, "failed", note=f"{type(exc).__name__}: {exc}")
 
     def _publish(
         self,
