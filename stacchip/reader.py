@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -155,27 +156,42 @@ def resolve_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> 
     return href
 
 
+#: Live caches and lane pools, reset in a forked child before any of its threads run.
+_fork_aware: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _config_lock
+    _config_lock = threading.Lock()  # a parent thread may have held it at the fork
+    for obj in list(_fork_aware):
+        obj._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class DatasetCache:
     """One open rasterio dataset per (process, thread, path).
 
     After a fork the child starts with an empty cache (handles of the parent
-    are dropped, not used); the parent keeps its own.
+    are dropped, not used); the parent keeps its own. The reset happens in the
+    fork hook, while the child has one thread, so the child's threads never
+    race on it.
     """
 
     def __init__(self) -> None:
+        self._after_fork()
+        _fork_aware.add(self)
+
+    def _after_fork(self) -> None:
         self._local = threading.local()
-        self._pid = os.getpid()
         self._all: list[Any] = []
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def _handles(self) -> dict[str, Any]:
-        pid = os.getpid()
-        if pid != self._pid:
-            # Forked child: forget everything inherited from the parent.
-            self._local = threading.local()
-            self._all = []
-            self._lock = threading.Lock()
-            self._pid = pid
+        if os.getpid() != self._pid:
+            self._after_fork()  # not reached after os.fork (the hook ran); kept as a guard
         handles = getattr(self._local, "handles", None)
         if handles is None:
             handles = {}
@@ -296,6 +312,10 @@ class LanePool:
     def __init__(self, lanes: int) -> None:
         self.lanes = max(1, int(lanes))
         self._reset()
+        _fork_aware.add(self)
+
+    def _after_fork(self) -> None:
+        self._reset()  # the parent's threads do not exist in the child
 
     def _reset(self) -> None:
         self._pid = os.getpid()
@@ -350,6 +370,7 @@ class LanePool:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.lanes = state["lanes"]
         self._reset()
+        _fork_aware.add(self)
 
 
 class StripReader:
