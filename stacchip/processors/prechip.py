@@ -273,7 +273,9 @@ class _OpenItem:
         item = load_item(url)
         self.spec: PlatformBands = platform_bands(task.platform)
         self.keys = self.spec.asset_keys(item)
-        indexer = ChipIndexer(item, chip_size=task.chip_size, platform=task.platform)
+        # edge="keep": an index made with --edge keep holds the partial edge chips;
+        # their pixels beyond the grid read as the fill value and are marked nodata.
+        indexer = ChipIndexer(item, chip_size=task.chip_size, platform=task.platform, edge="keep")
         self.chipper = Chipper(indexer, mountpath=task.mountpath, assets=sorted(set(self.keys)))
         self.nodata = [self._nodata(item, key, band) for key, (_, band) in zip(self.keys, self.spec.sources)]
 
@@ -286,14 +288,22 @@ class _OpenItem:
                 return float(ds.nodatavals[band])
         return self.spec.default_nodata
 
-    def _stack(self, chip: dict[str, np.ndarray], item_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def _stack(self, chip: dict[str, np.ndarray], item_id: str, x: int, y: int) -> tuple[np.ndarray, np.ndarray]:
         pixels = self.spec.stack(item_id, chip, self.keys)
         mask = np.stack([is_nodata(pixels[i], nd) for i, nd in enumerate(self.nodata)])
+        # a partial edge chip: pixels beyond the grid are nodata whatever value filled them
+        rows, cols = self.chipper.indexer.grid.shape
+        size = self.chipper.indexer.chip_size
+        inside_y, inside_x = int(rows) - y * size, int(cols) - x * size
+        if inside_y < size:
+            mask[:, max(inside_y, 0) * mask.shape[1] // size:, :] = True
+        if inside_x < size:
+            mask[:, :, max(inside_x, 0) * mask.shape[2] // size:] = True
         return pixels, mask
 
     def read(self, x: int, y: int, item_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Pixels and nodata mask of one chip."""
-        return self._stack(self.chipper.chip(x, y), item_id)
+        return self._stack(self.chipper.chip(x, y), item_id, x, y)
 
     def read_many(
         self, xs: Sequence[int], ys: Sequence[int], item_id: str
@@ -310,7 +320,7 @@ class _OpenItem:
         except TypeError:  # a chipper without block ordering
             chips = many(list(zip(xs, ys)))
         for x, y, chip in chips:
-            yield (x, y, *self._stack(chip, item_id))
+            yield (x, y, *self._stack(chip, item_id, x, y))
 
     def close(self) -> None:
         self.chipper.close()
