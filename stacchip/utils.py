@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pystac
+from pystac.utils import make_absolute_href
 
 from stacchip import storage
 from stacchip.errors import ItemError
@@ -23,12 +24,24 @@ def item_key(platform: str, item_id: str) -> str:
 
 
 def load_item(url: str | os.PathLike[str]) -> pystac.Item:
-    """A STAC item from a local path, ``file://`` or ``s3://`` URL."""
+    """A STAC item from a local path, ``file://`` or ``s3://`` URL.
+
+    Relative asset hrefs (static catalogs) are resolved against the item's own
+    location, not the working directory.
+    """
     raw = storage.read_bytes(url)
     try:
-        return pystac.Item.from_dict(json.loads(raw), migrate=False)
+        item = pystac.Item.from_dict(json.loads(raw), migrate=False)
     except (ValueError, KeyError, TypeError) as exc:
         raise ItemError(f"{str(url)!r} is not a STAC item: {exc}") from exc
+    base = str(url)
+    if "://" not in base:
+        base = str(storage.local_path(base).resolve())
+    for asset in item.assets.values():
+        href = asset.href or ""
+        if href and "://" not in href and not href.startswith("/"):
+            asset.href = make_absolute_href(href, base)
+    return item
 
 
 def load_indexer_s3(

@@ -115,6 +115,29 @@ def test_load_indexer_local_bucket_layout(s2_item_file, tmp_path):
     assert isinstance(s2, Sentinel2Indexer) and s2.size == 25
 
 
+def test_relative_asset_hrefs_resolve_against_the_item(s2_item_file, tmp_path, monkeypatch):
+    """Static catalogs (and stac-asset downloads) use hrefs relative to the item JSON."""
+    item = load_item(s2_item_file)
+    want = Chipper(Sentinel2Indexer(item, chip_size=64), assets=["red", "scl"]).chip(1, 2)
+    raw = json.loads(s2_item_file.read_text())
+    for asset in raw["assets"].values():
+        if asset["href"].startswith(str(s2_item_file.parent)):
+            asset["href"] = "./" + asset["href"][len(str(s2_item_file.parent)) + 1:]
+    assert raw["assets"]["red"]["href"].startswith("./")
+    root = tmp_path / "bucket"
+    folder = root / "sentinel-2-l2a" / item.id
+    folder.mkdir(parents=True)
+    (folder / "stac_item.json").write_text(json.dumps(raw))
+    for tif in s2_item_file.parent.glob("*.tif"):
+        (folder / tif.name).symlink_to(tif)
+    monkeypatch.chdir(tmp_path)  # not the item's folder
+    ix = load_indexer_local("bucket", "sentinel-2-l2a", item.id, indexer="sentinel-2", chip_size=64)
+    got = Chipper(ix, assets=["red", "scl"]).chip(1, 2)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    assert ix.create_index().num_rows == 25
+
+
 @pytest.mark.services
 def test_load_indexer_s3(s2_item_file, s3_bucket):
     from stacchip import storage
