@@ -16,6 +16,7 @@ pickled (spawned DataLoader workers reload what they need).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any, Iterable, Mapping
 
 import pystac
@@ -33,7 +34,9 @@ class ItemSource:
 
     ``items`` (a mapping by item id, or an iterable of items) wins over
     ``root``; ``hrefs`` maps item ids to item JSON locations (from index file
-    metadata). At least one must be given.
+    metadata). At least one must be given. At most ``max_cached`` parsed items
+    are kept (least recently used dropped), so a pass over an index of many
+    items does not grow a process's memory without bound.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class ItemSource:
         root: str | os.PathLike[str] | None = None,
         items: Mapping[str, ItemLike] | Iterable[ItemLike] | None = None,
         hrefs: Mapping[str, str] | None = None,
+        max_cached: int = 1024,
     ) -> None:
         self.root = None if root in (None, "") else str(root)
         self.items: dict[str, ItemLike] = {}
@@ -57,7 +61,10 @@ class ItemSource:
                 "no way to find STAC items: give a data root ({platform}/{item_id}/stac_item.json), "
                 "an items mapping, or index files whose metadata records item_href"
             )
-        self._cache: dict[str, pystac.Item] = {}
+        if int(max_cached) < 1:
+            raise ConfigError(f"max_cached must be >= 1, got {max_cached}")
+        self.max_cached = int(max_cached)
+        self._cache: OrderedDict[tuple[str, str], pystac.Item] = OrderedDict()
 
     def location(self, platform: str, item_id: str) -> str | None:
         """Where the item JSON of ``item_id`` is read from (``None`` for in-memory items)."""
@@ -70,8 +77,10 @@ class ItemSource:
 
     def get(self, platform: str, item_id: str) -> pystac.Item:
         """The item ``item_id`` of ``platform`` (raises :class:`ItemError` if unknown)."""
-        item = self._cache.get(item_id)
+        key = (str(platform), str(item_id))
+        item = self._cache.get(key)
         if item is not None:
+            self._cache.move_to_end(key)
             return item
         value = self.items.get(item_id)
         if value is not None:
@@ -90,12 +99,14 @@ class ItemSource:
                 item = load_item(location)
             except StorageError as exc:
                 raise ItemError(f"item {item_id!r}: cannot read {location!r}: {exc}") from exc
-        self._cache[item_id] = item
+        self._cache[key] = item
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
         return item
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_cache"] = {}
+        state["_cache"] = OrderedDict()
         return state
 
 
