@@ -24,8 +24,9 @@ from stacchip.reader import DatasetCache, LanePool, gdal_env, read_indexed, reso
 
 logger = logging.getLogger(__name__)
 
-#: Media types that are never rasters worth chipping.
-NON_RASTER_TYPES = ("json", "xml", "html", "text/", "jpeg", "png")
+#: Media types that are never rasters worth chipping (previews, metadata, and
+#: multi-dataset containers such as HDF4/HDF5/NetCDF that GDAL cannot read as one raster).
+NON_RASTER_TYPES = ("json", "xml", "html", "text/", "jpeg", "png", "hdf", "netcdf")
 #: Asset roles that mark previews and metadata, not data.
 NON_DATA_ROLES = {"thumbnail", "overview", "metadata", "tiles", "visual-preview"}
 #: Parallel reads for remote (S3/HTTP) hrefs, where threads wait on latency.

@@ -128,6 +128,17 @@ def test_default_assets_are_data_rasters(s2_item):
     assert "scl" not in chipper.asset_keys and "visual" not in chipper.asset_keys
 
 
+def test_default_assets_skip_hdf_containers():
+    """Planetary Computer MODIS items carry the source HDF4 file as a data asset."""
+    item = pystac.Item.from_dict(real_item("sentinel-2"))
+    item.add_asset("hdf", pystac.Asset("https://example.invalid/MOD09A1.hdf", media_type="application/x-hdf",
+                                       roles=["data"]))
+    item.add_asset("nc", pystac.Asset("https://example.invalid/x.nc", media_type="application/netcdf",
+                                      roles=["data"]))
+    keys = Chipper(NoStatsChipIndexer(item)).asset_keys
+    assert "hdf" not in keys and "nc" not in keys and "red" in keys
+
+
 def test_native_resolution_option(s2_item):
     item = pystac.Item.from_dict(s2_item)
     chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16", "coastal"], native=True)
