@@ -111,6 +111,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from stacchip.indexer import Sentinel2Indexer
     from stacchip.utils import load_item
 
+    if args.chip_size <= 0 or args.size < args.chip_size:
+        raise ConfigError(
+            f"demo: --size {args.size} must be at least --chip-size {args.chip_size} (pixels) "
+            "for the scene to hold a chip"
+        )
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="stacchip-demo-"))
     t0 = time.perf_counter()
     item_path = build_demo_scene(workdir, size=args.size)

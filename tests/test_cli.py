@@ -104,6 +104,13 @@ def test_demo_runs_offline(tmp_path):
     assert table.column("cloud_cover_percentage").to_numpy().max() > 0
 
 
+def test_demo_smaller_than_a_chip_is_a_named_error(tmp_path):
+    proc = run("demo", "--dir", str(tmp_path / "demo"), "--size", "100", check=False)
+    assert proc.returncode == 2
+    assert "--size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "demo").exists()
+
+
 def test_load_indexer_local_bucket_layout(s2_item_file, tmp_path):
     item = load_item(s2_item_file)
     root = tmp_path / "bucket"
