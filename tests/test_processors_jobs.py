@@ -100,6 +100,13 @@ def test_output_root_refuses(value):
         jobs.output_root(value)
 
 
+@pytest.mark.parametrize("value", ["gs://bucket/corpus", "https://example.org/out", "az://container/x", "s3://", "s3:///"])
+def test_output_root_refuses_unwritable_urls(value):
+    """Storage writes only S3 and local paths; other URLs used to become local folders ("gs:/bucket")."""
+    with pytest.raises(ConfigError, match="STACCHIP_BUCKET"):
+        jobs.output_root(value)
+
+
 # --- runner ----------------------------------------------------------------------------------------
 
 

@@ -211,9 +211,10 @@ def output_root(value: str) -> str:
     """Where a job writes: ``s3://`` URL for a bucket name, else the URL or local path as given.
 
     A bare name that is a valid S3 bucket name (``clay-v1-data``) means that
-    bucket, as upstream's ``STACCHIP_BUCKET``. Anything with a scheme is used
-    as is; a name containing ``/`` or starting with ``.`` or ``~`` is a local
-    path (write ``./out`` for a local directory called ``out``).
+    bucket, as upstream's ``STACCHIP_BUCKET``. ``s3://`` and ``file://`` URLs
+    are taken as they are, other schemes are refused; a name containing ``/``
+    or starting with ``.`` or ``~`` is a local path (write ``./out`` for a
+    local directory called ``out``).
     """
     text = value.strip()
     if not text:
@@ -221,6 +222,13 @@ def output_root(value: str) -> str:
     if "://" in text:
         if text.startswith("file://"):
             return text[len("file://"):] or "/"
+        if not text.startswith("s3://") or len(text.rstrip("/")) <= len("s3://"):
+            # storage writes only to S3 and local paths: any other URL would land in a local
+            # directory named after its scheme ("gs:/bucket/...") and be lost with the container
+            raise ConfigError(
+                f"output location {text!r} (STACCHIP_BUCKET): only s3://bucket[/prefix], "
+                "a bucket name or a local path can be written"
+            )
         return text.rstrip("/")
     if "/" in text or text.startswith((".", "~")) or os.sep in text:
         return os.path.expanduser(text)
