@@ -41,7 +41,11 @@ it. Job ``j`` makes cubes ``j*cubes_per_job .. (j+1)*cubes_per_job - 1``;
 within a job the chips are read item by item (each item's assets opened once
 per worker) in row order, so blocks are decoded once, then put back in their
 random cube slots. Existing cubes are skipped; a cube is written whole or not
-at all.
+at all. ``prechip_manifest.json`` beside the cubes records the selection they
+come from (a fingerprint of the chip ids, seed and cube size): a run with
+another index, filters, seed or cube size into the same place is refused
+(unless ``--overwrite``), since its cubes would repeat or miss chips of the
+existing ones.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import hashlib
 import io
+import json
 import logging
 import math
 import multiprocessing
@@ -68,7 +74,12 @@ from tqdm import tqdm
 
 from stacchip import storage
 from stacchip.chipper import Chipper
-from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError
+from stacchip.errors import (
+    AssetNotFoundError,
+    ConfigError,
+    IndexFileError,
+    StorageNotFoundError,
+)
 from stacchip.index import open_index
 from stacchip.indexer import ChipIndexer
 from stacchip.processors import jobs
@@ -492,12 +503,17 @@ class PrechipConfig:
 
 @dataclass
 class Selection:
-    """The filtered, sorted index and its shuffle."""
+    """The filtered, sorted index and its shuffle.
+
+    ``fingerprint`` identifies the cube membership (chip ids, seed, cube size):
+    cubes made under one fingerprint never mix with cubes of another.
+    """
 
     table: pa.Table
     order: np.ndarray
     platform: str
     n_cubes: int
+    fingerprint: str = ""
 
 
 def prepare(config: PrechipConfig) -> Selection:
@@ -515,11 +531,54 @@ def prepare(config: PrechipConfig) -> Selection:
         platform_bands(platform)
     order = permutation(table.num_rows, config.seed)
     n = cube_count(table.num_rows, config.cube_size, config.partial)
+    digest = hashlib.sha256(f"seed={config.seed};cube_size={config.cube_size};platform={platform}\n".encode())
+    ids = table.column("chipid").combine_chunks().cast(pa.large_string())
+    if len(ids):
+        # value lengths and bytes, read from the Arrow buffers (no Python strings)
+        offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset:ids.offset + len(ids) + 1]
+        digest.update(np.diff(offsets).astype("<i8").tobytes())
+        digest.update(memoryview(ids.buffers()[2])[int(offsets[0]):int(offsets[-1])])
     logger.info(
         "%d chips pass the filters (max nodata %s, max cloud %s): %d cubes of %d, seed %d",
         table.num_rows, config.max_nodata, config.max_cloud, n, config.cube_size, config.seed,
     )
-    return Selection(table=table, order=order, platform=platform, n_cubes=n)
+    return Selection(table=table, order=order, platform=platform, n_cubes=n, fingerprint=digest.hexdigest())
+
+
+def manifest_url(output: str, platform: str) -> str:
+    """The record of which selection the cubes under ``output`` were made from."""
+    return storage.join(output, VERSION, platform, "prechip_manifest.json")
+
+
+def check_manifest(config: PrechipConfig, selection: Selection) -> None:
+    """Refuse to add cubes next to cubes of another selection (see :class:`Selection`).
+
+    The first job writes the manifest; later jobs (and re-runs) compare. With
+    ``overwrite`` a different selection is allowed and the manifest replaced.
+    """
+    url = manifest_url(config.output, selection.platform)
+    record = {
+        "fingerprint": selection.fingerprint, "seed": config.seed, "cube_size": config.cube_size,
+        "chips": selection.table.num_rows, "cubes": selection.n_cubes,
+        "max_nodata": config.max_nodata, "max_cloud": config.max_cloud, "partial": config.partial,
+    }
+    try:
+        existing = json.loads(storage.read_bytes(url))
+    except StorageNotFoundError:
+        existing = None
+    except ValueError as exc:
+        raise ConfigError(f"{url!r} is not a prechip manifest: {exc}") from exc
+    if existing is not None and existing.get("fingerprint") == selection.fingerprint:
+        return
+    if existing is not None and not config.overwrite:
+        raise ConfigError(
+            f"the cubes under {storage.join(config.output, VERSION, selection.platform)!r} were made from "
+            f"another selection ({ {k: existing.get(k) for k in record if k != 'fingerprint'} }) than this run "
+            f"({ {k: v for k, v in record.items() if k != 'fingerprint'} }): the index, filters, seed or cube "
+            "size changed, so new cubes would repeat or miss chips of the old ones. Write to another "
+            "--chips location, or pass --overwrite to replace the cubes"
+        )
+    storage.write_bytes(url, json.dumps(record, indent=2).encode())
 
 
 def cube_members(selection: Selection, cube_id: int, cube_size: int) -> np.ndarray:
@@ -610,6 +669,8 @@ def make_cubes(
             logger.info("cube %d exists at %s; skipped", k, url)
             continue
         todo.append(k)
+    if ids and not config.dry_run:
+        check_manifest(config, selection)
     if not todo:
         return []
     spec = platform_bands(platform)
