@@ -80,16 +80,21 @@ def _find_item_for_chip(index_path: str, row: dict[str, Any], explicit: str | No
 
 def cmd_chip(args: argparse.Namespace) -> int:
     from stacchip.chipper import Chipper
-    from stacchip.index import open_index
+    from stacchip.index import index_files, open_index
     from stacchip.indexer import ChipIndexer
     from stacchip.utils import load_item
 
-    dataset = open_index(args.index)
-    table = dataset.to_table(filter=pc.field("chipid") == args.chipid)
+    files = index_files(args.index)
+    wanted = pc.field("chipid") == args.chipid
+    table = open_index(files).to_table(filter=wanted)
     if table.num_rows == 0:
         raise IndexFileError(f"chip id {args.chipid!r} is not in index {args.index!r}")
     row = table.slice(0, 1).to_pylist()[0]
-    item = load_item(_find_item_for_chip(args.index, row, args.item))
+    # The one file holding the chip (its metadata names the item), also when
+    # INDEX is a directory or prefix; bucket-layout names carry the item id.
+    named = [f for f in files if row["item_id"] in Path(str(f)).name] or files
+    source = next((f for f in named if open_index([f]).count_rows(filter=wanted)), files[0])
+    item = load_item(_find_item_for_chip(source, row, args.item))
     # "keep" covers every chip an index can hold (also those of `--edge keep`);
     # whole chips read the same under either edge rule.
     indexer = ChipIndexer(item, chip_size=int(row["chip_size"]), edge="keep")

@@ -71,6 +71,18 @@ def test_chip_of_an_edge_keep_index(s2_item_file, tmp_path):
         assert np.all(data["red"][:, :, 366 - 5 * 64:] == 0)  # beyond the grid: fill
 
 
+def test_chip_from_an_index_directory(s2_item_file, tmp_path):
+    item = load_item(s2_item_file)
+    root = tmp_path / "bucket" / "index"
+    out = root / "sentinel-2-l2a" / item.id / f"index_{item.id}.parquet"
+    run("index", str(s2_item_file), "--out", str(out), "--chip-size", "64")
+    npz = tmp_path / "chip.npz"
+    run("chip", str(root), "--chipid", f"{item.id}-1-1", "--out", str(npz), "--assets", "red")
+    with np.load(npz) as data:
+        want = Chipper(Sentinel2Indexer(item, chip_size=64), assets=["red"]).chip(1, 1)["red"]
+        np.testing.assert_array_equal(data["red"], want)
+
+
 def test_index_bad_item_writes_nothing(tmp_path):
     bad = tmp_path / "item.json"
     item = real_item("sentinel-2")
