@@ -244,3 +244,18 @@ def test_merge_refuses_stale_and_missing_partials(cubes: dict[str, Any], tmp_pat
     with pytest.raises(ConfigError, match=r"missing jobs \[1\]"):
         stats.write_merged(second)
     assert not (folder / "stats.json").exists()
+
+
+def test_merge_asking_percentiles_of_partials_without_histogram_fails(cubes: dict[str, Any], tmp_path: Path) -> None:
+    plain = stats.StatsConfig(platform=PLATFORM, output=str(tmp_path), chips=cubes["root"], cubes_per_job=100)
+    stats.write_partial(0, plain)
+    asked = stats.StatsConfig(platform=PLATFORM, output=str(tmp_path), chips=cubes["root"], cubes_per_job=100,
+                              percentiles=[2, 98])
+    with pytest.raises(ConfigError, match="percentiles need a histogram"):
+        stats.write_merged(asked)
+    assert not (tmp_path / "stats" / PLATFORM / "stats.json").exists()
+    assert "p50" in stats.write_merged(
+        stats.StatsConfig(platform=PLATFORM, output=str(tmp_path / "h"), chips=cubes["root"], percentiles=[50]),
+        [stats.write_partial(0, stats.StatsConfig(platform=PLATFORM, output=str(tmp_path / "h"),
+                                                  chips=cubes["root"], cubes_per_job=100, percentiles=[50]))],
+    )["bands"]["red"]

@@ -155,7 +155,10 @@ class StatsAccumulator:
     def percentiles(self, qs: Sequence[float]) -> np.ndarray:
         """``(C, len(qs))`` percentiles (0-100) from the histogram, linear within a bin."""
         if self.hist is None or self.hist_range is None:
-            raise ConfigError("percentiles need a histogram (give a histogram range)")
+            raise ConfigError(
+                "percentiles need a histogram: compute the partial statistics with --percentiles "
+                "(STACCHIP_PERCENTILES) as well, not only the merge"
+            )
         lo, hi = self.hist_range
         width = (hi - lo) / self.bins
         out = np.full((len(self.bands), len(qs)), np.nan)
@@ -216,7 +219,8 @@ class StatsAccumulator:
     def summary(self, percentiles: Sequence[float] = ()) -> dict[str, dict[str, Any]]:
         """``{band: {count, mean, std, min, max[, pXX]}}``."""
         std = self.std
-        pct = self.percentiles(percentiles) if percentiles and self.hist is not None else None
+        # percentiles asked of statistics kept without a histogram raise (not silently left out)
+        pct = self.percentiles(percentiles) if percentiles else None
         out: dict[str, dict[str, Any]] = {}
         for b, band in enumerate(self.bands):
             n = int(self.count[b])
