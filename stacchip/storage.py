@@ -404,6 +404,26 @@ def read_bytes_retry(url: str | os.PathLike[str], *, attempts: int | None = None
     return retry(read_bytes, text, attempts=attempts, what=f"read {text}")
 
 
+def bucket_exists(url: str | os.PathLike[str], *, attempts: int | None = None) -> bool | None:
+    """Whether the bucket of an ``s3://`` URL exists: True, False, or None when the credentials
+    may not tell (HeadBucket refused). Transient errors are retried."""
+    bucket, _ = split_s3(str(url))
+
+    def head() -> bool | None:
+        try:
+            s3_client().head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+            return True
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if isinstance(_s3_error(exc, str(url), "cannot find"), StorageNotFoundError):
+                return False
+            _logger.debug("cannot inspect bucket %s: %s", bucket, exc)
+            return None
+
+    return retry(head, attempts=attempts, what=f"check bucket {bucket}")
+
+
 def create_if_absent(url: str | os.PathLike[str], data: bytes) -> bool:
     """Create ``url`` with ``data`` only if nothing is there; True if this call created it.
 

@@ -262,6 +262,7 @@ def run_upstream(cls: type[Processor], argv: Sequence[str]) -> list[dict[str, An
     args = cls.build_parser().parse_args(list(argv))
     settings = cls.settings_from(args)
     indices = jobs.resolve_indices(args.index, None)
+    Bucket(settings["bucket"]).check()
     cls(settings).validate(indices)
     return run_index(cls.name, json.dumps(settings, sort_keys=True), indices[0])
 
@@ -274,6 +275,7 @@ def cli(cls: type[Processor], argv: Sequence[str] | None = None) -> jobs.RunSumm
     indices = jobs.resolve_indices(args.index, args.range_spec)
     workers = jobs.resolve_workers(args.workers)
     proc = cls(settings)
+    Bucket(settings["bucket"]).check()
     proc.validate(indices)
     settings_json = json.dumps(settings, sort_keys=True)
     summary = jobs.run_tasks(

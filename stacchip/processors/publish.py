@@ -100,6 +100,24 @@ class Bucket:
     def __init__(self, root: str) -> None:
         self.root = root if (storage.is_s3(root) or "://" in root) else str(Path(root).resolve())
 
+    def check(self) -> None:
+        """Raise :class:`ConfigError` when the root is an S3 bucket that does not exist.
+
+        Run before any task: otherwise every item of every task fails (and is
+        retried) on the first write. A bucket the credentials may not inspect
+        (403) is left to the writes to judge.
+        """
+        if not storage.is_s3(self.root):
+            return
+        try:
+            exists = storage.bucket_exists(self.root)
+        except Exception as exc:  # noqa: BLE001 - still unreachable after retries: the writes will tell
+            logger.warning("cannot check output bucket %s: %s", self.root, exc)
+            return
+        if exists is False:
+            bucket, _ = storage.split_s3(self.root)
+            raise ConfigError(f"output bucket {bucket!r} (STACCHIP_BUCKET / --bucket {self.root}) does not exist")
+
     def url(self, *parts: str) -> str:
         """``root/part/part``."""
         return storage.join(self.root, *parts)
