@@ -301,6 +301,13 @@ def _timestamp(value: dt.datetime | dt.date) -> pa.Scalar:
     return pa.scalar(value, pa.timestamp("us", tz="UTC"))
 
 
+def _fraction(value: Any, field: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{field} = {value!r} is not a fraction (0-1)") from exc
+
+
 def query(
     sources: Any,
     *,
@@ -316,7 +323,8 @@ def query(
     """Chips matching every given filter.
 
     ``sources`` is a dataset from :func:`open_index` or anything it accepts.
-    ``bbox`` is ``(minx, miny, maxx, maxy)`` in degrees (chips intersecting it);
+    ``bbox`` is ``(minx, miny, maxx, maxy)`` in degrees (chips intersecting it;
+    ``minx > maxx`` crosses the antimeridian);
     ``start``/``end`` bound ``datetime`` inclusively (ISO strings, dates or
     datetimes, naive meaning UTC; a date ``end`` includes that whole UTC
     day); ``max_cloud``/``max_nodata`` are fractions.
@@ -332,13 +340,21 @@ def query(
         expr = e if expr is None else expr & e
 
     if bbox is not None:
-        minx, miny, maxx, maxy = (float(v) for v in bbox)
+        try:
+            minx, miny, maxx, maxy = (float(v) for v in bbox)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bbox = {bbox!r} is not (minx, miny, maxx, maxy) in degrees") from exc
+        if miny > maxy:
+            raise ConfigError(f"bbox = {bbox!r} has miny above maxy")
+        # minx > maxx is a box crossing the antimeridian (STAC convention): two boxes.
+        boxes = [(minx, maxx)] if minx <= maxx else [(minx, 180.0), (-180.0, maxx)]
+        in_x = [(pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0) for x0, x1 in boxes]
         add(
-            (pc.field("bbox", "xmin") <= maxx)
-            & (pc.field("bbox", "xmax") >= minx)
+            (in_x[0] if len(in_x) == 1 else in_x[0] | in_x[1])
             & (pc.field("bbox", "ymin") <= maxy)
             & (pc.field("bbox", "ymax") >= miny)
         )
+        query_area = shapely.union_all([shapely.box(x0, miny, x1, maxy) for x0, x1 in boxes])
     if start is not None:
         add(pc.field("datetime") >= _timestamp(_as_datetime(start, "start")))
     if end is not None:
@@ -348,9 +364,9 @@ def query(
         else:  # a date ends with its last instant (UTC)
             add(pc.field("datetime") < _timestamp(last + dt.timedelta(days=1)))
     if max_cloud is not None:
-        add(pc.field("cloud_cover_percentage") <= float(max_cloud))
+        add(pc.field("cloud_cover_percentage") <= _fraction(max_cloud, "max_cloud"))
     if max_nodata is not None:
-        add(pc.field("nodata_percentage") <= float(max_nodata))
+        add(pc.field("nodata_percentage") <= _fraction(max_nodata, "max_nodata"))
     if platform is not None:
         values = [platform] if isinstance(platform, str) else list(platform)
         add(pc.field("platform").isin(values))
@@ -363,7 +379,7 @@ def query(
         raise IndexFileError(f"cannot read index: {exc}") from exc
     if bbox is not None and table.num_rows:
         geoms = shapely.from_wkb(table.column(GEOMETRY_COLUMN).to_numpy(zero_copy_only=False))
-        hit = shapely.intersects(geoms, shapely.box(*bbox))
+        hit = shapely.intersects(geoms, query_area)
         table = table.filter(pa.array(hit))
     if columns is not None:
         table = table.select(list(columns))

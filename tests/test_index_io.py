@@ -146,6 +146,26 @@ def test_query_time_range_dates_and_timezones(indexes):
         query(ds, end="10th of June")
 
 
+@pytest.mark.parametrize("kw", [{"bbox": (1, 2, 3)}, {"bbox": ("a", 0, 1, 1)}, {"bbox": (0, 10, 5, 1)},
+                                {"max_cloud": "low"}, {"max_nodata": "x"}])
+def test_query_bad_filters_are_named(indexes, kw):
+    root, _ = indexes
+    with pytest.raises(ConfigError, match=next(iter(kw))):
+        query(open_index(root), **kw)
+
+
+def test_query_bbox_across_the_antimeridian(indexes):
+    root, paths = indexes
+    ds = open_index(root)
+    a = read_index(paths[0])
+    lon0, lat0, lon1, lat1 = shapely.from_wkb(a.column("geometry")[0].as_py()).bounds
+    # A box from lon1-0.001 east across 180 to -170 holds the first chip's east edge only.
+    hit = query(ds, bbox=(lon1 - 1e-3, lat0, -170.0, lat1), item_id="A")
+    assert 0 < hit.num_rows < a.num_rows
+    miss = query(ds, bbox=(lon1 + 50, lat0, -170.0, lat1), item_id="A")
+    assert miss.num_rows == 0
+
+
 def test_index_date_is_the_utc_date():
     from stacchip.index import index_table
 
