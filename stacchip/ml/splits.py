@@ -34,6 +34,7 @@ import pyproj
 import shapely
 
 from stacchip.errors import ConfigError, IndexFileError
+from stacchip.processors.prechip import bbox_centres
 
 #: Equal-area CRS in metres used for metric blocks and areas.
 EQUAL_AREA_CRS = "EPSG:6933"
@@ -94,7 +95,10 @@ def block_ids(
         raise ConfigError(f"split by={by!r}: choose 'grid', 'tile' or 'item'")
     size = _check_size(block_size, units)
     b = _bbox_arrays(table)
-    cx, cy = _project((b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, units)
+    # chip centres; a chip across the antimeridian (bbox wider than 180 degrees) has its
+    # centre near +-180, not near 0
+    lon, lat = bbox_centres(b)
+    cx, cy = _project(lon, lat, units)
     prefix = f"{units}{size:g}:"
     return np.char.add(prefix, _cells(np.asarray(cx), np.asarray(cy), size)) if len(b) else np.zeros(0, dtype=str)
 
