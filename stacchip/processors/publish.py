@@ -229,7 +229,7 @@ class Publisher:
     ) -> Outcome:
         item_id = item.id
         sources = {
-            key: (p.sources[0] if isinstance(p, CopyAsset) else (p.source or "rendered"))
+            key: _without_query(p.sources[0] if isinstance(p, CopyAsset) else (p.source or "rendered"))
             for key, p in plan.items()
         }
         if self.bucket.is_done(platform, item_id):
@@ -384,3 +384,8 @@ def copy_plan(
         or alternate.get("storage:requester_pays")
     )
     return CopyAsset(seen, filename or filename_of(href), pays)
+
+
+def _without_query(href: str) -> str:
+    """``href`` for logs and records: signed URLs (Planetary Computer SAS) lose their token."""
+    return href.split("?", 1)[0]
