@@ -67,7 +67,7 @@ def test_forked_child_threads_share_one_fresh_cache(tmp_path):
                 sys.setswitchinterval(1e-6)  # interleave the threads as much as possible
                 barrier = threading.Barrier(len(paths))
 
-                def work(path):
+                def work(path, barrier=barrier):
                     barrier.wait()
                     cache.get(path)
 
