@@ -40,6 +40,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.edge != "drop":
         kwargs["edge"] = args.edge
     indexer = cls(item, **kwargs)
+    if not indexer.has_stats():
+        raise ConfigError(
+            f"indexer {args.indexer!r} ({cls.__name__}) computes no cloud/nodata statistics; "
+            "choose a source indexer or 'nostats'"
+        )
     table = indexer.create_index()
     meta = {
         "item_href": _item_source(args.item),

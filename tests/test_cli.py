@@ -97,6 +97,14 @@ def test_index_bad_item_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [bad]
 
 
+def test_index_with_the_statless_base_indexer_is_a_named_error(s2_item_file, tmp_path):
+    out = tmp_path / "index.parquet"
+    proc = run("index", str(s2_item_file), "--out", str(out), "--indexer", "base", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nostats" in proc.stderr
+    assert not out.exists()
+
+
 def test_chip_unknown_chipid(s2_item_file, tmp_path):
     out = tmp_path / "index.parquet"
     run("index", str(s2_item_file), "--out", str(out), "--chip-size", "64")
