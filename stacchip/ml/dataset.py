@@ -41,6 +41,7 @@ from stacchip.index import SCHEMA, index_files, open_index, query
 from stacchip.indexer import NoStatsChipIndexer
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
+from stacchip.processors.bands import PLATFORMS
 from stacchip.reader import gdal_env
 
 logger = logging.getLogger(__name__)
@@ -359,7 +360,12 @@ class ChipDataset:
             stds: list[float] = []
             for key in self.asset_keys(chipper):
                 if key not in stats:
-                    raise ConfigError(f"normalize: no statistics for asset {key!r}")
+                    by_band = self._platform_band_stats(stats, str(self.platform[i]), chipper, key)
+                    if by_band is None:
+                        raise ConfigError(f"normalize: no statistics for asset {key!r}")
+                    means.extend(by_band[0])
+                    stds.extend(by_band[1])
+                    continue
                 entry = stats[key]
                 if not isinstance(entry, Mapping) or "mean" not in entry or "std" not in entry:
                     raise ConfigError(f"normalize: statistics of asset {key!r} need 'mean' and 'std'")
@@ -390,6 +396,33 @@ class ChipDataset:
         if np.any(std_a == 0):
             raise ConfigError("normalize: a standard deviation is 0")
         return mean_a, std_a
+
+    def _platform_band_stats(
+        self, stats: Mapping[str, Any], platform: str, chipper: Chipper, key: str
+    ) -> tuple[list[float], list[float]] | None:
+        """Per-channel mean/std of a multi-band asset from statistics keyed by band name
+        (``stacchip-stats`` output: NAIP's ``red, green, blue, nir`` of asset ``image``),
+        through the platform's band order; ``None`` when the names do not resolve."""
+        spec = PLATFORMS.get(platform)
+        if spec is None:
+            return None
+        names = {index: band for band, (keys, index) in zip(spec.band_order, spec.sources) if key in keys}
+        if not names:
+            return None
+        positions = self.bands.get(key, list(range(max(self._asset_channels(chipper, key, all_bands=True),
+                                                         max(names) + 1))))
+        means: list[float] = []
+        stds: list[float] = []
+        for p in positions:
+            entry = stats.get(names.get(p, ""))
+            if not isinstance(entry, Mapping) or entry.get("mean") is None or entry.get("std") is None:
+                raise ConfigError(
+                    f"normalize: no statistics for band {p} of asset {key!r} "
+                    f"({platform} band {names.get(p, '?')!r})"
+                )
+            means.append(float(entry["mean"]))
+            stds.append(float(entry["std"]))
+        return means, stds
 
     def _asset_channels(self, chipper: Chipper, key: str, all_bands: bool = False) -> int:
         if key in self.bands and not all_bands:
