@@ -185,7 +185,8 @@ class DatasetCache:
 
     def _after_fork(self) -> None:
         self._local = threading.local()
-        self._all: list[Any] = []
+        #: (thread, its handles) for every thread that opened something here.
+        self._all: list[tuple[threading.Thread, dict[str, Any]]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -197,8 +198,20 @@ class DatasetCache:
             handles = {}
             self._local.handles = handles
             with self._lock:
-                self._all.append(handles)
+                self._prune_dead_threads()
+                self._all.append((threading.current_thread(), handles))
         return handles
+
+    def _prune_dead_threads(self) -> None:
+        """Close the datasets of threads that have ended (caller holds the lock):
+        short-lived reader threads must not leave their handles open for good."""
+        alive = []
+        for thread, handles in self._all:
+            if thread.is_alive():
+                alive.append((thread, handles))
+            else:
+                _close_all(handles)
+        self._all = alive
 
     def get(self, path: str, what: str = "") -> Any:
         """Open (once) and return the dataset for ``path`` in this thread."""
@@ -213,10 +226,11 @@ class DatasetCache:
         return ds
 
     def open_count(self) -> int:
-        """Number of datasets this process holds open, over all threads."""
+        """Number of datasets this process holds open, over all (live) threads."""
         self._handles()
         with self._lock:
-            return sum(len(h) for h in self._all)
+            self._prune_dead_threads()
+            return sum(len(h) for _, h in self._all)
 
     def close(self) -> None:
         """Close every dataset this process opened, in all threads."""
@@ -224,13 +238,8 @@ class DatasetCache:
             self._handles()
             return
         with self._lock:
-            for handles in self._all:
-                for ds in handles.values():
-                    try:
-                        ds.close()
-                    except Exception:  # noqa: BLE001 - closing is best effort
-                        pass
-                handles.clear()
+            for _, handles in self._all:
+                _close_all(handles)
 
     def __getstate__(self) -> dict[str, Any]:
         # Handles never cross a process boundary (spawned workers pickle us).
@@ -238,6 +247,15 @@ class DatasetCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
+
+
+def _close_all(handles: dict[str, Any]) -> None:
+    for ds in handles.values():
+        try:
+            ds.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+    handles.clear()
 
 
 def _span(idx: np.ndarray) -> tuple[int, int]:

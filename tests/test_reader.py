@@ -65,21 +65,55 @@ def test_forked_child_threads_share_one_fresh_cache(tmp_path):
             code = 1
             try:
                 sys.setswitchinterval(1e-6)  # interleave the threads as much as possible
-                barrier = threading.Barrier(len(paths))
+                start = threading.Barrier(len(paths))
+                opened = threading.Barrier(len(paths) + 1)
+                release = threading.Event()
 
-                def work(path, barrier=barrier):
-                    barrier.wait()
+                def work(path, start=start, opened=opened, release=release):
+                    start.wait()
                     cache.get(path)
+                    opened.wait()
+                    release.wait()  # stay alive while the count is taken
 
                 threads = [threading.Thread(target=work, args=(p,)) for p in paths]
                 for t in threads:
                     t.start()
+                opened.wait()
+                count = cache.open_count()
+                release.set()
                 for t in threads:
                     t.join()
-                code = 0 if cache.open_count() == len(paths) else 1
+                code = 0 if count == len(paths) else 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         failures += os.waitstatus_to_exitcode(status) != 0
     assert failures == 0
     assert cache.open_count() == 1  # the parent's cache is untouched
+
+
+def test_handles_of_ended_threads_are_closed(tmp_path):
+    import threading
+
+    import numpy as np
+    from rasterio.transform import from_origin
+
+    from stacchip.reader import DatasetCache
+
+    path = str(tmp_path / "a.tif")
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8",
+                       transform=from_origin(0, 8, 1, 1), crs="EPSG:32633") as ds:
+        ds.write(np.zeros((1, 8, 8), np.uint8))
+    cache = DatasetCache()
+    opened = []
+    for _ in range(5):  # e.g. a fresh thread pool per epoch
+        t = threading.Thread(target=lambda: opened.append(cache.get(path)))
+        t.start()
+        t.join()
+    assert len(opened) == 5 and len({id(ds) for ds in opened}) == 5  # one handle per thread
+    assert cache.open_count() == 0  # ended threads keep nothing open
+    assert all(ds.closed for ds in opened)
+    mine = cache.get(path)
+    assert cache.open_count() == 1 and not mine.closed
+    cache.close()
+    assert mine.closed
