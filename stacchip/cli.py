@@ -98,7 +98,7 @@ def cmd_chip(args: argparse.Namespace) -> int:
     # The one file holding the chip (its metadata names the item), also when
     # INDEX is a directory or prefix; bucket-layout names carry the item id.
     named = [f for f in files if row["item_id"] in Path(str(f)).name] or files
-    source = next((f for f in named if open_index([f]).count_rows(filter=wanted)), files[0])
+    source = next(f for f in [*named, *files] if open_index([f]).count_rows(filter=wanted))
     item = load_item(_find_item_for_chip(source, row, args.item))
     # "keep" covers every chip an index can hold (also those of `--edge keep`);
     # whole chips read the same under either edge rule.
