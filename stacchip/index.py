@@ -363,10 +363,12 @@ def query(
             add(pc.field("datetime") <= _timestamp(last))
         else:  # a date ends with its last instant (UTC)
             add(pc.field("datetime") < _timestamp(last + dt.timedelta(days=1)))
+    # Limits compared in the columns' float32: float32(0.05) > 0.05, so a float64
+    # comparison would drop a chip stored at exactly the limit.
     if max_cloud is not None:
-        add(pc.field("cloud_cover_percentage") <= _fraction(max_cloud, "max_cloud"))
+        add(pc.field("cloud_cover_percentage") <= pa.scalar(_fraction(max_cloud, "max_cloud"), pa.float32()))
     if max_nodata is not None:
-        add(pc.field("nodata_percentage") <= _fraction(max_nodata, "max_nodata"))
+        add(pc.field("nodata_percentage") <= pa.scalar(_fraction(max_nodata, "max_nodata"), pa.float32()))
     if platform is not None:
         values = [platform] if isinstance(platform, str) else list(platform)
         add(pc.field("platform").isin(values))

@@ -207,3 +207,22 @@ def test_write_and_read_index_on_s3(indexes, s3_bucket):
     assert back.num_rows == 16
     assert set(back.column("item_id").to_pylist()) == {"A", "B"}
     assert query(f"s3://{s3_bucket}/index", start="2024-06-01").num_rows == 8
+
+
+def test_limits_keep_chips_exactly_at_the_limit(tmp_path):
+    # 5 cloudy SCL pixels (20 fine pixels of 400) in chip (0, 0): 0.05, stored as float32(0.05) > 0.05.
+    scl = np.full((20, 20), 4, dtype=np.uint8)
+    scl[0, 0:5] = 9
+    path = write_cog(tmp_path / "scl.tif", scl, Affine(20, 0, 500000, 0, -20, 4000000), "EPSG:32633")
+    item = pystac.Item.from_dict({
+        "type": "Feature", "stac_version": "1.0.0", "id": "E", "geometry": None, "links": [],
+        "properties": {"datetime": "2024-01-01T00:00:00Z", "proj:epsg": 32633, "proj:shape": [40, 40],
+                       "proj:transform": [10, 0, 500000, 0, -10, 4000000]},
+        "assets": {"scl": {"href": str(path)}},
+    })
+    out = write_index(Sentinel2Indexer(item, chip_size=20).create_index(), tmp_path / "i.parquet")
+    table = read_index(out)
+    assert table.column("cloud_cover_percentage").to_numpy()[0] == np.float32(0.05)
+    assert np.float64(np.float32(0.05)) > 0.05
+    assert query(out, max_cloud=0.05).num_rows == 4
+    assert query(out, max_cloud=0.0499).num_rows == 3
