@@ -418,7 +418,8 @@ class NoDataMaskChipIndexer(ChipIndexer):
 
 
 class Sentinel2Indexer(ChipIndexer):
-    """Sentinel-2 L2A: statistics from the ``scl`` asset (Scene Classification).
+    """Sentinel-2 L2A: statistics from the Scene Classification asset (``scl`` in
+    Earth Search items, ``SCL`` in Planetary Computer items).
 
     Cloud = SCL classes 1, 3, 8, 9, 10; nodata = class 0.
     """
@@ -427,11 +428,19 @@ class Sentinel2Indexer(ChipIndexer):
     scl_filter = list(qamod.SCL_CLOUD_CLASSES)
     nodata_value = qamod.SCL_NO_DATA
 
+    def scl_key(self) -> str:
+        """The SCL asset key of this item (``scl_asset``, else its upper-case form)."""
+        for key in (self.scl_asset, self.scl_asset.upper()):
+            if key in self.item.assets:
+                return key
+        return self.scl_asset  # asset_href names it in the error
+
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        key = self.scl_key()
         return self.reduce_masks(
-            self.asset_href(self.scl_asset),
+            self.asset_href(key),
             lambda scl: qamod.sentinel2_scl(scl, self.scl_filter, self.nodata_value),
-            f"item {self.item.id!r} asset {self.scl_asset!r} ",
+            f"item {self.item.id!r} asset {key!r} ",
         )
 
 
@@ -580,7 +589,7 @@ def indexer_class(name: str | type[ChipIndexer]) -> type[ChipIndexer]:
 def guess_indexer(item: pystac.Item) -> type[ChipIndexer]:
     """The source indexer an item most likely needs, from its assets."""
     assets = item.assets
-    if "scl" in assets:
+    if "scl" in assets or "SCL" in assets:
         return Sentinel2Indexer
     if "qa_pixel" in assets:
         return LandsatIndexer

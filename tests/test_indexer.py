@@ -405,3 +405,17 @@ def test_edge_rule_keep_counts_partial_chips(tmp_path):
     chip = Chipper(keep, assets=["scl"]).chip(2, 1)["scl"]
     assert chip.shape == (1, 20, 20)
     assert np.all(chip[0, :10, :10] == 4) and np.all(chip[0, 10:, :] == 0) and np.all(chip[0, :, 10:] == 0)
+
+
+def test_planetary_computer_scl_key(tmp_path):
+    scl = np.full((10, 10), 9, dtype=np.uint8)
+    item = _s2_item(tmp_path, scl)
+    item.assets["SCL"] = item.assets.pop("scl")  # Planetary Computer names it SCL
+    from stacchip.indexer import guess_indexer
+
+    assert guess_indexer(item) is Sentinel2Indexer
+    table = Sentinel2Indexer(item, chip_size=10).create_index()
+    assert table.column("cloud_cover_percentage").to_pylist() == [1.0] * 4
+    del item.assets["SCL"]
+    with pytest.raises(AssetNotFoundError, match="'scl'"):
+        Sentinel2Indexer(item, chip_size=10).create_index()
