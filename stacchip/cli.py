@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 
 from stacchip import storage
 from stacchip.errors import ConfigError, IndexFileError, StacchipError
 
 logger = logging.getLogger("stacchip.cli")
+
+
+def echo(message: str = "", *, err: bool = False) -> None:
+    """Write one line of command output: results to stdout, errors to stderr.
+
+    Every stacchip console command writes through this; library code logs.
+    """
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _item_source(path: str) -> str:
@@ -54,7 +61,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         "chip_size": indexer.chip_size,
     }
     write_index(table, args.out, extra_metadata=meta)
-    print(
+    echo(
         f"{item.id}: {table.num_rows}/{indexer.size} chips of {indexer.chip_size} px "
         f"({indexer.x_size} x {indexer.y_size}) written to {args.out} with {cls.__name__}"
     )
@@ -89,6 +96,8 @@ def cmd_chip(args: argparse.Namespace) -> int:
     from stacchip.indexer import ChipIndexer
     from stacchip.utils import load_item
 
+    import pyarrow.compute as pc
+
     files = index_files(args.index)
     wanted = pc.field("chipid") == args.chipid
     table = open_index(files).to_table(filter=wanted)
@@ -110,7 +119,7 @@ def cmd_chip(args: argparse.Namespace) -> int:
     np.savez_compressed(buffer, **chip)
     storage.write_bytes(args.out, buffer.getvalue())
     shapes = ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in chip.items())
-    print(f"{args.chipid}: {shapes} written to {args.out}")
+    echo(f"{args.chipid}: {shapes} written to {args.out}")
     return 0
 
 
@@ -147,13 +156,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t3 = time.perf_counter()
     cloud = np.asarray(back.column("cloud_cover_percentage"))
     nodata = np.asarray(back.column("nodata_percentage"))
-    print(f"demo scene:   {item_path} (built in {t1 - t0:.2f} s)")
-    print(f"chip grid:    {indexer.x_size} x {indexer.y_size} chips of {indexer.chip_size} px")
-    print(f"index:        {index_path}: {back.num_rows}/{indexer.size} chips kept "
+    echo(f"demo scene:   {item_path} (built in {t1 - t0:.2f} s)")
+    echo(f"chip grid:    {indexer.x_size} x {indexer.y_size} chips of {indexer.chip_size} px")
+    echo(f"index:        {index_path}: {back.num_rows}/{indexer.size} chips kept "
           f"(nodata <= {indexer.chip_max_nodata}), indexed in {t2 - t1:.2f} s")
-    print(f"cloud:        mean {cloud.mean():.3f}, max {cloud.max():.3f} (fraction)")
-    print(f"nodata:       mean {nodata.mean():.3f}, max {nodata.max():.3f} (fraction)")
-    print(f"chips read:   {n} in {t3 - t2:.2f} s, {len(shapes)} assets, e.g. "
+    echo(f"cloud:        mean {cloud.mean():.3f}, max {cloud.max():.3f} (fraction)")
+    echo(f"nodata:       mean {nodata.mean():.3f}, max {nodata.max():.3f} (fraction)")
+    echo(f"chips read:   {n} in {t3 - t2:.2f} s, {len(shapes)} assets, e.g. "
           + ", ".join(f"{k} {v}" for k, v in list(shapes.items())[:3]))
     return 0
 
@@ -216,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except StacchipError as exc:
-        print(f"stacchip {args.command}: error: {exc}", file=sys.stderr)
+        echo(f"stacchip {args.command}: error: {exc}", err=True)
         return 2
 
 

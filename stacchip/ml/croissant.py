@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stacchip.cli import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, IndexFileError
 from stacchip.index import index_files
@@ -550,8 +551,8 @@ def run_cli(args: argparse.Namespace) -> int:
         keywords=args.keyword, items=items, crs=args.crs, resolution_m=args.resolution,
         band_names=args.bands.split(",") if args.bands else None, cubes=args.cubes or None, rai=rai,
     )
-    print(f"wrote {out} ({len(files)} index file(s))")
+    echo(f"wrote {out} ({len(files)} index file(s))")
     if args.validate:
         validate(out)
-        print(f"{out}: valid (mlcroissant)")
+        echo(f"{out}: valid (mlcroissant)")
     return 0

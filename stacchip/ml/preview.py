@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
+from stacchip.cli import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, IndexFileError
 
@@ -272,7 +273,7 @@ def run_cli(args: argparse.Namespace) -> int:
     table = read_index(files)
     items = _items_for(files, args.data_root)
     render_quicklook(table, args.out, color_by=args.color_by, items=items, size=(args.width, args.height))
-    print(f"wrote {args.out} ({table.num_rows} chips)")
+    echo(f"wrote {args.out} ({table.num_rows} chips)")
     if args.mosaic:
         if items is None:
             raise ConfigError("--mosaic needs --data-root (or index files that record item_href)")
@@ -280,5 +281,5 @@ def run_cli(args: argparse.Namespace) -> int:
         dataset = ChipDataset(table, items=None, root=args.data_root, assets=assets) if args.data_root else \
             ChipDataset(files, assets=assets)
         render_mosaic(dataset, args.mosaic, n=args.count, seed=args.seed)
-        print(f"wrote {args.mosaic} ({min(args.count, len(dataset))} chips)")
+        echo(f"wrote {args.mosaic} ({min(args.count, len(dataset))} chips)")
     return 0

@@ -19,6 +19,7 @@ import logging
 import sys
 from typing import Any, ClassVar, Sequence
 
+from stacchip.cli import echo
 from stacchip.errors import ConfigError
 from stacchip.processors import jobs
 from stacchip.processors.publish import Bucket, Outcome, Publisher
@@ -283,7 +284,7 @@ def cli(cls: type[Processor], argv: Sequence[str] | None = None) -> jobs.RunSumm
     )
     for outcome in summary.outcomes:
         for record in outcome.result or []:
-            print(json.dumps({"task": outcome.index, **record}), flush=True)
+            echo(json.dumps({"task": outcome.index, **record}))
     return summary
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from stacchip.cli import echo
 from stacchip.errors import ConfigError, StacchipError
 
 logger = logging.getLogger(__name__)
@@ -445,15 +446,15 @@ def main(run: Callable[[Sequence[str] | None], RunSummary | int | None], argv: S
     try:
         result = run(argv)
     except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        echo(f"{prog}: error: {exc}", err=True)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        echo(f"{prog}: interrupted", err=True)
         return 130
     if isinstance(result, RunSummary):
         if not result.ok:
             for outcome in result.failed:
-                print(f"{prog}: task {outcome.index} failed: {outcome.error}", file=sys.stderr)
+                echo(f"{prog}: task {outcome.index} failed: {outcome.error}", err=True)
             return EXIT_TASK_FAILED
         return 0
     if isinstance(result, int):

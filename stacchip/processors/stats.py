@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from stacchip.cli import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, StorageError
 from stacchip.processors import jobs, prechip
@@ -613,7 +614,7 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
             raise ConfigError(f"percentile {q} is outside 0..100")
     if args.merge:
         result = write_merged(config)
-        print(json.dumps(result["bands"], indent=2))
+        echo(json.dumps(result["bands"], indent=2))
         return 0
     workers = jobs.resolve_workers(args.workers)
     if args.all:
@@ -630,7 +631,7 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
                                  desc="stats jobs")
     if args.all and summary.ok:
         result = write_merged(config, [o.result for o in summary.outcomes])
-        print(json.dumps(result["bands"], indent=2))
+        echo(json.dumps(result["bands"], indent=2))
     return summary
 
 
