@@ -78,17 +78,22 @@ class Chipper:
                 )
         self._datasets = DatasetCache()
         self.threads = self._auto_threads() if threads is None else max(1, int(threads))
-        self._lanes = LanePool(self.threads) if self.threads > 1 else None
+        # Remote files get several lanes each so read-ahead overlaps their requests.
+        spread = max(1, self.threads // max(1, len(self.asset_keys))) if self._remote() else 1
+        self._lanes = LanePool(self.threads, spread=spread) if self.threads > 1 else None
+
+    def _remote(self) -> bool:
+        """True when any chipped asset is read over the network (s3://, http(s)://)."""
+        if self.mountpath is not None:
+            return False
+        hrefs = [self.indexer.item.assets[k].href for k in self.asset_keys]
+        return any("://" in h and not h.startswith("file://") for h in hrefs)
 
     def _auto_threads(self) -> int:
         """Lanes for parallel asset reads: one per core for local files, 16 when
         any href is remote (reads then wait on the network, not the CPU)."""
         keys = self.asset_keys
-        remote = any("://" in self.indexer.item.assets[k].href and not
-                     self.indexer.item.assets[k].href.startswith("file://") for k in keys)
-        if self.mountpath is not None:
-            remote = False
-        want = REMOTE_THREADS if remote else (os.cpu_count() or 1)
+        want = REMOTE_THREADS if self._remote() else (os.cpu_count() or 1)
         return max(1, min(want, len(keys) * 4))
 
     @property

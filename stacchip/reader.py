@@ -325,10 +325,15 @@ class LanePool:
     to the least-loaded lane by cost (pixels per chip), which balances the
     lanes when assets differ in resolution. Created lazily, rebuilt after a
     fork, never pickled.
+
+    ``spread`` > 1 gives each file that many lanes, used in turn: for remote
+    files, where a read waits on the network rather than the CPU, consecutive
+    reads of one file (read-ahead over a single-asset item) then overlap.
     """
 
-    def __init__(self, lanes: int) -> None:
+    def __init__(self, lanes: int, spread: int = 1) -> None:
         self.lanes = max(1, int(lanes))
+        self.spread = max(1, min(int(spread), self.lanes))
         self._reset()
         _fork_aware.add(self)
 
@@ -340,6 +345,8 @@ class LanePool:
         self._executors: list[Any] = []
         self._load = [0.0] * self.lanes
         self._lane_of: dict[str, int] = {}
+        self._lanes_of: dict[str, list[int]] = {}
+        self._turn: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _check_pid(self) -> None:
@@ -347,17 +354,28 @@ class LanePool:
             self._reset()  # forked child: the parent's threads do not exist here
 
     def lane(self, path: str, cost: float = 1.0) -> int:
-        """The lane that reads ``path`` (assigned on first use)."""
+        """The lane that reads ``path`` next (lanes assigned on first use)."""
         self._check_pid()
-        lane = self._lane_of.get(path)
-        if lane is None:
-            with self._lock:
-                lane = self._lane_of.get(path)
-                if lane is None:
-                    lane = min(range(self.lanes), key=self._load.__getitem__)
-                    self._load[lane] += cost
-                    self._lane_of[path] = lane
-        return lane
+        if self.spread == 1:
+            lane = self._lane_of.get(path)
+            if lane is None:
+                with self._lock:
+                    lane = self._lane_of.get(path)
+                    if lane is None:
+                        lane = min(range(self.lanes), key=self._load.__getitem__)
+                        self._load[lane] += cost
+                        self._lane_of[path] = lane
+            return lane
+        with self._lock:
+            lanes = self._lanes_of.get(path)
+            if lanes is None:
+                lanes = sorted(range(self.lanes), key=self._load.__getitem__)[: self.spread]
+                for lane in lanes:
+                    self._load[lane] += cost / self.spread
+                self._lanes_of[path] = lanes
+            turn = self._turn.get(path, 0)
+            self._turn[path] = turn + 1
+            return lanes[turn % len(lanes)]
 
     def submit(self, path: str, cost: float, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on ``path``'s lane; returns a Future."""
@@ -383,10 +401,11 @@ class LanePool:
         self._executors = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"lanes": self.lanes}
+        return {"lanes": self.lanes, "spread": self.spread}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.lanes = state["lanes"]
+        self.spread = state.get("spread", 1)
         self._reset()
         _fork_aware.add(self)
 

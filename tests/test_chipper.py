@@ -288,6 +288,8 @@ def test_https_style_hrefs_over_loopback(s2_item, http_root):
     root, url = http_root
     item = pystac.Item.from_dict(s2_item)
     want = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "coastal"]).chip(2, 1)
+    local = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"], threads=1)
+    plain_red = {(x, y): local.chip(x, y)["red"] for y in range(2) for x in range(5)}
     for key in ("red", "coastal"):
         src = item.assets[key].href
         os.link(src, root / os.path.basename(src))
@@ -295,6 +297,14 @@ def test_https_style_hrefs_over_loopback(s2_item, http_root):
     got = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "coastal"]).chip(2, 1)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+    # A single remote asset gets several lanes: read-ahead overlaps its requests, same pixels.
+    single = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"])
+    assert single._lanes is not None and single._lanes.spread > 1
+    positions = [(x, y) for y in range(2) for x in range(5)]
+    for x, y, chip in single.chips(positions):
+        np.testing.assert_array_equal(chip["red"], plain_red[(x, y)])
+    assert len(single._lanes._lanes_of[single.path("red")]) == single._lanes.spread
+    single.close()
     item.assets["red"].href = f"{url}/missing.tif"
     with pytest.raises(AssetReadError, match="missing.tif"):
         Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"]).chip(0, 0)
