@@ -181,10 +181,12 @@ class Publisher:
         For processors that compute something expensive (resampling,
         reprojection) before :meth:`publish`.
         """
+        shown = {key: _without_query(href) for key, href in sources.items()}
         if self.bucket.is_done(platform, item_id):
-            return Outcome(platform, item_id, "skipped-done", dict(sources))
+            logger.info("%s/%s is done; skipping", platform, item_id)
+            return Outcome(platform, item_id, "skipped-done", shown)
         if self.dry_run:
-            return Outcome(platform, item_id, "planned", dict(sources))
+            return Outcome(platform, item_id, "planned", shown)
         return None
 
     def publish(
@@ -232,11 +234,9 @@ class Publisher:
             key: _without_query(p.sources[0] if isinstance(p, CopyAsset) else (p.source or "rendered"))
             for key, p in plan.items()
         }
-        if self.bucket.is_done(platform, item_id):
-            logger.info("%s/%s is done; skipping", platform, item_id)
-            return Outcome(platform, item_id, "skipped-done", sources)
-        if self.dry_run:
-            return Outcome(platform, item_id, "planned", sources)
+        early = self.skip_or_plan(platform, item_id, sources)
+        if early is not None:
+            return early
         other = self.claim(platform, item_id)
         if other is not None:
             logger.warning("%s/%s is claimed by task %s; leaving it to that task", platform, item_id, other)
