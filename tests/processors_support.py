@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from tests.builders import materialize, real_item
+from tests.services import read_request_body
 
 #: Seconds a console-script run may take in a test before it is killed.
 SCRIPT_TIMEOUT = 300
@@ -192,19 +193,7 @@ class FaultProxy:
                 pass
 
             def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            break
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                    return b"".join(chunks)
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+                return read_request_body(self)
 
             def _handle(self) -> None:
                 body = self._body()

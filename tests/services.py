@@ -244,18 +244,7 @@ class FaultyS3Proxy:
                 log.debug("s3 proxy: " + format, *args)
 
             def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            break
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                    return b"".join(chunks)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                return read_request_body(self)
 
             def _handle(self) -> None:
                 body = self._body()
@@ -715,3 +704,20 @@ def stac_api() -> Iterator[StacApi]:
         stop_process(app)
         pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def read_request_body(handler: http.server.BaseHTTPRequestHandler) -> bytes:
+    """The request body a proxy handler received (Content-Length or chunked)."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            chunks.append(handler.rfile.read(size))
+            handler.rfile.readline()
+        return b"".join(chunks)
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
