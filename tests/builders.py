@@ -1,4 +1,4 @@
-"""Test data builders: real STAC items from ../shared/stac-items with COGs written
+"""Test data builders: real STAC items from tests/data with COGs written
 to match them (scaled down), and small synthetic rasters."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 
-SHARED_ITEMS = Path(__file__).resolve().parents[1].parent / "shared" / "stac-items"
+SHARED_ITEMS = Path(__file__).resolve().parent / "data"
 
 REAL_ITEMS = {
     "sentinel-2": "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json",

@@ -1,6 +1,6 @@
 """Small Sentinel-2 scenes for the training-side tests (stacchip.ml).
 
-From the real Earth Search item in ../shared/stac-items, scaled down 30x
+From the real Earth Search item in tests/data, scaled down 30x
 (10 m bands become 366 px at 300 m), written as COGs under a data root in the
 bucket layout ``{platform}/{item_id}/stac_item.json``, and indexed with the
 core Sentinel2Indexer into ``index/{platform}/{item_id}/index_{item_id}.parquet``.

@@ -22,7 +22,7 @@ from tests.services import http_get, service_unavailable
 
 pytestmark = pytest.mark.services
 
-SHARED_ITEMS = Path(__file__).resolve().parents[2] / "shared" / "stac-items"
+SHARED_ITEMS = Path(__file__).resolve().parent / "data"
 S2_ITEM = "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 
 
