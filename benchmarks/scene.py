@@ -1,7 +1,7 @@
 """An Earth-Search-shaped Sentinel-2 L2A scene for benchmarks, built once into a cache dir.
 
 The scene copies the layout of Earth Search's ``sentinel-2-c1-l2a`` item
-``S2A_T20HNJ_20240311T140636_L2A`` (``../shared/stac-items``): UTM 20S, origin
+``S2A_T20HNJ_20240311T140636_L2A`` (``tests/data``): UTM 20S, origin
 (499980 m, 6400000 m), 10 m bands ``blue green red nir`` (10980² px), 20 m bands
 ``rededge1-3 nir08 swir16 swir22`` and ``scl`` (5490² px), optionally 60 m bands
 ``coastal nir09`` (1830² px). Reflectance bands are uint16 DN
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 BUILDER_VERSION = 3
 
 SOURCE_ITEM = (
-    Path(__file__).resolve().parents[2] / "shared" / "stac-items"
+    Path(__file__).resolve().parents[1] / "tests" / "data"
     / "sentinel-2-l2a-S2A_T20HNJ_20240311T140636_L2A.json"
 )
 PLATFORM = "sentinel-2-c1-l2a"
