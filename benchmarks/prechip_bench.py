@@ -113,7 +113,7 @@ def prepare_data(cache: Path, spec: SceneSpec) -> tuple[Path, Path, list[dict[st
         target = index / PLATFORM / item["id"] / f"index_{item['id']}.parquet"
         if not target.exists():
             t0 = time.perf_counter()
-            table = Sentinel2Indexer(item, chip_size=256, chip_max_nodata=1.0, platform=PLATFORM).create_index()
+            table = Sentinel2Indexer(item, chip_size=256, chip_max_nodata=1.0, platform=PLATFORM).create_full_index()
             write_index(table, target)
             logger.info("indexed %s: %d chips in %.1f s", item["id"], table.num_rows, time.perf_counter() - t0)
         items.append(item)

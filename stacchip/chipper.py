@@ -20,7 +20,7 @@ import numpy as np
 from stacchip import grid as gridmath
 from stacchip.errors import AssetNotFoundError, ChipOutOfRangeError, ConfigError
 from stacchip.indexer import ChipIndexer
-from stacchip.reader import DatasetCache, LanePool, gdal_env, read_indexed, resolve_href
+from stacchip.reader import DatasetCache, LanePool, asset_transform, gdal_env, read_indexed, resolve_href
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class Chipper:
                     + ", ".join(sorted(item.assets))
                 )
         self._datasets = DatasetCache()
+        #: checked transform of each asset file (see :func:`stacchip.reader.asset_transform`)
+        self._transforms: dict[str, Any] = {}
         self.threads = self._auto_threads() if threads is None else max(1, int(threads))
         # Remote files get several lanes each so read-ahead overlaps their requests.
         spread = max(1, self.threads // max(1, len(self.asset_keys))) if self._remote() else 1
@@ -150,10 +152,20 @@ class Chipper:
         ix = self.indexer
         what = f"item {ix.item.id!r} asset {key!r} "
         ds = self._datasets.get(path, what)
-        rows, cols = gridmath.chip_asset_indices(ix.affine, ds.transform, x, y, ix.chip_size)
+        rows, cols = gridmath.chip_asset_indices(ix.affine, self.transform_of(key, path, ds), x, y, ix.chip_size)
         if self.native:
             rows, cols = np.unique(rows), np.unique(cols)
         return read_indexed(ds, rows, cols, fill=self.fill_value(key, ds.nodata), what=what)
+
+    def transform_of(self, key: str, path: str, ds: Any) -> Any:
+        """The checked transform of asset ``key`` (file ``path``, open as ``ds``),
+        computed once per file: the item's grid for the asset, after comparing
+        it with the file's own CRS, size and georeferencing."""
+        transform = self._transforms.get(path)
+        if transform is None:
+            transform = asset_transform(ds, self.indexer.item, key, self.indexer.grid)
+            self._transforms[path] = transform
+        return transform
 
     def _read_in_lane(self, key: str, path: str, x: int, y: int) -> np.ndarray:
         with gdal_env():
@@ -212,7 +224,7 @@ class Chipper:
         if keys:
             with gdal_env():
                 ds = self._datasets.get(self.path(keys[0]), f"asset {keys[0]!r} ")
-            fine_per_asset = ds.transform.a / self.indexer.affine.a
+            fine_per_asset = self.transform_of(keys[0], self.path(keys[0]), ds).a / self.indexer.affine.a
             block_fine = ds.block_shapes[0][1] * fine_per_asset
             per_block = max(1, int(block_fine // self.indexer.chip_size))
         return sorted(pos, key=lambda p: (p[1] // per_block, p[0] // per_block, p[1], p[0]))

@@ -52,7 +52,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             f"indexer {args.indexer!r} ({cls.__name__}) computes no cloud/nodata statistics; "
             "choose a source indexer or 'nostats'"
         )
-    table = indexer.create_index()
+    table = indexer.create_full_index()
     meta = {
         "item_href": _item_source(args.item),
         "item_id": item.id,
@@ -123,6 +123,22 @@ def cmd_chip(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade_index(args: argparse.Namespace) -> int:
+    from stacchip.index import index_files, upgrade_index_file
+
+    if args.chip_size is not None and not 0 < args.chip_size <= 65535:
+        raise ConfigError(f"--chip-size {args.chip_size} must be a chip size in pixels (1-65535)")
+    files = index_files(args.sources)
+    done = 0
+    for path in files:
+        if upgrade_index_file(path, platform=args.platform, chip_size=args.chip_size):
+            done += 1
+            echo(f"upgraded {path}")
+    echo(f"{done} of {len(files)} index files rewritten in the current schema "
+         f"({len(files) - done} were already current)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stacchip.chipper import Chipper
     from stacchip.demo import build_demo_scene
@@ -141,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     item = load_item(item_path)
     indexer = Sentinel2Indexer(item, chip_size=args.chip_size)
-    table = indexer.create_index()
+    table = indexer.create_full_index()
     index_path = workdir / f"index_{item.id}.parquet"
     write_index(table, index_path, extra_metadata={"item_href": str(item_path), "item_id": item.id})
     t2 = time.perf_counter()
@@ -193,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assets", default=None, help="comma-separated asset keys")
     p.add_argument("--native", action="store_true", help="keep each asset's own resolution")
     p.set_defaults(func=cmd_chip)
+
+    p = sub.add_parser(
+        "upgrade-index",
+        help="rewrite upstream-format index files in the current schema (idempotent)",
+        description="Rewrite index files written by upstream stacchip (seven columns, native "
+        "geoarrow geometry) in place in the current schema. item_id and platform come from the "
+        "bucket layout index/{platform}/{item_id}/index_{item_id}.parquet (else the chip ids); "
+        "files already current are left untouched.",
+    )
+    p.add_argument("sources", nargs="+", help="index .parquet files, directories or s3:// prefixes")
+    p.add_argument("--platform", default=None, help="platform to store (default: from the bucket layout)")
+    p.add_argument("--chip-size", type=int, default=None,
+                   help="chip size in pixels of these indexes (default 256, upstream's only size)")
+    p.set_defaults(func=cmd_upgrade_index)
 
     p = sub.add_parser("demo", help="build a small Sentinel-2-shaped scene offline, index it, read chips")
     p.add_argument("--dir", default=None, help="where to write the scene (default: a temp dir)")

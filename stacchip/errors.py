@@ -33,6 +33,10 @@ class UnsupportedUnitsError(ProjectionError):
     """The CRS does not use metres as its linear unit."""
 
 
+class GridMismatchError(ProjectionError):
+    """A raster file's own CRS, size or georeferencing contradicts the item's grid."""
+
+
 class DatetimeError(ItemError):
     """An item has neither ``datetime`` nor ``start_datetime``."""
 

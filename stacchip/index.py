@@ -19,6 +19,16 @@ One row per chip. Upstream columns keep their names and types; stacchip adds
 
 Files are GeoParquet 1.1: WKB geometry, CRS OGC:CRS84 stated as PROJJSON,
 bbox covering declared, zstd compression.
+
+Index files written by upstream stacchip (its seven columns, geometry as a
+native geoarrow polygon, saved with ``pyarrow.parquet.write_table`` under
+``index/{platform}/{item_id}/index_{item_id}.parquet``) read everywhere:
+:func:`normalize_table` brings any table with the upstream columns and a
+geometry in any geoarrow encoding (WKB, WKT, native polygon or multipolygon)
+to :data:`SCHEMA`, taking ``item_id`` and ``platform`` from the bucket layout
+(else ``item_id`` from the chip id), ``datetime`` from ``date`` (midnight UTC)
+and ``chip_size`` as 256 (upstream's only size) unless told otherwise.
+:func:`upgrade_index_file` rewrites such files in place, idempotently.
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -39,6 +52,8 @@ from stacchip.errors import ConfigError, IndexFileError, StorageError
 
 if TYPE_CHECKING:  # pyarrow.dataset costs ~50 MB of RSS; imported where used
     import pyarrow.dataset as pads
+
+logger = logging.getLogger(__name__)
 
 GEOPARQUET_VERSION = "1.1.0"
 GEOMETRY_COLUMN = "geometry"
@@ -65,6 +80,21 @@ SCHEMA = pa.schema(
         ("bbox", BBOX_TYPE),
     ]
 )
+
+
+#: The seven columns upstream's ``create_index()`` returns, in its order.
+UPSTREAM_COLUMNS = (
+    "chipid",
+    "date",
+    "chip_index_x",
+    "chip_index_y",
+    "cloud_cover_percentage",
+    "nodata_percentage",
+    GEOMETRY_COLUMN,
+)
+#: Chip size assumed for index files that do not record one (upstream's processors
+#: and prechip only ever used 256-pixel chips).
+UPSTREAM_CHIP_SIZE = 256
 
 
 def _geometry_type() -> pa.DataType:
@@ -140,23 +170,229 @@ def index_table(
     return pa.table(columns)
 
 
+def upstream_table(table: pa.Table) -> pa.Table:
+    """The seven upstream columns of an index table, geometry as a native
+    geoarrow polygon (what upstream's ``create_index()`` returned)."""
+    import geoarrow.pyarrow as ga
+
+    wkb = geometry_wkb(table.column(GEOMETRY_COLUMN))
+    polygons = ga.as_geoarrow(ga.wkb().wrap_array(wkb.combine_chunks()))
+    upstream = table.select(list(UPSTREAM_COLUMNS[:-1]))
+    return upstream.append_column(GEOMETRY_COLUMN, polygons)
+
+
+# --- geometry in any geoarrow encoding ---------------------------------------------
+
+
+def _storage(array: pa.Array) -> pa.Array:
+    return array.storage if isinstance(array.type, pa.ExtensionType) else array
+
+
+def _native_geometries(array: pa.Array, where: str) -> np.ndarray:
+    """Shapely geometries of a native geoarrow polygon/multipolygon array
+    (separated ``struct<x, y[, z]>`` or interleaved ``fixed_size_list`` coordinates)."""
+    offsets: list[np.ndarray] = []
+    level = array
+    while pa.types.is_list(level.type) or pa.types.is_large_list(level.type):
+        lengths = level.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+        offsets.append(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+        level = level.flatten()
+    if pa.types.is_struct(level.type):
+        names = [level.type.field(i).name for i in range(level.type.num_fields)]
+        if names[:2] != ["x", "y"]:
+            raise IndexFileError(f"{where}: geometry coordinates have fields {names}, expected x, y")
+        coords = np.column_stack(
+            [level.field(i).to_numpy(zero_copy_only=False) for i in range(min(3, len(names)))]
+        )
+    elif pa.types.is_fixed_size_list(level.type):
+        size = level.type.list_size
+        coords = level.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)[:, :3]
+    else:
+        raise IndexFileError(f"{where}: geometry column of type {array.type} is not a geoarrow encoding")
+    kinds = {2: shapely.GeometryType.POLYGON, 3: shapely.GeometryType.MULTIPOLYGON}
+    if len(offsets) not in kinds:
+        raise IndexFileError(
+            f"{where}: geometry column of type {array.type} is not a polygon or multipolygon"
+        )
+    return shapely.from_ragged_array(kinds[len(offsets)], coords.astype(np.float64), tuple(reversed(offsets)))
+
+
+def geometry_wkb(column: pa.Array | pa.ChunkedArray, where: str = "index") -> pa.ChunkedArray:
+    """A geometry column in any geoarrow encoding (WKB, WKT, native polygon or
+    multipolygon; extension type or plain storage) as plain WKB (``binary``).
+
+    Raises :class:`IndexFileError` naming ``where`` for nulls or other types.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = []
+    for chunk in chunks:
+        array = _storage(chunk)
+        if array.null_count:
+            raise IndexFileError(f"{where}: {array.null_count} rows have no geometry")
+        typ = array.type
+        if pa.types.is_binary(typ):
+            out.append(array)
+        elif pa.types.is_large_binary(typ):
+            out.append(array.cast(pa.binary()))
+        elif pa.types.is_string(typ) or pa.types.is_large_string(typ):
+            try:
+                geoms = shapely.from_wkt(array.to_numpy(zero_copy_only=False))
+            except shapely.errors.GEOSException as exc:
+                raise IndexFileError(f"{where}: geometry column holds invalid WKT: {exc}") from exc
+            out.append(_binary_array(list(shapely.to_wkb(geoms)), pa.binary()))
+        else:
+            geoms = _native_geometries(array, where)
+            out.append(_binary_array(list(shapely.to_wkb(geoms)) if len(geoms) else [], pa.binary()))
+    return pa.chunked_array(out, pa.binary())
+
+
+# --- tables and files of other layouts (upstream) ------------------------------------
+
+_LAYOUT_FILE = re.compile(r"^index_(?P<item>.+)\.parquet$")
+_CHIPID_SUFFIX = r"-[0-9]+-[0-9]+$"
+
+
+def layout_ids(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """``(platform, item_id)`` from the bucket layout
+    ``.../{platform}/{item_id}/index_{item_id}.parquet``, else ``(None, None)``."""
+    parts = str(path).replace("\\", "/").rstrip("/").split("/")
+    if len(parts) >= 3:
+        match = _LAYOUT_FILE.match(parts[-1])
+        if match and match.group("item") == parts[-2] and parts[-3]:
+            return parts[-3], parts[-2]
+    return None, None
+
+
+def is_current(schema: pa.Schema) -> bool:
+    """True when a file schema holds every :data:`SCHEMA` column with its type
+    (a file pyarrow.dataset reads as it is)."""
+    for field in SCHEMA:
+        idx = schema.get_field_index(field.name)
+        if idx < 0:
+            return False
+        typ = schema.field(idx).type
+        if isinstance(typ, pa.ExtensionType):
+            typ = typ.storage_type
+        if typ != field.type:
+            return False
+    return True
+
+
+def normalize_table(
+    table: pa.Table,
+    *,
+    item_id: str | None = None,
+    platform: str | None = None,
+    chip_size: int | None = None,
+    where: str = "index table",
+) -> pa.Table:
+    """Any index table (this package's, or upstream's seven columns) in :data:`SCHEMA`.
+
+    Missing columns are derived: ``item_id`` from the argument, else from
+    ``chipid`` (``{item_id}-{x}-{y}``); ``platform`` from the argument, else
+    ``""``; ``datetime`` from ``date`` (midnight UTC) and ``date`` from
+    ``datetime``; ``chip_size`` from the argument, else
+    :data:`UPSTREAM_CHIP_SIZE`; ``bbox`` from the geometry. Geometry in any
+    geoarrow encoding becomes WKB. Extra columns are kept after the schema's.
+    Raises :class:`IndexFileError` naming ``where`` when a needed column is
+    missing or has the wrong type.
+    """
+    import pyarrow.compute as pc
+
+    names = table.column_names
+    needed = [c for c in ("chipid", "chip_index_x", "chip_index_y", "cloud_cover_percentage",
+                          "nodata_percentage", GEOMETRY_COLUMN) if c not in names]
+    if "date" not in names and "datetime" not in names:
+        needed.append("date")
+    if needed:
+        raise IndexFileError(f"{where}: not an index table, it lacks columns {needed}")
+    n = table.num_rows
+    wkb = geometry_wkb(table.column(GEOMETRY_COLUMN), where)
+    columns: dict[str, Any] = {}
+    try:
+        chipid = table.column("chipid").cast(pa.string())
+        if "datetime" in names:
+            when = table.column("datetime").cast(pa.timestamp("us", tz="UTC"))
+        else:
+            when = table.column("date").cast(pa.date32()).cast(pa.timestamp("us")).cast(
+                pa.timestamp("us", tz="UTC")
+            )
+        date = table.column("date").cast(pa.date32()) if "date" in names else _utc_dates(when)
+        if "item_id" in names:
+            item_ids = table.column("item_id").cast(pa.string())
+        elif item_id is not None:
+            item_ids = pa.chunked_array([_binary_array([item_id.encode()] * n, pa.string())])
+        else:
+            item_ids = pc.replace_substring_regex(chipid, _CHIPID_SUFFIX, "")
+        if "platform" in names:
+            platforms = table.column("platform").cast(pa.string())
+        else:
+            platforms = pa.chunked_array([_binary_array([(platform or "").encode()] * n, pa.string())])
+        if "chip_size" in names:
+            sizes = table.column("chip_size").cast(pa.uint16())
+        else:
+            sizes = pa.chunked_array([_fixed_array(np.full(n, chip_size or UPSTREAM_CHIP_SIZE, np.uint16), pa.uint16())])
+        columns = {
+            "chipid": chipid,
+            "date": date,
+            "chip_index_x": table.column("chip_index_x").cast(pa.uint16()),
+            "chip_index_y": table.column("chip_index_y").cast(pa.uint16()),
+            "cloud_cover_percentage": table.column("cloud_cover_percentage").cast(pa.float32()),
+            "nodata_percentage": table.column("nodata_percentage").cast(pa.float32()),
+            GEOMETRY_COLUMN: wkb,
+            "item_id": item_ids,
+            "platform": platforms,
+            "datetime": when,
+            "chip_size": sizes,
+        }
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise IndexFileError(f"{where}: a column has the wrong type: {exc}") from exc
+    if "bbox" in names and table.schema.field("bbox").type == BBOX_TYPE:
+        columns["bbox"] = table.column("bbox")
+    else:
+        bounds = shapely.bounds(shapely.from_wkb(wkb.to_numpy(zero_copy_only=False))) if n else np.zeros((0, 4))
+        columns["bbox"] = pa.StructArray.from_arrays(
+            [_fixed_array(np.ascontiguousarray(bounds[:, i], dtype=np.float64), pa.float64()) for i in range(4)],
+            names=list(BBOX_FIELDS),
+        )
+    for name in names:
+        if name not in columns:
+            columns[name] = table.column(name)
+    return pa.table(columns)
+
+
+def _utc_dates(when: pa.ChunkedArray) -> pa.ChunkedArray:
+    micros = when.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    days = np.floor_divide(micros, 86_400_000_000).astype(np.int32)
+    return pa.chunked_array([_fixed_array(days, pa.date32())])
+
+
 def crs84_projjson() -> dict[str, Any]:
     """PROJJSON of OGC:CRS84 (longitude, latitude on WGS 84)."""
     return pyproj.CRS.from_user_input("OGC:CRS84").to_json_dict()
 
 
-def to_storage(table: pa.Table) -> pa.Table:
-    """The table with plain WKB geometry, in the column order of :data:`SCHEMA`."""
+def to_storage(table: pa.Table, *, item_id: str | None = None, platform: str | None = None,
+               where: str = "index table") -> pa.Table:
+    """The table with plain WKB geometry, in the column order of :data:`SCHEMA`.
+
+    Tables in another layout (upstream's seven columns, native geometry) are
+    brought to the schema first with :func:`normalize_table`.
+    """
+    geom_type = table.schema.field(GEOMETRY_COLUMN).type if GEOMETRY_COLUMN in table.column_names else None
+    storage_type = geom_type.storage_type if isinstance(geom_type, pa.ExtensionType) else geom_type
+    if storage_type != pa.binary() or any(f.name not in table.column_names for f in SCHEMA):
+        table = normalize_table(table, item_id=item_id, platform=platform, where=where)
     geom = table.column(GEOMETRY_COLUMN)
     if isinstance(geom.type, pa.ExtensionType):
         geom = pa.chunked_array([c.storage for c in geom.chunks], geom.type.storage_type)
         table = table.set_column(table.schema.get_field_index(GEOMETRY_COLUMN), GEOMETRY_COLUMN, geom)
-    missing = [f.name for f in SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise IndexFileError(f"index table lacks columns {missing}")
     extra = [n for n in table.column_names if n not in SCHEMA.names]
     ordered = table.select(SCHEMA.names + extra)
-    return ordered.cast(pa.schema(list(SCHEMA) + [ordered.schema.field(n) for n in extra]))
+    try:
+        return ordered.cast(pa.schema(list(SCHEMA) + [ordered.schema.field(n) for n in extra]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise IndexFileError(f"{where}: a column has the wrong type: {exc}") from exc
 
 
 def geo_metadata(table: pa.Table) -> dict[str, Any]:
@@ -183,9 +419,15 @@ def geo_metadata(table: pa.Table) -> dict[str, Any]:
     return {"version": GEOPARQUET_VERSION, "primary_column": GEOMETRY_COLUMN, "columns": {GEOMETRY_COLUMN: column}}
 
 
-def index_bytes(table: pa.Table, extra_metadata: dict[str, Any] | None = None) -> bytes:
-    """GeoParquet bytes of an index table."""
-    table = to_storage(table)
+def index_bytes(
+    table: pa.Table,
+    extra_metadata: dict[str, Any] | None = None,
+    *,
+    item_id: str | None = None,
+    platform: str | None = None,
+) -> bytes:
+    """GeoParquet bytes of an index table (any layout :func:`to_storage` takes)."""
+    table = to_storage(table, item_id=item_id, platform=platform)
     metadata = dict(table.schema.metadata or {})
     metadata[b"geo"] = json.dumps(geo_metadata(table)).encode()
     if extra_metadata:
@@ -204,9 +446,15 @@ def write_index(
     """Write one index as GeoParquet 1.1 to a local path, ``file://`` or ``s3://``.
 
     The file appears whole or not at all. ``extra_metadata`` (JSON-able) is kept
-    under the ``stacchip`` key of the file metadata. Returns ``dest``.
+    under the ``stacchip`` key of the file metadata. ``table`` may be the full
+    table (:meth:`~stacchip.indexer.ChipIndexer.create_full_index`) or upstream's
+    seven columns (:meth:`~stacchip.indexer.ChipIndexer.create_index`); for the
+    latter ``platform`` and ``item_id`` come from ``dest`` when it follows the
+    bucket layout ``index/{platform}/{item_id}/index_{item_id}.parquet``.
+    Returns ``dest``.
     """
-    data = index_bytes(table, extra_metadata)
+    platform, item_id = layout_ids(dest)
+    data = index_bytes(table, extra_metadata, item_id=item_id, platform=platform)
     storage.write_bytes(dest, data)
     return str(dest)
 
@@ -261,16 +509,116 @@ def index_files(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str
     return files
 
 
-def open_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> "pads.Dataset":
-    """Open index files, directories or ``s3://`` prefixes as one pyarrow dataset."""
+#: Parallel footer reads when opening many index files (they wait on I/O).
+FOOTER_THREADS = 16
+
+
+def _read_schema(path: str, filesystem: Any) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path, filesystem=filesystem)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise IndexFileError(f"index file {path!r} is not a readable Parquet file: {exc}") from exc
+
+
+def _read_other(path: str, shown: str, filesystem: Any) -> pa.Table:
+    """An index file of another layout (upstream's), normalised to :data:`SCHEMA`."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, filesystem=filesystem)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise IndexFileError(f"index file {shown!r} cannot be read: {exc}") from exc
+    platform, item_id = layout_ids(shown)
+    return normalize_table(table, item_id=item_id, platform=platform, where=f"index file {shown!r}")
+
+
+def open_index(
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    extra_columns: bool = False,
+) -> "pads.Dataset":
+    """Open index files, directories or ``s3://`` prefixes as one pyarrow dataset.
+
+    Files in the current schema are scanned lazily; files of another layout
+    (upstream-written indexes) are read and normalised (:func:`normalize_table`)
+    and joined to them, so old and new files mix in one dataset. With
+    ``extra_columns`` the dataset also has the columns beyond :data:`SCHEMA`
+    that the files hold (e.g. ``split``; null where a file lacks one).
+    Unreadable, empty or truncated files raise :class:`IndexFileError` naming
+    the file.
+    """
     import pyarrow.dataset as pads
 
     files = index_files(sources)
     filesystem, paths = _filesystem(files)
+    threads = max(1, min(FOOTER_THREADS, len(paths)))
+    with ThreadPoolExecutor(threads) as pool:
+        schemas = list(pool.map(lambda p: _read_schema(p, filesystem), paths))
+    current = [i for i, sch in enumerate(schemas) if is_current(sch)]
+    other = [i for i in range(len(paths)) if i not in set(current)]
+    schema = SCHEMA
+    if extra_columns:
+        extra: dict[str, pa.Field] = {}
+        for i in current:
+            for field in schemas[i]:
+                if field.name not in SCHEMA.names and field.name not in extra:
+                    extra[field.name] = field
+        schema = pa.schema(list(SCHEMA) + list(extra.values()))
     try:
-        return pads.dataset(paths, format="parquet", filesystem=filesystem, schema=SCHEMA)
+        parts = []
+        if current:
+            parts.append(pads.dataset([paths[i] for i in current], format="parquet",
+                                      filesystem=filesystem, schema=schema))
+        if other:
+            with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, len(other)))) as pool:
+                tables = list(pool.map(lambda i: _read_other(paths[i], files[i], filesystem), other))
+            merged = pa.concat_tables([to_storage(t).select(SCHEMA.names) for t in tables])
+            for field in schema:
+                if field.name not in merged.column_names:
+                    merged = merged.append_column(field, pa.nulls(merged.num_rows, field.type))
+            parts.append(pads.dataset(merged.select(schema.names).cast(schema)))
+            logger.info("read %d index file(s) of another layout (upstream) and normalised them", len(other))
+        return parts[0] if len(parts) == 1 else pads.dataset(parts)
     except (pa.ArrowException, OSError) as exc:
         raise IndexFileError(f"cannot open index files {files[:3]}...: {exc}") from exc
+
+
+def upgrade_index_file(
+    path: str | os.PathLike[str],
+    *,
+    platform: str | None = None,
+    item_id: str | None = None,
+    chip_size: int | None = None,
+) -> bool:
+    """Rewrite one index file of another layout (upstream's) in the current schema.
+
+    ``platform``/``item_id`` default to the bucket layout of ``path`` (else the
+    chip ids); ``chip_size`` to :data:`UPSTREAM_CHIP_SIZE`. Files already in the
+    current schema are left as they are. Returns True when the file was
+    rewritten. The new file replaces the old one whole (temp + rename).
+    """
+    import pyarrow.parquet as pq
+
+    text = str(path)
+    filesystem, (inner,) = _filesystem([text])
+    if is_current(_read_schema(inner, filesystem)):
+        return False
+    try:
+        table = pq.read_table(inner, filesystem=filesystem)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise IndexFileError(f"index file {text!r} cannot be read: {exc}") from exc
+    lay_platform, lay_item = layout_ids(text)
+    normal = normalize_table(
+        table,
+        item_id=item_id or lay_item,
+        platform=platform if platform is not None else lay_platform,
+        chip_size=chip_size,
+        where=f"index file {text!r}",
+    )
+    storage.write_bytes(text, index_bytes(normal))
+    return True
 
 
 def read_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> pa.Table:

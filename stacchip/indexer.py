@@ -33,9 +33,9 @@ from stacchip.errors import (
     DatetimeError,
     ItemError,
 )
-from stacchip.index import index_table
+from stacchip.index import index_table, upstream_table
 from stacchip.projection import Grid, item_grid
-from stacchip.reader import StripReader, gdal_env, resolve_href
+from stacchip.reader import StripReader, asset_transform, gdal_env, resolve_href
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,22 @@ class ChipIndexer:
     # --- the index ---------------------------------------------------------------------
 
     def create_index(self) -> pa.Table:
-        """The chip index of this item as a pyarrow Table (see ``stacchip.index``)."""
+        """The chip index as upstream returned it: a pyarrow Table of exactly seven
+        columns ``chipid``, ``date``, ``chip_index_x``, ``chip_index_y``,
+        ``cloud_cover_percentage``, ``nodata_percentage`` (fractions 0-1) and
+        ``geometry`` (lon/lat chip polygons as a native geoarrow polygon column).
+
+        :meth:`create_full_index` gives the table stacchip writes and reads
+        (plus ``item_id``, ``platform``, ``datetime``, ``chip_size``, ``bbox``).
+        """
+        return upstream_table(self.create_full_index())
+
+    def create_full_index(self) -> pa.Table:
+        """The full chip index of this item (schema :data:`stacchip.index.SCHEMA`):
+        upstream's columns with WKB geometry, plus ``item_id``, ``platform``,
+        ``datetime`` (UTC), ``chip_size`` and the ``bbox`` struct. What
+        :func:`stacchip.index.write_index`, the CLI, the processors and
+        ``stacchip.ml`` use."""
         cloud, nodata = self.stats
         xs, ys = gridmath.chip_positions(self.x_size, self.y_size)
         cloud = cloud.ravel()
@@ -284,18 +299,22 @@ class ChipIndexer:
         what: str,
         band: int = 1,
         gdal_options: Mapping[str, str] | None = None,
+        key: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cloud and nodata fractions of every chip from one QA raster.
 
         Reads the raster at its own resolution one strip of chips at a time,
         decodes each strip with ``decode`` and block-reduces the masks with
         nearest-neighbour weights (see :func:`stacchip.grid.reduction_weights`).
-        Fine pixels that fall outside the QA raster count as nodata.
+        Fine pixels that fall outside the QA raster count as nodata. With
+        ``key`` (the asset the raster belongs to) the file's own grid is first
+        checked against the item's (:func:`stacchip.reader.asset_transform`).
         """
         with gdal_env(**(gdal_options or {})), StripReader(resolve_href(href), what) as strips:
             ds = strips.dataset
+            transform = ds.transform if key is None else asset_transform(ds, self.item, key, self.grid)
             return block_reduce(
-                self.grid.transform, ds.transform, (ds.height, ds.width),
+                self.grid.transform, transform, (ds.height, ds.width),
                 self.x_size, self.y_size, self.chip_size,
                 lambda r0, r1: decode(strips.read(r0, r1, band)),
             )
@@ -441,6 +460,7 @@ class Sentinel2Indexer(ChipIndexer):
             self.asset_href(key),
             lambda scl: qamod.sentinel2_scl(scl, self.scl_filter, self.nodata_value),
             f"item {self.item.id!r} asset {key!r} ",
+            key=key,
         )
 
 
@@ -490,7 +510,7 @@ class LandsatIndexer(ChipIndexer):
         href, options = self.qa_href()
         return self.reduce_masks(
             href, qamod.landsat_qa_pixel,
-            f"item {self.item.id!r} asset {self.qa_asset!r} ", gdal_options=options,
+            f"item {self.item.id!r} asset {self.qa_asset!r} ", gdal_options=options, key=self.qa_asset,
         )
 
 
@@ -507,7 +527,7 @@ class ModisIndexer(ChipIndexer):
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
         return self.reduce_masks(
             self.asset_href(self.qa_asset), qamod.modis_state,
-            f"item {self.item.id!r} asset {self.qa_asset!r} ",
+            f"item {self.item.id!r} asset {self.qa_asset!r} ", key=self.qa_asset,
         )
 
 
@@ -537,9 +557,11 @@ class Sentinel1Indexer(ChipIndexer):
                 for key in keys:
                     readers.append(StripReader(resolve_href(self.asset_href(key)), f"item {self.item.id!r} asset {key!r} "))
                 first = readers[0].dataset
+                first_transform = asset_transform(first, self.item, keys[0], self.grid)
                 for key, reader in zip(keys, readers):
                     ds = reader.dataset
-                    if (ds.height, ds.width) != (first.height, first.width) or ds.transform != first.transform:
+                    transform = asset_transform(ds, self.item, key, self.grid)
+                    if (ds.height, ds.width) != (first.height, first.width) or transform != first_transform:
                         raise ItemError(
                             f"item {self.item.id!r}: backscatter asset {key!r} is not on the "
                             f"grid of asset {keys[0]!r}"
@@ -553,7 +575,7 @@ class Sentinel1Indexer(ChipIndexer):
                     return np.zeros_like(mask), mask
 
                 return block_reduce(
-                    self.grid.transform, first.transform, (first.height, first.width),
+                    self.grid.transform, first_transform, (first.height, first.width),
                     self.x_size, self.y_size, self.chip_size, read,
                 )
             finally:

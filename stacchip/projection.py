@@ -17,6 +17,7 @@ import pyproj
 from affine import Affine
 
 from stacchip.errors import (
+    GridMismatchError,
     ProjectionError,
     UnsupportedTransformError,
     UnsupportedUnitsError,
@@ -79,7 +80,7 @@ def parse_crs(fields: Mapping[str, Any], where: str) -> pyproj.CRS | None:
             continue
         try:
             if field == "proj:epsg":
-                return pyproj.CRS.from_epsg(int(value))
+                return pyproj.CRS.from_epsg(_integer(value, field, where))
             if field == "proj:projjson":
                 if isinstance(value, str):
                     value = json.loads(value)
@@ -90,6 +91,24 @@ def parse_crs(fields: Mapping[str, Any], where: str) -> pyproj.CRS | None:
                 f"{where}: cannot read CRS from field {field!r} = {value!r}: {exc}"
             ) from exc
     return None
+
+
+def _integer(value: Any, field: str, where: str) -> int:
+    """An integer field value (JSON integers, or floats with no fraction)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProjectionError(f"{where}: field {field!r} = {value!r} is not an integer")
+    if isinstance(value, float) and not (math.isfinite(value) and value == int(value)):
+        raise ProjectionError(f"{where}: field {field!r} = {value!r} is not an integer")
+    return int(value)
+
+
+def _number_list(value: Any, field: str, where: str) -> list[float]:
+    """A JSON array of numbers (no strings, no booleans)."""
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise ProjectionError(f"{where}: field {field!r} = {value!r} is not a list of numbers")
+    return [float(v) for v in value]
 
 
 def item_crs(item: Any, asset_key: str | None = None) -> pyproj.CRS:
@@ -130,12 +149,7 @@ def check_metre_units(crs: pyproj.CRS, where: str) -> None:
 
 def parse_transform(value: Any, where: str) -> Affine:
     """Affine from a 6- or 9-term ``proj:transform``; must be north-up, unrotated."""
-    try:
-        terms = [float(v) for v in value]
-    except (TypeError, ValueError) as exc:
-        raise ProjectionError(
-            f"{where}: field {TRANSFORM_FIELD!r} = {value!r} is not a list of numbers"
-        ) from exc
+    terms = _number_list(value, TRANSFORM_FIELD, where)
     if len(terms) == 9:
         if terms[6:] != [0.0, 0.0, 1.0]:
             raise UnsupportedTransformError(
@@ -164,19 +178,13 @@ def parse_transform(value: Any, where: str) -> Affine:
 
 
 def parse_shape(value: Any, where: str) -> tuple[int, int]:
-    """``(rows, cols)`` from ``proj:shape``; both positive integers."""
-    try:
-        rows, cols = (int(v) for v in value)
-        ok = all(float(v) == int(v) for v in value)
-    except (TypeError, ValueError) as exc:
+    """``(rows, cols)`` from ``proj:shape``: a list of two positive integers."""
+    terms = _number_list(value, SHAPE_FIELD, where)
+    if len(terms) != 2 or not all(math.isfinite(v) and v == int(v) and v > 0 for v in terms):
         raise ProjectionError(
-            f"{where}: field {SHAPE_FIELD!r} = {value!r} is not [rows, cols]"
-        ) from exc
-    if not ok or rows <= 0 or cols <= 0:
-        raise ProjectionError(
-            f"{where}: field {SHAPE_FIELD!r} = {value!r} must be two positive integers"
+            f"{where}: field {SHAPE_FIELD!r} = {value!r} must be [rows, cols], two positive integers"
         )
-    return rows, cols
+    return int(terms[0]), int(terms[1])
 
 
 def _shape_and_transform(
@@ -245,5 +253,124 @@ def item_grid(item: Any, shape: Any = None) -> Grid:
         crs = item_crs(item, best[2]) if _has_crs(item, best[2]) else item_crs(item)
     grid_shape, transform = st
     if shape is not None:
+        if hasattr(shape, "tolist"):
+            shape = shape.tolist()
+        elif isinstance(shape, (list, tuple)):
+            shape = [v.item() if hasattr(v, "item") else v for v in shape]
         grid_shape = parse_shape(shape, f"{_where(item, None)} (shape argument)")
     return Grid(crs, grid_shape, transform)
+
+
+# --- the grid a raster file states, against the item's --------------------------------
+
+
+def has_own_grid(item: Any, key: str) -> bool:
+    """True when asset ``key`` states its own ``proj:shape``/``proj:transform``."""
+    fields = _asset_fields(item, key)
+    return fields.get(SHAPE_FIELD) is not None or fields.get(TRANSFORM_FIELD) is not None
+
+
+def declared_grid(item: Any, key: str, fine: Grid) -> Grid:
+    """The grid the item declares for asset ``key``: the asset's own projection
+    fields, else the item's, else ``fine`` (the item's finest grid)."""
+    grid = asset_grid(item, key)
+    if grid is None:
+        return fine
+    return grid
+
+
+def same_crs(a: pyproj.CRS, b: pyproj.CRS) -> bool:
+    """True when two CRSs are the same (axis order aside), also when one comes
+    from an EPSG code and the other from a file's WKT."""
+    a = a.source_crs if a.is_bound and a.source_crs is not None else a
+    b = b.source_crs if b.is_bound and b.source_crs is not None else b
+    if a.equals(b, ignore_axis_order=True):
+        return True
+    code_a, code_b = a.to_epsg(min_confidence=70), b.to_epsg(min_confidence=70)
+    return code_a is not None and code_a == code_b
+
+
+def _fmt(crs: pyproj.CRS | None, shape: tuple[int, int], transform: Affine) -> str:
+    if crs is None:
+        name = "no CRS"
+    else:
+        code = crs.to_epsg(min_confidence=70)
+        name = f"EPSG:{code}" if code is not None else repr(crs.name)
+    t = transform
+    return (f"{name}, {shape[0]}x{shape[1]} px, origin ({t.c:.6g}, {t.f:.6g}), "
+            f"pixel ({t.a:.6g}, {t.e:.6g})")
+
+
+def _agrees(expected: Affine, shape: tuple[int, int], found: Affine) -> bool:
+    """True when ``found`` puts every corner of a ``shape`` grid within half an
+    expected pixel of where ``expected`` puts it (no rotation either)."""
+    if found.b != 0.0 or found.d != 0.0:
+        return False
+    half_x, half_y = abs(expected.a) / 2, abs(expected.e) / 2
+    rows, cols = shape
+    return (
+        abs(found.c - expected.c) <= half_x
+        and abs(found.f - expected.f) <= half_y
+        and abs((found.c + found.a * cols) - (expected.c + expected.a * cols)) <= half_x
+        and abs((found.f + found.e * rows) - (expected.f + expected.e * rows)) <= half_y
+    )
+
+
+def file_transform(
+    item: Any,
+    key: str,
+    fine: Grid,
+    *,
+    crs: pyproj.CRS | None,
+    shape: tuple[int, int],
+    transform: Affine,
+) -> tuple[Affine, str | None]:
+    """The transform to read asset ``key`` with, checked against the item.
+
+    ``crs``/``shape``/``transform`` are what the file itself states (``crs``
+    ``None`` when it states none). Returns ``(transform, warning)``:
+
+    * a file whose CRS differs from the item's, whose size differs from the
+      asset's declared ``proj:shape``, or whose origin or extent is off by more
+      than half a pixel raises :class:`GridMismatchError` naming item, asset and
+      both grids;
+    * a file that states no CRS is taken to be on the item's grid (upstream's
+      semantics: pixel windows ``[y*size:(y+1)*size, ...]``); ``warning`` says
+      so when its own transform disagrees;
+    * an asset without projection fields of its own may be coarser than the
+      grid it falls back to by a whole factor (upstream's rule) or, when the
+      file is georeferenced, cover the same extent at another resolution.
+
+    The returned transform is the item's (declared) one whenever the file
+    agrees with it, so pixels are read by the item's grid.
+    """
+    where = _where(item, key)
+    declared = declared_grid(item, key, fine)
+    own = has_own_grid(item, key)
+    found = f"file: {_fmt(crs, shape, transform)}; item: {_fmt(declared.crs, declared.shape, declared.transform)}"
+    if crs is not None and not same_crs(crs, declared.crs):
+        raise GridMismatchError(f"{where}: the file's CRS differs from the item's ({found})")
+    expected = declared.transform
+    if tuple(shape) != tuple(declared.shape):
+        rows, cols = declared.shape
+        if own:
+            raise GridMismatchError(f"{where}: the file's size differs from the asset's proj:shape ({found})")
+        if crs is not None:
+            # a georeferenced file of the same extent at another resolution
+            scaled = expected @ Affine.scale(cols / shape[1], rows / shape[0])
+            if _agrees(scaled, shape, transform):
+                return scaled, None
+            raise GridMismatchError(f"{where}: the file does not cover the item's grid ({found})")
+        if rows % shape[0] or cols % shape[1]:
+            raise GridMismatchError(
+                f"{where}: the file's size does not divide the item's grid ({found})"
+            )
+        expected = expected @ Affine.scale(cols / shape[1], rows / shape[0])
+    if _agrees(expected, shape, transform):
+        return expected, None
+    if crs is None:
+        return expected, (
+            f"{where}: the file states no CRS and its transform disagrees with the item; "
+            f"reading it on the item's grid ({found})"
+        )
+    raise GridMismatchError(f"{where}: the file's georeferencing is off the item's grid ({found})")

@@ -258,6 +258,38 @@ def _close_all(handles: dict[str, Any]) -> None:
     handles.clear()
 
 
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def asset_transform(ds: Any, item: Any, key: str, fine: Any) -> Any:
+    """The transform to read asset ``key`` of ``item`` with from open dataset ``ds``.
+
+    Compares the file's own CRS, size and georeferencing with the item's grid
+    for that asset (:func:`stacchip.projection.file_transform`): a contradiction
+    raises :class:`~stacchip.errors.GridMismatchError`; a file without a CRS is
+    read on the item's grid, with one warning per file when its transform
+    disagrees. A dataset without bands raises :class:`AssetReadError`.
+    """
+    import pyproj
+
+    from stacchip.projection import file_transform
+
+    if ds.count < 1:
+        raise AssetReadError(f"item {item.id!r} asset {key!r}: {ds.name!r} has no raster bands")
+    crs = pyproj.CRS.from_wkt(ds.crs.to_wkt()) if ds.crs else None
+    transform, warning = file_transform(
+        item, key, fine, crs=crs, shape=(ds.height, ds.width), transform=ds.transform
+    )
+    if warning:
+        with _warned_lock:
+            first = ds.name not in _warned
+            _warned.add(ds.name)
+        if first:
+            logger.warning(warning)
+    return transform
+
+
 def _span(idx: np.ndarray) -> tuple[int, int]:
     return int(idx.min()), int(idx.max()) + 1
 

@@ -135,7 +135,7 @@ def build_scene(
         item_json = item_dir / "stac_item.json"
         item_json.write_text(json.dumps(item))
         indexer = Sentinel2Indexer(item, chip_size=CHIP_SIZE)
-        table = indexer.create_index()
+        table = indexer.create_full_index()
         dest = index_dir / platform / item["id"] / f"index_{item['id']}.parquet"
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_index(table, dest, extra_metadata={"item_href": str(item_json), "item_id": item["id"]})

@@ -45,7 +45,7 @@ def test_index_then_chip(s2_item_file, tmp_path):
     table = pq.read_table(out)
     assert table.num_rows == 25
     item = load_item(s2_item_file)
-    want = Sentinel2Indexer(item, chip_size=64).create_index()
+    want = Sentinel2Indexer(item, chip_size=64).create_full_index()
     assert table.column("cloud_cover_percentage").to_pylist() == want.column("cloud_cover_percentage").to_pylist()
     chipid = f"{item.id}-3-4"
     npz = tmp_path / "chip.npz"
@@ -162,7 +162,7 @@ def test_relative_asset_hrefs_resolve_against_the_item(s2_item_file, tmp_path, m
     got = Chipper(ix, assets=["red", "scl"]).chip(1, 2)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
-    assert ix.create_index().num_rows == 25
+    assert ix.create_full_index().num_rows == 25
 
 
 @pytest.mark.services

@@ -44,7 +44,7 @@ def indexes(tmp_path):
     ]
     paths = []
     for name, when, x0, cloud_rows, coll in specs:
-        table = Sentinel2Indexer(_item(tmp_path, name, when, x0, cloud_rows, coll), chip_size=20).create_index()
+        table = Sentinel2Indexer(_item(tmp_path, name, when, x0, cloud_rows, coll), chip_size=20).create_full_index()
         paths.append(write_index(table, out / coll / name / f"index_{name}.parquet",
                                  extra_metadata={"item_id": name}))
     return out, paths
@@ -187,9 +187,10 @@ def test_missing_index_sources(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path, indexes):
     _, paths = indexes
-    table = read_index(paths[0]).drop_columns(["bbox"])
+    # a derivable column (bbox) is filled in; a column that cannot be derived is an error
+    table = read_index(paths[0]).drop_columns(["nodata_percentage"])
     dest = tmp_path / "out" / "bad.parquet"
-    with pytest.raises(IndexFileError, match="bbox"):
+    with pytest.raises(IndexFileError, match="nodata_percentage"):
         write_index(table, dest)
     assert not dest.exists()
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
@@ -220,7 +221,7 @@ def test_limits_keep_chips_exactly_at_the_limit(tmp_path):
                        "proj:transform": [10, 0, 500000, 0, -10, 4000000]},
         "assets": {"scl": {"href": str(path)}},
     })
-    out = write_index(Sentinel2Indexer(item, chip_size=20).create_index(), tmp_path / "i.parquet")
+    out = write_index(Sentinel2Indexer(item, chip_size=20).create_full_index(), tmp_path / "i.parquet")
     table = read_index(out)
     assert table.column("cloud_cover_percentage").to_numpy()[0] == np.float32(0.05)
     assert np.float64(np.float32(0.05)) > 0.05

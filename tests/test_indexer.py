@@ -103,7 +103,7 @@ def test_every_real_item_indexes(real_case):
     (rows, cols), t = _expected_grid(item_dict)
     assert indexer.shape == [rows, cols]
     assert indexer.x_size == cols // chip and indexer.y_size == rows // chip
-    table = indexer.create_index()
+    table = indexer.create_full_index()
     assert table.num_rows == indexer.size == (cols // chip) * (rows // chip)
     for column, typ in UPSTREAM_COLUMNS.items():
         assert table.schema.field(column).type == typ, column
@@ -192,7 +192,7 @@ def test_sentinel2_stats_equal_nearest_upsample(tmp_path_factory, rows, cols, ch
     path = write_cog(tmp / "scl.tif", qa, Affine(qa_res, 0, qa_origin[0], 0, -qa_res, qa_origin[1]), "EPSG:32633")
     item = _fine_item(rows, cols, qa_res, qa_shape, qa_origin, path)
     indexer = Sentinel2Indexer(item, chip_size=chip, chip_max_nodata=1.0)
-    table = indexer.create_index()
+    table = indexer.create_full_index()
     want_cloud, want_nodata = _reference_fractions(qa, qa_res, qa_origin, rows, cols, chip, qamod.sentinel2_scl)
     got_cloud = table.column("cloud_cover_percentage").to_numpy().reshape(want_cloud.shape)
     got_nodata = table.column("nodata_percentage").to_numpy().reshape(want_nodata.shape)
@@ -213,11 +213,11 @@ def test_max_nodata_zero_means_no_nodata(tmp_path):
     scl[0, 0] = 0  # one nodata pixel in chip (0, 0)
     scl[10:, 10:] = 0  # chip (1, 1) all nodata
     item = _s2_item(tmp_path, scl)
-    t0 = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=0).create_index()
+    t0 = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=0).create_full_index()
     assert sorted(t0.column("chipid").to_pylist()) == ["synthetic-0-1", "synthetic-1-0"]
-    t_half = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=0.5).create_index()
+    t_half = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=0.5).create_full_index()
     assert t_half.num_rows == 3
-    t_all = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=1).create_index()
+    t_all = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=1).create_full_index()
     assert t_all.num_rows == 4
     assert t_all.column("nodata_percentage").to_pylist() == [pytest.approx(4 / 400), 0, 0, 1]
 
@@ -226,7 +226,7 @@ def test_index_columns_and_added_fields(tmp_path):
     scl = np.full((20, 20), 9, dtype=np.uint8)
     item = _s2_item(tmp_path, scl)
     item.collection_id = "sentinel-2-l2a"
-    table = Sentinel2Indexer(item, chip_size=10).create_index()
+    table = Sentinel2Indexer(item, chip_size=10).create_full_index()
     assert table.column_names[:7] == list(UPSTREAM_COLUMNS) + ["geometry"]
     assert table.schema.field("datetime").type == pa.timestamp("us", tz="UTC")
     assert table.schema.field("bbox").type.names == ["xmin", "ymin", "xmax", "ymax"]
@@ -248,12 +248,12 @@ def test_start_datetime_used_without_datetime(tmp_path):
     item.properties["datetime"] = None
     item.properties["start_datetime"] = "2023-12-31T23:59:59Z"
     item.properties["end_datetime"] = "2024-01-08T00:00:00Z"
-    row = Sentinel2Indexer(item, chip_size=10).create_index().slice(0, 1).to_pylist()[0]
+    row = Sentinel2Indexer(item, chip_size=10).create_full_index().slice(0, 1).to_pylist()[0]
     assert row["date"] == dt.date(2023, 12, 31)
     assert row["datetime"] == dt.datetime(2023, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
     del item.properties["start_datetime"]
     with pytest.raises(DatetimeError, match="synthetic.*start_datetime"):
-        Sentinel2Indexer(item, chip_size=10).create_index()
+        Sentinel2Indexer(item, chip_size=10).create_full_index()
 
 
 def test_nodata_mask_indexer(tmp_path):
@@ -261,16 +261,16 @@ def test_nodata_mask_indexer(tmp_path):
     mask = np.zeros((20, 20), dtype=bool)
     mask[:10, :5] = True
     idx = NoDataMaskChipIndexer(item, mask, chip_size=10, chip_max_nodata=1)
-    table = idx.create_index()
+    table = idx.create_full_index()
     assert table.column("nodata_percentage").to_pylist() == [0.5, 0, 0, 0]
     assert table.column("cloud_cover_percentage").to_pylist() == [0, 0, 0, 0]
     # Upstream positional signature: (item, nodata_mask, chip_size, chip_max_nodata)
-    assert NoDataMaskChipIndexer(item, mask, 10, 0.4).create_index().num_rows == 3
+    assert NoDataMaskChipIndexer(item, mask, 10, 0.4).create_full_index().num_rows == 3
     # A coarser mask over the same extent is aligned by nearest neighbour.
     small = np.zeros((10, 10), dtype=bool)
     small[:5, :2] = True  # covers fine rows 0-9, cols 0-3 of chip (0, 0)
     coarse = NoDataMaskChipIndexer(item, small, chip_size=10, chip_max_nodata=1)
-    assert coarse.create_index().column("nodata_percentage").to_pylist() == [pytest.approx(0.4), 0, 0, 0]
+    assert coarse.create_full_index().column("nodata_percentage").to_pylist() == [pytest.approx(0.4), 0, 0, 0]
 
 
 def test_upstream_style_subclass_with_get_stats(tmp_path):
@@ -280,7 +280,7 @@ def test_upstream_style_subclass_with_get_stats(tmp_path):
         def get_stats(self, x, y):
             return 0.25 * x, 0.5 * y
 
-    table = MyIndexer(item, chip_size=10, chip_max_nodata=1).create_index()
+    table = MyIndexer(item, chip_size=10, chip_max_nodata=1).create_full_index()
     assert table.column("cloud_cover_percentage").to_pylist() == [0, 0.25, 0, 0.25]
     assert table.column("nodata_percentage").to_pylist() == [0, 0, 0.5, 0.5]
 
@@ -307,12 +307,12 @@ def test_landsat_reads_own_href_and_alternate_only_when_asked(tmp_path):
                 "href": str(other), "storage:requester_pays": True}}}},
         }
     )
-    assert LandsatIndexer(item, chip_size=10).create_index().column("cloud_cover_percentage").to_pylist() == [0] * 4
+    assert LandsatIndexer(item, chip_size=10).create_full_index().column("cloud_cover_percentage").to_pylist() == [0] * 4
     alt_idx = LandsatIndexer(item, chip_size=10, alternate="s3")
     assert alt_idx.qa_href() == (str(other), {"AWS_REQUEST_PAYER": "requester"})
-    assert alt_idx.create_index().column("cloud_cover_percentage").to_pylist() == [1] * 4
+    assert alt_idx.create_full_index().column("cloud_cover_percentage").to_pylist() == [1] * 4
     with pytest.raises(AssetNotFoundError, match="LC09.*alternate.https"):
-        LandsatIndexer(item, chip_size=10, alternate="https").create_index()
+        LandsatIndexer(item, chip_size=10, alternate="https").create_full_index()
 
 
 def test_modis_indexer_sinusoidal(tmp_path):
@@ -334,7 +334,7 @@ def test_modis_indexer_sinusoidal(tmp_path):
             "assets": {"sur_refl_state_500m": {"href": str(path)}},
         }
     )
-    table = ModisIndexer(item, chip_size=12, chip_max_nodata=1).create_index()
+    table = ModisIndexer(item, chip_size=12, chip_max_nodata=1).create_full_index()
     assert table.column("cloud_cover_percentage").to_pylist() == [1, 1, 0, 0]
     assert table.column("nodata_percentage").to_pylist() == [0, 0, 0, 1]
 
@@ -343,14 +343,14 @@ def test_missing_qa_asset_named(tmp_path):
     item = _s2_item(tmp_path, np.full((10, 10), 4, dtype=np.uint8))
     del item.assets["scl"]
     with pytest.raises(AssetNotFoundError, match="synthetic.*'scl'"):
-        Sentinel2Indexer(item, chip_size=10).create_index()
+        Sentinel2Indexer(item, chip_size=10).create_full_index()
 
 
 def test_unreadable_qa_href_named(tmp_path):
     item = _s2_item(tmp_path, np.full((10, 10), 4, dtype=np.uint8))
     item.assets["scl"].href = str(tmp_path / "missing.tif")
     with pytest.raises(AssetReadError, match="scl.*missing.tif"):
-        Sentinel2Indexer(item, chip_size=10).create_index()
+        Sentinel2Indexer(item, chip_size=10).create_full_index()
 
 
 @pytest.mark.parametrize("chip_size", [0, -1, 2.5, "256", True])
@@ -391,13 +391,13 @@ def test_edge_rule_keep_counts_partial_chips(tmp_path):
     keep = Sentinel2Indexer(item, chip_size=20, chip_max_nodata=1, edge="keep")
     assert (drop.x_size, drop.y_size) == (2, 1)
     assert (keep.x_size, keep.y_size) == (3, 2)
-    table = keep.create_index()
+    table = keep.create_full_index()
     nodata = np.array(table.column("nodata_percentage").to_pylist()).reshape(2, 3)
     # Partial chips: the part beyond the 30 x 50 grid is nodata.
     np.testing.assert_allclose(nodata, [[0, 0, 0.5], [0.5, 0.5, 0.75]], atol=1e-6)
-    nostats = NoStatsChipIndexer(item, chip_size=20, chip_max_nodata=1, edge="keep").create_index()
+    nostats = NoStatsChipIndexer(item, chip_size=20, chip_max_nodata=1, edge="keep").create_full_index()
     np.testing.assert_allclose(nostats.column("nodata_percentage").to_numpy().reshape(2, 3), nodata, atol=1e-6)
-    assert Sentinel2Indexer(item, chip_size=20, edge="keep").create_index().num_rows == 5  # 0.75 dropped
+    assert Sentinel2Indexer(item, chip_size=20, edge="keep").create_full_index().num_rows == 5  # 0.75 dropped
     with pytest.raises(ConfigError, match="edge"):
         Sentinel2Indexer(item, chip_size=20, edge="pad")
     from stacchip.chipper import Chipper
@@ -414,8 +414,8 @@ def test_planetary_computer_scl_key(tmp_path):
     from stacchip.indexer import guess_indexer
 
     assert guess_indexer(item) is Sentinel2Indexer
-    table = Sentinel2Indexer(item, chip_size=10).create_index()
+    table = Sentinel2Indexer(item, chip_size=10).create_full_index()
     assert table.column("cloud_cover_percentage").to_pylist() == [1.0] * 4
     del item.assets["SCL"]
     with pytest.raises(AssetNotFoundError, match="'scl'"):
-        Sentinel2Indexer(item, chip_size=10).create_index()
+        Sentinel2Indexer(item, chip_size=10).create_full_index()

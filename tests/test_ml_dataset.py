@@ -332,7 +332,7 @@ def test_band_selection_of_a_multiband_asset(tmp_path):
 
     item = materialize(real_item("naip"), tmp_path / "naip", factor=100)
     indexer = NoStatsChipIndexer(item, chip_size=32)
-    table = indexer.create_index()
+    table = indexer.create_full_index()
     assert table.num_rows == indexer.size > 1
     key = next(iter(item["assets"]))
     ds = ChipDataset(table, items={item["id"]: item}, bands={key: [2, 0, 1]})
@@ -354,7 +354,7 @@ def test_partial_edge_chips_of_an_edge_keep_index(scene):
     """Indexes made with edge='keep' hold partial chips at the right/bottom edges."""
     item = scene.items[sorted(scene.items)[-1]]
     indexer = Sentinel2Indexer(item, chip_size=CHIP_SIZE, chip_max_nodata=1.0, edge="keep")
-    table = indexer.create_index()
+    table = indexer.create_full_index()
     rows = table.to_pylist()
     edge_rows = [k for k, r in enumerate(rows) if r["chip_index_x"] == indexer.x_size - 1]
     assert edge_rows and indexer.grid.shape[1] % CHIP_SIZE != 0

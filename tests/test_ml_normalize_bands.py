@@ -24,7 +24,7 @@ def test_naip_stats_by_band_name_normalise_the_image_asset(tmp_path: Path) -> No
     scene = tmp_path / "data" / "naip" / item["id"]
     item = materialize(item, scene, factor=100, pixels=lambda key, asset, shape: coded_pixels(shape, 4, "uint8", 1))
     (scene / "stac_item.json").write_text(json.dumps(item))
-    table = NoStatsChipIndexer(item, chip_size=16, chip_max_nodata=1.0, platform="naip").create_index()
+    table = NoStatsChipIndexer(item, chip_size=16, chip_max_nodata=1.0, platform="naip").create_full_index()
     index = write_index(table, tmp_path / "index" / "index.parquet")
     means = {"red": 10.0, "green": 20.0, "blue": 30.0, "nir": 40.0}
     stds = {"red": 2.0, "green": 4.0, "blue": 5.0, "nir": 8.0}

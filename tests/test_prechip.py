@@ -92,7 +92,7 @@ def build_scenes(root: Path, n_items: int = 3) -> dict[str, Any]:
 
         item = materialize(item, scene, factor=FACTOR, pixels=pixels)
         (scene / "stac_item.json").write_text(json.dumps(item))
-        table = Sentinel2Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform=PLATFORM).create_index()
+        table = Sentinel2Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform=PLATFORM).create_full_index()
         write_index(table, index_dir / item["id"] / f"index_{item['id']}.parquet")
         items.append(item)
     return {"root": root, "data": str(data), "index": str(root / "index"), "items": items}
@@ -450,7 +450,7 @@ def test_other_platforms_band_order_and_nodata(name: str, platform: str, factor:
     item = materialize(item, scene, factor=factor, pixels=pixels)
     (scene / "stac_item.json").write_text(json.dumps(item))
     cls = NoStatsChipIndexer if name == "naip" else Sentinel1Indexer
-    table = cls(item, chip_size=CHIP, chip_max_nodata=1.0, platform=platform).create_index()
+    table = cls(item, chip_size=CHIP, chip_max_nodata=1.0, platform=platform).create_full_index()
     write_index(table, tmp_path / "index" / f"index_{item['id']}.parquet")
     cfg = prechip.PrechipConfig(data=str(tmp_path / "data"), index=str(tmp_path / "index"), output=str(tmp_path / "out"),
                                 platform=platform, cube_size=3, cubes_per_job=100, max_nodata=None, partial=True)

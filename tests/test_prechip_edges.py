@@ -21,7 +21,7 @@ def test_edge_chips_are_cubed_with_the_outside_marked_nodata(tmp_path: Path) -> 
     scenes = build_scenes(tmp_path / "scenes", n_items=1)
     item = scenes["items"][0]
     table = Sentinel2Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform=PLATFORM,
-                             edge="keep").create_index()
+                             edge="keep").create_full_index()
     xs = np.asarray(table.column("chip_index_x"))
     assert xs.max() == 5  # 183 px: five whole chips and a partial sixth
     index = write_index(table, tmp_path / "edge-index" / "index.parquet")
@@ -72,7 +72,7 @@ def test_edge_chip_outside_is_nodata_when_the_fill_is_not_the_nodata_value(tmp_p
     item = materialize(item, scene, factor=200, pixels=pixels)
     (scene / "stac_item.json").write_text(json.dumps(item))
     table = Sentinel1Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform="sentinel-1-rtc",
-                             edge="keep").create_index()
+                             edge="keep").create_full_index()
     index = write_index(table, tmp_path / "index" / "index.parquet")
     cfg = prechip.PrechipConfig(data=str(tmp_path / "data"), index=index, output=str(tmp_path / "out"),
                                 platform="sentinel-1-rtc", cube_size=4, cubes_per_job=100, max_nodata=None,

@@ -259,7 +259,7 @@ class Publisher:
             self.bucket.item_url(platform, item_id), json.dumps(item.to_dict(transform_hrefs=False)).encode()
         )
         indexer = make_indexer(item)
-        table = indexer.create_index()
+        table = indexer.create_full_index()
         meta = {
             "item_href": self.bucket.item_url(platform, item_id),
             "item_id": item_id,
