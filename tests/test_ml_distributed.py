@@ -13,6 +13,7 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def _keys(table: pa.Table, rows, block: int = BLOCK) -> list[tuple]:
 
 def _runs(keys: list[tuple]) -> int:
     """Number of maximal runs of equal consecutive keys."""
-    return 1 + sum(1 for a, b in zip(keys, keys[1:]) if a != b) if keys else 0
+    return 1 + sum(1 for a, b in pairwise(keys) if a != b) if keys else 0
 
 
 @pytest.mark.parametrize("world", [2, 3, 7])
@@ -202,7 +203,7 @@ def test_two_gloo_ranks_with_dataloader_workers(scene, table, tmp_path):
     logs = []
     try:
         for p in procs:
-            stdout, stderr = p.communicate(timeout=RANK_TIMEOUT_S)
+            _, stderr = p.communicate(timeout=RANK_TIMEOUT_S)
             logs.append(stderr[-3000:])
     finally:
         for p in procs:

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
