@@ -165,3 +165,30 @@ def test_split_column_and_cubes_are_described(scene, tmp_path):
 def test_bad_inputs_are_named(scene, tmp_path):
     with pytest.raises(ConfigError, match="dataWhatever"):
         croissant_metadata(str(scene.index_dir), out_dir=scene.index_dir.parent, rai={"dataWhatever": "x"})
+
+
+def test_cli_without_items_asks_for_data_root(scene, tmp_path, capsys):
+    """Index files without item_href (as the processors write them): no silent CRS-less metadata."""
+    index_file = tmp_path / "index" / "chips.parquet"
+    write_index(read_index(scene.index_dir), index_file)
+    out = tmp_path / "croissant.json"
+    rc = main(["croissant", str(index_file.parent), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "--data-root" in err and "--crs, --resolution and --bands" in err
+    assert len(err.strip().splitlines()) == 1
+    rc = main(["croissant", str(index_file.parent), "--out", str(out), "--data-root", str(scene.root)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["geocr:coordinateReferenceSystem"] == "EPSG:32720"
+    assert doc["geocr:spatialResolution"]["value"] == 10.0 * FACTOR
+    assert "red" in doc["geocr:bandConfiguration"]["geocr:bandNameList"]
+    # or every fact stated by hand
+    rc = main(["croissant", str(index_file.parent), "--out", str(out), "--crs", "EPSG:32720",
+               "--resolution", "300", "--bands", "red,nir"])
+    assert rc == 0
+    assert json.loads(out.read_text())["geocr:bandConfiguration"]["geocr:bandNameList"] == ["red", "nir"]
+    # index files of `stacchip index` record item_href: the facts come from the items, no flag needed
+    rc = main(["croissant", str(scene.index_files[0]), "--out", str(tmp_path / "from_href.json")])
+    assert rc == 0
+    assert json.loads((tmp_path / "from_href.json").read_text())["geocr:coordinateReferenceSystem"] == "EPSG:32720"

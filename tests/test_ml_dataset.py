@@ -88,8 +88,11 @@ def test_items_from_index_metadata_and_mapping(scene, table):
 def test_bands_channel_names_and_default_assets(scene, table):
     ds = ChipDataset(table, root=scene.root, label_asset="label")
     names = ds.channel_names()
-    assert "label" not in names and names[:3] == ["red", "green", "blue"] and "scl" in names
+    assert names == ["red", "green", "blue", "nir", "swir16"]  # data bands: no scl (QA), no label
     assert ds[0]["pixels"].shape[0] == len(names)
+    assert ChipDataset(table, root=scene.root).channel_names() == names  # labels role: never a default channel
+    with_qa = ChipDataset(table, root=scene.root, assets=["red", "scl"])
+    assert with_qa.channel_names() == ["red", "scl"] and with_qa[0]["pixels"].shape[0] == 2
     with pytest.raises(ConfigError, match="not in assets"):
         ChipDataset(table, root=scene.root, assets=["red"], bands={"nir": [0]})
 

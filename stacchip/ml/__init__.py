@@ -17,6 +17,7 @@ _EXPORTS = {
     "load_index": "stacchip.ml.dataset",
     "ItemSource": "stacchip.ml.items",
     "ItemBlockBatchSampler": "stacchip.ml.samplers",
+    "DistributedChipSampler": "stacchip.ml.samplers",
     "assign_splits": "stacchip.ml.splits",
     "split_report": "stacchip.ml.splits",
     "label_class_report": "stacchip.ml.splits",

@@ -400,6 +400,15 @@ def croissant_metadata(
     facts: dict[str, Any] = {"crs": [], "resolution_m": None, "bands": []}
     if items is not None:
         facts = imagery_facts(table, items)
+    else:
+        missing = [what for what, given in (("crs", crs), ("resolution_m", resolution_m),
+                                              ("band_names", band_names)) if not given]
+        if missing:
+            logger.warning(
+                "croissant: no items= given, so %s are left out of the metadata (CRS falls back to the "
+                "index geometry's OGC:CRS84); pass items=ItemSource(root=<data root>) or %s",
+                ", ".join(missing), "=, ".join(missing) + "=",
+            )
     if band_names:
         facts["bands"] = [{"name": b} for b in band_names]
     crs_value = crs or (facts["crs"][0] if len(facts["crs"]) == 1 else "OGC:CRS84")
@@ -512,7 +521,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--creator", action="append", default=[], help="creator name (repeatable)")
     p.add_argument("--keyword", action="append", default=[], help="keyword (repeatable)")
     p.add_argument("--data-root", default=None,
-                   help="data root with {platform}/{item_id}/stac_item.json (for CRS, resolution, bands)")
+                   help="data root with {platform}/{item_id}/stac_item.json (for CRS, resolution, bands); "
+                        "needed unless the index files record item_href or --crs, --resolution and --bands "
+                        "are all given")
     p.add_argument("--crs", default=None, help="CRS to state, e.g. EPSG:32720 (default: from the items)")
     p.add_argument("--resolution", type=float, default=None, help="spatial resolution in metres")
     p.add_argument("--bands", default=None, help="comma-separated band names")
@@ -542,6 +553,13 @@ def run_cli(args: argparse.Namespace) -> int:
         hrefs = hrefs_from_index(files)
         if hrefs:
             items = ItemSource(hrefs=hrefs)
+        elif args.crs is None or args.resolution is None or not args.bands:
+            raise ConfigError(
+                "cannot describe the imagery (CRS, resolution, bands): the index files record no item_href, "
+                "so the STAC items are unknown; pass --data-root <root holding "
+                "{platform}/{item_id}/stac_item.json> (the bucket the processors filled), or state all three "
+                "with --crs, --resolution and --bands"
+            )
     out = str(args.out)
     name = args.name or (storage.local_path(out).resolve().parent.name if not storage.is_s3(out) else "stacchip-chips")
     rai = {k: getattr(args, f"rai_{k}") for k in RAI_FIELDS if getattr(args, f"rai_{k}") is not None}

@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 
 from stacchip import storage
 from stacchip.chipper import Chipper
-from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError
+from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
 from stacchip.index import SCHEMA, index_files, open_index, query
 from stacchip.indexer import NoStatsChipIndexer
+from stacchip.ml.assets import check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
 from stacchip.processors.bands import PLATFORMS
@@ -53,6 +54,21 @@ ROW_COLUMNS = (
 )
 
 Stats = Any  # mapping, (mean, std) pair, or path to a JSON file
+
+#: What to pass when the STAC items of an index cannot be found.
+WHERE_ITEMS = (
+    "pass root= (the data root in the bucket layout, holding {platform}/{item_id}/stac_item.json; "
+    "local, file:// or s3://) or items= (a mapping item_id -> pystac.Item, STAC dict or path/URL of the "
+    "item JSON); for index files written by `stacchip index`, items=ItemSource.from_index(<index dir>) "
+    "uses the item_href they record"
+)
+
+
+def _describe(index: Any) -> str:
+    if isinstance(index, (str, os.PathLike)):
+        return repr(str(index))
+    parts = [str(p) for p in index]
+    return repr(parts[0]) + (f" (+{len(parts) - 1} more)" if len(parts) > 1 else "")
 
 
 def load_index(
@@ -143,13 +159,17 @@ class ChipDataset:
     ``split``) select rows.
 
     Items come from ``items`` (an :class:`ItemSource`, or a mapping
-    ``item_id -> item/dict/path``), ``root``
-    (``{root}/{platform}/{item_id}/stac_item.json``) or, for index files written
-    by ``stacchip index``, the ``item_href`` in their metadata. ``mountpath``
-    re-roots asset hrefs (as in :class:`Chipper`).
+    ``item_id -> item/dict/path``), ``root`` (the data root laid out as the
+    bucket: ``{root}/{platform}/{item_id}/stac_item.json``) or, for index files
+    written by ``stacchip index``, the ``item_href`` in their metadata. A table
+    (e.g. from ``assign_splits(read_index(dir))``) carries no file metadata:
+    give it ``root=`` or ``items=`` (``ItemSource.from_index(dir)`` reuses the
+    index files' ``item_href``). ``mountpath`` re-roots asset hrefs (as in
+    :class:`Chipper`).
 
-    ``assets``: asset keys read, in channel order (default: every raster data
-    asset of each item, minus ``label_asset``). ``bands``: optional
+    ``assets``: asset keys read, in channel order (default: each item's data
+    bands, without QA/mask rasters such as ``scl`` or ``qa_pixel``, nor
+    ``label_asset``; see :mod:`stacchip.ml.assets`). ``bands``: optional
     ``{asset: [band positions]}`` (0-based) to keep some bands of multi-band
     assets. ``normalize``: ``{"mean": [...], "std": [...]}`` per output channel,
     ``{asset: {"mean": m, "std": s}}`` per asset (scalars or per band), a
@@ -161,6 +181,12 @@ class ChipDataset:
     see :mod:`stacchip.ml.labels`); returned as ``target`` with ``target_dtype``.
 
     ``max_open_items`` bounds the chippers (and open rasters) kept per process.
+
+    At construction the STAC item of the first row of each platform is read
+    (no raster is opened) to check ``assets``, ``bands`` and ``label_asset``:
+    an unknown name raises :class:`ConfigError` naming the asset and the item
+    and listing its assets, instead of failing later inside a DataLoader
+    worker.
     """
 
     def __init__(
@@ -196,8 +222,16 @@ class ChipDataset:
         hrefs: dict[str, str] = {}
         if root is None and items is None:
             if isinstance(index, (pa.Table, pads.Dataset)):
-                raise ConfigError("ChipDataset over a table needs root= or items= to find STAC items")
+                raise ConfigError(
+                    "ChipDataset over a table (or pyarrow dataset) cannot find the STAC items: "
+                    + WHERE_ITEMS
+                )
             hrefs = hrefs_from_index(index_files(index))
+            if not hrefs:
+                raise ConfigError(
+                    f"the index files of {_describe(index)} record no item_href (only `stacchip index` "
+                    "writes it): " + WHERE_ITEMS
+                )
         if isinstance(items, ItemSource):
             self.items = items
         else:
@@ -222,6 +256,25 @@ class ChipDataset:
         self.max_open_items = int(max_open_items)
         self._pid = os.getpid()
         self._chippers: OrderedDict[tuple[str, str, int], Chipper] = OrderedDict()
+        self.check_items()
+
+    def check_items(self) -> None:
+        """Check ``assets``, ``bands`` and ``label_asset`` against the STAC item of the first
+        row of each platform (reads items only, no raster); raises :class:`ConfigError`."""
+        column = self.table.column("platform")
+        for value in pc.unique(column).to_pylist():
+            i = int(pc.index(column, value).as_py())
+            platform, item_id = str(self.platform[i]), str(self.item_id[i])
+            try:
+                item = self.items.get(platform, item_id)
+            except ItemError as exc:
+                if self.items.root is not None and item_id not in self.items.items:
+                    raise ConfigError(
+                        f"{exc}. root={self.items.root!r} must be the data root holding "
+                        "{platform}/{item_id}/stac_item.json (the bucket layout), not the index directory"
+                    ) from exc
+                raise
+            check_assets(item, platform, self.assets, self.bands, self.label_asset)
 
     # --- rows ---------------------------------------------------------------------------
 
@@ -278,18 +331,22 @@ class ChipDataset:
         # edge="keep" accepts every position an index can hold (whole chips and
         # partial edge chips); pixels beyond the grid read as nodata.
         indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform, edge="keep")
-        chipper = Chipper(indexer, mountpath=self.mountpath, assets=self.assets)
+        chipper = Chipper(indexer, mountpath=self.mountpath, assets=self.item_assets(item))
         self._chippers[key] = chipper
         while len(self._chippers) > self.max_open_items:
             _, old = self._chippers.popitem(last=False)
             old.close()
         return chipper
 
-    def asset_keys(self, chipper: Chipper) -> list[str]:
-        """Assets read for an item, in channel order."""
+    def item_assets(self, item: Any) -> list[str]:
+        """Assets read for ``item``, in channel order: ``assets``, else its data bands."""
         if self.assets is not None:
             return list(self.assets)
-        return [k for k in chipper.asset_keys if k != self.label_asset]
+        return data_asset_keys(item, exclude=[self.label_asset] if self.label_asset else [])
+
+    def asset_keys(self, chipper: Chipper) -> list[str]:
+        """Assets read for an item, in channel order."""
+        return self.item_assets(chipper.indexer.item)
 
     def channel_names(self, i: int = 0) -> list[str]:
         """Names of the output channels for row ``i``: ``asset`` or ``asset:band``."""

@@ -66,6 +66,26 @@ class ItemSource:
         self.max_cached = int(max_cached)
         self._cache: OrderedDict[tuple[str, str], pystac.Item] = OrderedDict()
 
+    @classmethod
+    def from_index(cls, index: Any, max_cached: int = 1024) -> ItemSource:
+        """Items at the ``item_href`` recorded in index files (what ``stacchip index`` writes).
+
+        ``index``: index files, directories or ``s3://`` prefixes. Raises
+        :class:`ConfigError` when none of the files records an ``item_href``
+        (indexes written by the processors do not: use a data root instead).
+        """
+        from stacchip.index import index_files
+
+        files = index_files(index)
+        hrefs = hrefs_from_index(files)
+        if not hrefs:
+            raise ConfigError(
+                f"none of the {len(files)} index file(s) (e.g. {files[0]!r}) records an item_href; "
+                "give the data root instead: ItemSource(root=...) or root= "
+                "(the bucket layout, {root}/{platform}/{item_id}/stac_item.json)"
+            )
+        return cls(hrefs=hrefs, max_cached=max_cached)
+
     def location(self, platform: str, item_id: str) -> str | None:
         """Where the item JSON of ``item_id`` is read from (``None`` for in-memory items)."""
         value = self.items.get(item_id)
