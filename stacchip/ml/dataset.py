@@ -32,12 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from stacchip import storage
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
-from stacchip.index import SCHEMA, index_files, open_index, query
+from stacchip.index import index_files, open_index, query
 from stacchip.indexer import NoStatsChipIndexer
 from stacchip.ml.assets import check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
@@ -109,22 +108,10 @@ def load_index(
 def open_with_extra_columns(index: Any) -> pads.Dataset:
     """:func:`stacchip.index.open_index`, keeping extra columns (e.g. ``split``).
 
-    Extra columns are taken from the first file's schema; files without them
-    read as nulls.
+    Extra columns are those any current-schema file holds; files without them
+    read as nulls. Upstream-written files are normalised as ``open_index`` does.
     """
-    dataset = open_index(index)
-    files = list(dataset.files)
-    if not files:
-        return dataset
-    try:
-        first = pq.read_schema(files[0], filesystem=dataset.filesystem)
-    except (pa.ArrowException, OSError) as exc:
-        raise IndexFileError(f"cannot read the schema of {files[0]!r}: {exc}") from exc
-    extra = [f for f in first if f.name not in SCHEMA.names]
-    if not extra:
-        return dataset
-    schema = pa.schema(list(SCHEMA) + extra)
-    return pads.dataset(files, format="parquet", filesystem=dataset.filesystem, schema=schema)
+    return open_index(index, extra_columns=True)
 
 
 def load_stats(stats: Stats) -> Any:
