@@ -15,7 +15,11 @@ One row per chip. Upstream columns keep their names and types; stacchip adds
 ``datetime``                  timestamp[us, UTC]
 ``chip_size``                 uint16, pixels of the finest grid
 ``bbox``                      struct<xmin, ymin, xmax, ymax: double>, degrees
+``collection``                string, the item's STAC collection id (null when unknown)
 ============================  =========================================
+
+``platform`` is the canonical platform (:mod:`stacchip.platforms`), whatever
+the catalog calls its collection; filters accept any alias.
 
 Files are GeoParquet 1.1: WKB geometry, CRS OGC:CRS84 stated as PROJJSON,
 bbox covering declared, zstd compression.
@@ -78,8 +82,12 @@ SCHEMA = pa.schema(
         ("datetime", pa.timestamp("us", tz="UTC")),
         ("chip_size", pa.uint16()),
         ("bbox", BBOX_TYPE),
+        ("collection", pa.string()),
     ]
 )
+#: Columns a file may lack and still be scanned as it is (read as nulls): added
+#: after files were first written.
+OPTIONAL_COLUMNS = frozenset({"collection"})
 
 
 #: The seven columns upstream's ``create_index()`` returns, in its order.
@@ -133,6 +141,7 @@ def index_table(
     cloud: np.ndarray,
     nodata: np.ndarray,
     polygons: np.ndarray,
+    collection: str | None = None,
 ) -> pa.Table:
     """Build an index table from per-chip arrays (vectorised, no per-chip loop)."""
     n = len(xs)
@@ -165,6 +174,10 @@ def index_table(
         "bbox": pa.StructArray.from_arrays(
             [_fixed_array(np.ascontiguousarray(bounds[:, i], dtype=np.float64), pa.float64()) for i in range(4)],
             names=list(BBOX_FIELDS),
+        ),
+        "collection": (
+            pa.nulls(n, pa.string()) if collection is None
+            else _binary_array([collection.encode()] * n, pa.string())
         ),
     }
     return pa.table(columns)
@@ -269,6 +282,8 @@ def is_current(schema: pa.Schema) -> bool:
     for field in SCHEMA:
         idx = schema.get_field_index(field.name)
         if idx < 0:
+            if field.name in OPTIONAL_COLUMNS:
+                continue
             return False
         typ = schema.field(idx).type
         if isinstance(typ, pa.ExtensionType):
@@ -345,6 +360,8 @@ def normalize_table(
             "datetime": when,
             "chip_size": sizes,
         }
+        if "collection" in names:
+            columns["collection"] = table.column("collection").cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         raise IndexFileError(f"{where}: a column has the wrong type: {exc}") from exc
     if "bbox" in names and table.schema.field("bbox").type == BBOX_TYPE:
@@ -355,10 +372,13 @@ def normalize_table(
             [_fixed_array(np.ascontiguousarray(bounds[:, i], dtype=np.float64), pa.float64()) for i in range(4)],
             names=list(BBOX_FIELDS),
         )
+    if "collection" not in columns:
+        columns["collection"] = pa.nulls(n, pa.string())
+    ordered = {name: columns[name] for name in SCHEMA.names}
     for name in names:
-        if name not in columns:
-            columns[name] = table.column(name)
-    return pa.table(columns)
+        if name not in ordered:
+            ordered[name] = table.column(name)
+    return pa.table(ordered)
 
 
 def _utc_dates(when: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -381,12 +401,17 @@ def to_storage(table: pa.Table, *, item_id: str | None = None, platform: str | N
     """
     geom_type = table.schema.field(GEOMETRY_COLUMN).type if GEOMETRY_COLUMN in table.column_names else None
     storage_type = geom_type.storage_type if isinstance(geom_type, pa.ExtensionType) else geom_type
-    if storage_type != pa.binary() or any(f.name not in table.column_names for f in SCHEMA):
+    if storage_type != pa.binary() or any(
+        f.name not in table.column_names for f in SCHEMA if f.name not in OPTIONAL_COLUMNS
+    ):
         table = normalize_table(table, item_id=item_id, platform=platform, where=where)
     geom = table.column(GEOMETRY_COLUMN)
     if isinstance(geom.type, pa.ExtensionType):
         geom = pa.chunked_array([c.storage for c in geom.chunks], geom.type.storage_type)
         table = table.set_column(table.schema.get_field_index(GEOMETRY_COLUMN), GEOMETRY_COLUMN, geom)
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
     extra = [n for n in table.column_names if n not in SCHEMA.names]
     ordered = table.select(SCHEMA.names + extra)
     try:
@@ -675,7 +700,8 @@ def query(
     ``minx > maxx`` crosses the antimeridian);
     ``start``/``end`` bound ``datetime`` inclusively (ISO strings, dates or
     datetimes, naive meaning UTC; a date ``end`` includes that whole UTC
-    day); ``max_cloud``/``max_nodata`` are fractions.
+    day); ``max_cloud``/``max_nodata`` are fractions; ``platform`` matches
+    any alias of the platform (:func:`stacchip.platforms.platform_aliases`).
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -718,7 +744,10 @@ def query(
     if max_nodata is not None:
         add(pc.field("nodata_percentage") <= pa.scalar(_fraction(max_nodata, "max_nodata"), pa.float32()))
     if platform is not None:
-        values = [platform] if isinstance(platform, str) else list(platform)
+        from stacchip.platforms import platform_aliases
+
+        given = [platform] if isinstance(platform, str) else list(platform)
+        values = sorted({alias for name in given for alias in platform_aliases(str(name))})
         add(pc.field("platform").isin(values))
     if item_id is not None:
         values = [item_id] if isinstance(item_id, str) else list(item_id)

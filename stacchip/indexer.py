@@ -34,6 +34,7 @@ from stacchip.errors import (
     ItemError,
 )
 from stacchip.index import index_table, upstream_table
+from stacchip.platforms import canonical_platform
 from stacchip.projection import Grid, item_grid
 from stacchip.reader import StripReader, asset_transform, gdal_env, resolve_href
 
@@ -75,8 +76,10 @@ def item_datetime(item: pystac.Item) -> dt.datetime:
 
 
 def item_platform(item: pystac.Item) -> str:
-    """Platform name for the index: the collection id, else the ``platform`` property."""
-    return item.collection_id or str(item.properties.get("platform") or "")
+    """Platform name for the index: the canonical platform of the collection id
+    (:func:`stacchip.platforms.canonical_platform`, e.g. Earth Search's
+    ``sentinel-2-c1-l2a`` is ``sentinel-2-l2a``), else the ``platform`` property."""
+    return canonical_platform(item.collection_id or str(item.properties.get("platform") or ""))
 
 
 class ChipIndexer:
@@ -116,7 +119,10 @@ class ChipIndexer:
             raise ConfigError(f"chip_max_nodata must be a fraction in [0, 1], got {chip_max_nodata!r}")
         self.chip_size = int(chip_size)
         self.chip_max_nodata = max_nodata
-        self.platform = platform if platform is not None else item_platform(self.item)
+        #: canonical platform stored in the index (any alias given is resolved)
+        self.platform = canonical_platform(platform) if platform is not None else item_platform(self.item)
+        #: the item's collection id, stored in the index's ``collection`` column
+        self.collection = self.item.collection_id
         self._shape = shape
         self.grid: Grid = item_grid(self.item, shape)
         self._transformer = gridmath.lonlat_transformer(self.grid.crs)
@@ -272,6 +278,7 @@ class ChipIndexer:
         return index_table(
             item_id=self.item.id,
             platform=self.platform,
+            collection=self.collection,
             datetime=item_datetime(self.item),
             chip_size=self.chip_size,
             xs=xs,

@@ -41,7 +41,7 @@ from stacchip.indexer import NoStatsChipIndexer
 from stacchip.ml.assets import check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
-from stacchip.processors.bands import PLATFORMS
+from stacchip.platforms import PLATFORMS
 from stacchip.reader import gdal_env
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ What a cube holds (the keys upstream wrote, plus masks and provenance):
 
 =================  ==================  ============================================
 ``pixels``         (N, C, H, W) f32    chip pixels in the platform's band order
-                                       (:mod:`stacchip.processors.bands`);
+                                       (:mod:`stacchip.platforms`);
                                        nodata pixels keep their source value
 ``nodata_mask``    (N, C, H, W) bool   True where a pixel is nodata (the asset's
                                        nodata value, NaN, or outside the asset)
@@ -83,14 +83,16 @@ from stacchip.errors import (
 from stacchip.index import open_index
 from stacchip.indexer import ChipIndexer
 from stacchip.processors import jobs
-from stacchip.processors.bands import (  # noqa: F401  (upstream names)
+from stacchip.platforms import (  # noqa: F401  (upstream names)
     LINZ_BANDS,
     LS_BANDS,
     NAIP_BANDS,
     S1_BANDS,
     S2_BANDS,
     PlatformBands,
+    canonical_platform,
     is_nodata,
+    platform_aliases,
     platform_bands,
 )
 from stacchip.reader import gdal_env
@@ -210,8 +212,8 @@ def select_chips(
     """
     dataset = open_index(index_sources)
     expr = pc.scalar(True)
-    if platform is not None:
-        expr &= pc.field("platform") == platform
+    if platform is not None:  # any catalog's name of the platform (stacchip.platforms)
+        expr &= pc.field("platform").isin(platform_aliases(platform))
     for column, limit in (("nodata_percentage", max_nodata), ("cloud_cover_percentage", max_cloud)):
         if limit is not None:
             expr &= pc.field(column) <= _limit_scalar(dataset.schema, column, limit)
@@ -220,7 +222,7 @@ def select_chips(
         table = dataset.to_table(columns=COLUMNS, filter=expr)
     except (pa.ArrowException, OSError) as exc:
         raise IndexFileError(f"cannot read index {index_sources!r}: {exc}") from exc
-    if table.num_rows and len(set(pc.unique(table.column("platform")).to_pylist())) > 1:
+    if table.num_rows and len({canonical_platform(p) for p in pc.unique(table.column("platform")).to_pylist()}) > 1:
         raise ConfigError(
             "the index holds several platforms "
             f"({sorted(set(pc.unique(table.column('platform')).to_pylist()))}); "

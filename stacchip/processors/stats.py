@@ -3,7 +3,7 @@
 For every band: ``count`` (valid pixels), ``mean``, ``std`` (population, ddof 0),
 ``min``, ``max`` and, when asked, percentiles. Nodata pixels are excluded: a
 cube's ``nodata_mask`` when present, else pixels equal to the platform's nodata
-value (:mod:`stacchip.processors.bands`) or NaN.
+value (:mod:`stacchip.platforms`) or NaN.
 
 Numerics: each batch of pixels is reduced in float64 with a two-pass mean and
 sum of squared deviations (``M2``); batches and job results are combined with
@@ -46,7 +46,7 @@ from stacchip.cli import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, StorageError
 from stacchip.processors import jobs, prechip
-from stacchip.processors.bands import PlatformBands, is_nodata, platform_bands
+from stacchip.platforms import PlatformBands, is_nodata, platform_bands
 
 logger = logging.getLogger(__name__)
 
