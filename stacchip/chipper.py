@@ -128,7 +128,7 @@ class Chipper:
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         xs, ys = self.indexer.kept_chips
-        yield from self.chips(zip(xs.tolist(), ys.tolist()))
+        yield from self.chips(zip(xs.tolist(), ys.tolist(), strict=False))
 
     def path(self, key: str) -> str:
         """The path GDAL opens for asset ``key``."""

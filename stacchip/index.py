@@ -346,7 +346,8 @@ def normalize_table(
         if "chip_size" in names:
             sizes = table.column("chip_size").cast(pa.uint16())
         else:
-            sizes = pa.chunked_array([_fixed_array(np.full(n, chip_size or UPSTREAM_CHIP_SIZE, np.uint16), pa.uint16())])
+            size = chip_size or UPSTREAM_CHIP_SIZE
+            sizes = pa.chunked_array([_fixed_array(np.full(n, size, np.uint16), pa.uint16())])
         columns = {
             "chipid": chipid,
             "date": date,

@@ -20,14 +20,11 @@ import pyarrow as pa
 import pystac
 import rasterio.crs
 from affine import Affine
-from rasterio.errors import RasterioError
-from rasterio.windows import Window
 
 from stacchip import grid as gridmath
 from stacchip import qa as qamod
 from stacchip.errors import (
     AssetNotFoundError,
-    AssetReadError,
     ChipOutOfRangeError,
     ConfigError,
     DatetimeError,
@@ -562,10 +559,11 @@ class Sentinel1Indexer(ChipIndexer):
         with gdal_env():
             try:
                 for key in keys:
-                    readers.append(StripReader(resolve_href(self.asset_href(key)), f"item {self.item.id!r} asset {key!r} "))
+                    what = f"item {self.item.id!r} asset {key!r} "
+                    readers.append(StripReader(resolve_href(self.asset_href(key)), what))
                 first = readers[0].dataset
                 first_transform = asset_transform(first, self.item, keys[0], self.grid)
-                for key, reader in zip(keys, readers):
+                for key, reader in zip(keys, readers, strict=False):
                     ds = reader.dataset
                     transform = asset_transform(ds, self.item, key, self.grid)
                     if (ds.height, ds.width) != (first.height, first.width) or transform != first_transform:
@@ -573,11 +571,11 @@ class Sentinel1Indexer(ChipIndexer):
                             f"item {self.item.id!r}: backscatter asset {key!r} is not on the "
                             f"grid of asset {keys[0]!r}"
                         )
-                nodatas = [self.nodata_of(k, r.dataset.nodata) for k, r in zip(keys, readers)]
+                nodatas = [self.nodata_of(k, r.dataset.nodata) for k, r in zip(keys, readers, strict=False)]
 
                 def read(r0: int, r1: int) -> Masks:
                     mask = np.zeros((r1 - r0, first.width), dtype=bool)
-                    for reader, nd in zip(readers, nodatas):
+                    for reader, nd in zip(readers, nodatas, strict=False):
                         mask |= qamod.nodata_value(reader.read(r0, r1), nd)
                     return np.zeros_like(mask), mask
 

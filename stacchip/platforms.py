@@ -69,7 +69,7 @@ class PlatformBands:
     def asset_keys(self, item: Any) -> list[str]:
         """The asset key used for each channel of ``item`` (raises if one is missing)."""
         keys = []
-        for band, (candidates, _) in zip(self.band_order, self.sources):
+        for band, (candidates, _) in zip(self.band_order, self.sources, strict=False):
             key = next((k for k in candidates if k in item.assets), None)
             if key is None:
                 raise AssetNotFoundError(
@@ -82,7 +82,7 @@ class PlatformBands:
     def stack(self, item_id: str, chip: dict[str, np.ndarray], keys: Sequence[str]) -> np.ndarray:
         """Channel stack ``(C, H, W)`` of one chip from ``Chipper.chip`` output."""
         planes = []
-        for band, key, (_, index) in zip(self.band_order, keys, self.sources):
+        for band, key, (_, index) in zip(self.band_order, keys, self.sources, strict=False):
             data = chip[key]
             if index >= data.shape[0]:
                 raise AssetNotFoundError(
@@ -104,25 +104,25 @@ def _multi(keys: Sequence[str], count: int) -> tuple[tuple[tuple[str, ...], int]
 PLATFORMS: dict[str, PlatformBands] = {
     "sentinel-2-l2a": PlatformBands(
         "sentinel-2-l2a", tuple(S2_BANDS), _single(S2_BANDS), 10.0, (2, 1, 0),
-        dict(zip(S2_BANDS, (0.493, 0.56, 0.665, 0.704, 0.74, 0.783, 0.842, 0.865, 1.61, 2.19))),
+        dict(zip(S2_BANDS, (0.493, 0.56, 0.665, 0.704, 0.74, 0.783, 0.842, 0.865, 1.61, 2.19), strict=False)),
     ),
     "landsat-c2l2-sr": PlatformBands(
         "landsat-c2l2-sr", tuple(LS_BANDS), _single(LS_BANDS), 30.0, (0, 1, 2),
-        dict(zip(LS_BANDS, (0.65, 0.56, 0.48, 0.86, 1.6, 2.2))),
+        dict(zip(LS_BANDS, (0.65, 0.56, 0.48, 0.86, 1.6, 2.2), strict=False)),
     ),
     "landsat-c2l1": PlatformBands(
         "landsat-c2l1", tuple(LS_BANDS), _single(LS_BANDS), 30.0, (0, 1, 2),
-        dict(zip(LS_BANDS, (0.65, 0.56, 0.48, 0.86, 1.6, 2.2))),
+        dict(zip(LS_BANDS, (0.65, 0.56, 0.48, 0.86, 1.6, 2.2), strict=False)),
     ),
     # NAIP: one 4-band asset, "image" in the bucket the processors fill.
     "naip": PlatformBands(
         "naip", tuple(NAIP_BANDS), _multi(("image", "asset"), 4), 1.0, (0, 1, 2),
-        dict(zip(NAIP_BANDS, (0.65, 0.56, 0.48, 0.842))), value_range=(0.0, 256.0),
+        dict(zip(NAIP_BANDS, (0.65, 0.56, 0.48, 0.842), strict=False)), value_range=(0.0, 256.0),
     ),
     # LINZ: one RGB asset called "asset".
     "linz": PlatformBands(
         "linz", tuple(LINZ_BANDS), _multi(("asset", "image"), 3), 0.5, (0, 1, 2),
-        dict(zip(LINZ_BANDS, (0.635, 0.555, 0.465))), value_range=(0.0, 256.0),
+        dict(zip(LINZ_BANDS, (0.635, 0.555, 0.465), strict=False)), value_range=(0.0, 256.0),
     ),
     "sentinel-1-rtc": PlatformBands(
         "sentinel-1-rtc", tuple(S1_BANDS), _single(S1_BANDS), 10.0, None,
@@ -131,7 +131,7 @@ PLATFORMS: dict[str, PlatformBands] = {
     # MODIS surface reflectance, fill value -28672 (MOD09A1 user guide).
     "modis": PlatformBands(
         "modis", tuple(MODIS_BANDS), _single(MODIS_BANDS), 500.0, (0, 3, 2),
-        dict(zip(MODIS_BANDS, (0.645, 0.8585, 0.469, 0.555, 1.24, 1.64, 2.13))),
+        dict(zip(MODIS_BANDS, (0.645, 0.8585, 0.469, 0.555, 1.24, 1.64, 2.13), strict=False)),
         default_nodata=-28672, value_range=(-100.0, 16000.0),
     ),
 }
