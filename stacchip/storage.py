@@ -213,10 +213,10 @@ def under_root(root: str | os.PathLike[str], path: str, what: str = "path") -> s
         raise UnsafePathError("empty root directory")
     forms = _decodings(text)
     parts = _lexical_parts(forms[0], text, top, what)
-    for form in forms[1:]:
-        _lexical_parts(form, text, top, what)
-    if not parts:
-        raise UnsafePathError(f"{what} {text!r} names no file under {top!r}")
+    for form in forms:
+        if not _lexical_parts(form, text, top, what):
+            shown = "" if form == text else f" (percent-decoded {form!r})"
+            raise UnsafePathError(f"{what} {text!r}{shown} names no file under {top!r}")
     return join(top, *parts)
 
 
@@ -275,7 +275,9 @@ def write_bytes(url: str | os.PathLike[str], data: bytes, *, sha256: bytes | Non
     text = str(url)
     if is_s3(text):
         bucket, key = split_s3(text)
-        extra = {"ChecksumSHA256": base64.b64encode(sha256).decode()} if sha256 is not None else {}
+        extra = {} if sha256 is None else {
+            "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": base64.b64encode(sha256).decode(),
+        }
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)  # type: ignore[attr-defined]
         except Exception as exc:
