@@ -13,7 +13,8 @@ S3 ``PutObject`` is atomic by itself. Temporary files are created with mode
 ``open()`` would give it (``0644`` under umask ``022``, ``0664`` under ``002``);
 S3 objects are unchanged. A killed run can leave temporary files behind;
 :func:`remove_stale_temps` removes those of one output (older than a given
-time) and the processors call it at the start of each task.
+time): the processors call it when they take up an item, prechip when a job
+starts on its cubes, stats before it writes its results.
 
 Checksum records
 ----------------
