@@ -81,6 +81,14 @@ class StorageNotFoundError(StorageError, FileNotFoundError):
     """The object or file does not exist."""
 
 
+class UnsafePathError(StacchipError, ValueError):
+    """A name or href from outside data (STAC item id, asset file name, index row,
+    href under a mount) would lead a read or write outside the root it belongs under.
+
+    The rule is in :mod:`stacchip.storage` (:func:`~stacchip.storage.safe_segment`).
+    """
+
+
 # --- configuration ---------------------------------------------------------------
 
 

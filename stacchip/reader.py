@@ -141,10 +141,15 @@ def resolve_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> 
 
     With ``mountpath`` (upstream semantics), the href's URL path is re-rooted
     under ``mountpath``: ``s3://bucket/a/b.tif`` becomes ``{mountpath}/a/b.tif``.
+    The path is normalised and must stay under ``mountpath``
+    (:func:`stacchip.storage.under_root`): ``s3://bucket/../x`` or
+    ``.../%2e%2e/%2e%2e/x`` raise :class:`~stacchip.errors.UnsafePathError`.
     """
     if mountpath is not None and str(mountpath) != "":
+        from stacchip.storage import under_root
+
         url = urlparse(href, allow_fragments=False)
-        return str(Path(mountpath) / url.path.lstrip("/"))
+        return under_root(str(mountpath), url.path, what=f"href {href!r}: path")
     url = urlparse(href)
     scheme = url.scheme.lower()
     if scheme == "file":

@@ -1,29 +1,82 @@
-"""Local paths, ``file://`` and ``s3://``: read, write atomically, exists, list.
+"""Local paths, ``file://`` and ``s3://``: read, write atomically, exists, list, path safety.
 
 The S3 endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL`` variables (boto3 reads them itself), so one setting points
-a whole job at any S3-compatible store. Every write is whole or not at all:
-local files are written to a temporary name in the same directory and renamed;
-S3 ``PutObject`` is atomic by itself.
+a whole job at any S3-compatible store.
+
+Writes
+------
+Every write is whole or not at all: local files are written to a temporary
+``.{name}.{8 random [a-z0-9_]}.part`` beside the target and renamed onto it;
+S3 ``PutObject`` is atomic by itself. Temporary files are created with mode
+``0o666`` and the process umask applies, so a written file has the permissions
+``open()`` would give it (``0644`` under umask ``022``, ``0664`` under ``002``);
+S3 objects are unchanged. A killed run can leave temporary files behind;
+:func:`remove_stale_temps` removes those of one output (older than a given
+time): the processors call it when they take up an item, prechip when a job
+starts on its cubes, stats before it writes its results.
+
+Checksum records
+----------------
+:func:`write_recorded` writes a file together with a record of its size and
+SHA-256, ``.{name}.sha256.json`` beside it (``{"file", "size", "sha256"}``;
+the record is written first, so a file never lacks the record of what it
+should be). On S3 the object also carries its SHA-256 (``ChecksumSHA256``,
+verified by S3 on upload). :func:`verify` compares a file with its record: the
+size first, then the checksum (S3's stored checksum when it has one, else the
+content is hashed). Re-runs use it to tell a finished output from a damaged one.
+Record names start with ``.``, so directory readers that skip hidden files
+(pyarrow.dataset, GDAL, ``*.npz`` globs) never see them.
+
+Path safety
+-----------
+Names that come from outside data -- STAC item ids, asset file names, asset
+keys, an index's ``item_id`` and ``platform`` -- become path segments only
+through :func:`safe_segment` / :func:`join_under`. A name is a safe segment
+when it is a non-empty string of at most 255 UTF-8 bytes and
+
+* is not ``.`` or ``..``,
+* holds no ``/`` or ``\\``, no control character (NUL, ``\\n``, DEL, C1 controls)
+  and no line or paragraph separator,
+* does not start with ``.`` (hidden names are kept for the temporary files and
+  checksum records above) or ``-`` (it would read as an option to the
+  command-line tools that get paths),
+
+both as written and once percent-decoded (``%2e%2e`` is ``..``, ``%2F`` a
+``/``). Anything else raises :class:`~stacchip.errors.UnsafePathError`, before
+anything is read or written. Hrefs re-rooted under a directory (``mountpath``)
+go through :func:`under_root`: the href's path is normalised lexically (``.``
+and empty steps dropped, ``..`` steps taken back) and refused when a ``..``
+would climb above the root -- as written or percent-decoded -- or when it holds
+a backslash or a control character. The check is lexical: symbolic links inside
+a root the user gave are the user's.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import errno
 import functools
+import hashlib
+import json
 import logging
 import os
 import random
+import re
+import secrets
 import shutil
-import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
-from stacchip.errors import StorageError, StorageNotFoundError
+from stacchip.errors import StorageError, StorageNotFoundError, UnsafePathError
 
 S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
 _client_lock = threading.Lock()
@@ -56,6 +109,116 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     if is_s3(text) or "://" in text:
         return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts if p)])
     return str(Path(text, *parts))
+
+
+# --- path safety ----------------------------------------------------------------------
+
+#: Longest path segment, in UTF-8 bytes (NAME_MAX of the common filesystems).
+MAX_SEGMENT_BYTES = 255
+#: Unicode categories refused in names: control characters, line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
+
+
+def _decodings(text: str) -> list[str]:
+    """``text`` and its percent-decodings, decoded again while they change (at most 4 times)."""
+    forms = [text]
+    for _ in range(4):
+        decoded = unquote(forms[-1], errors="replace")
+        if decoded == forms[-1]:
+            break
+        forms.append(decoded)
+    return forms
+
+
+def _control(text: str) -> str | None:
+    for ch in text:
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            return ch
+    return None
+
+
+def _segment_problem(name: str) -> str | None:
+    if name == "":
+        return "is empty"
+    if name in (".", ".."):
+        return "is a relative step"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    ch = _control(name)
+    if ch is not None:
+        return f"holds the control character {ch!r}"
+    if name.startswith("."):
+        return "starts with '.' (hidden names are kept for temporary files and checksum records)"
+    if name.startswith("-"):
+        return "starts with '-' (it would read as a command-line option)"
+    return None
+
+
+def safe_segment(name: Any, what: str = "path segment") -> str:
+    """``name`` when it is a safe single path segment (see the module docstring), else
+    :class:`~stacchip.errors.UnsafePathError` naming ``what`` (e.g. ``"item id"``)."""
+    if not isinstance(name, str):
+        raise UnsafePathError(f"{what} {name!r} is not a string")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UnsafePathError(f"{what} {name!r} is not valid Unicode text") from None
+    if size > MAX_SEGMENT_BYTES:
+        raise UnsafePathError(f"{what} {name[:40]!r}... is {size} bytes long; at most {MAX_SEGMENT_BYTES} fit a path segment")
+    for form in _decodings(name):
+        problem = _segment_problem(form)
+        if problem is not None:
+            how = "" if form == name else f" (percent-decoded {form!r})"
+            raise UnsafePathError(f"{what} {name!r}{how} is not a safe path segment: it {problem}")
+    return name
+
+
+def join_under(root: str | os.PathLike[str], *segments: str, what: str = "path segment") -> str:
+    """``root/segment/segment`` (local path or URL) after checking every segment with
+    :func:`safe_segment`: the result always lies inside ``root``."""
+    if str(root) == "":
+        raise UnsafePathError("empty root directory")
+    for segment in segments:
+        safe_segment(segment, what)
+    return join(root, *segments)
+
+
+def _lexical_parts(form: str, original: str, root: str, what: str) -> list[str]:
+    if "\\" in form:
+        raise UnsafePathError(f"{what} {original!r} holds a backslash; refused under {root!r}")
+    ch = _control(form)
+    if ch is not None:
+        raise UnsafePathError(f"{what} {original!r} holds the control character {ch!r}; refused under {root!r}")
+    parts: list[str] = []
+    for step in form.split("/"):
+        if step in ("", "."):
+            continue
+        if step == "..":
+            if not parts:
+                shown = "" if form == original else f" (percent-decoded {form!r})"
+                raise UnsafePathError(f"{what} {original!r}{shown} leads outside {root!r}")
+            parts.pop()
+        else:
+            parts.append(step)
+    return parts
+
+
+def under_root(root: str | os.PathLike[str], path: str, what: str = "path") -> str:
+    """``root`` joined with the relative ``path`` (a leading ``/`` counts from ``root``),
+    normalised lexically; :class:`~stacchip.errors.UnsafePathError` when ``path`` would leave
+    ``root`` (as written or percent-decoded), holds a backslash or a control character, or names
+    nothing below ``root``. The returned path keeps ``path``'s own spelling (not decoded)."""
+    text = str(path)
+    top = str(root)
+    if top == "":
+        raise UnsafePathError("empty root directory")
+    forms = _decodings(text)
+    parts = _lexical_parts(forms[0], text, top, what)
+    for form in forms:
+        if not _lexical_parts(form, text, top, what):
+            shown = "" if form == text else f" (percent-decoded {form!r})"
+            raise UnsafePathError(f"{what} {text!r}{shown} names no file under {top!r}")
+    return join(top, *parts)
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,20 +266,27 @@ def read_bytes(url: str | os.PathLike[str]) -> bytes:
         raise StorageError(f"cannot read {text!r}: {exc}") from exc
 
 
-def write_bytes(url: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` whole or not at all (temp file + rename; S3 PutObject)."""
+def write_bytes(url: str | os.PathLike[str], data: bytes, *, sha256: bytes | None = None) -> None:
+    """Write ``data`` whole or not at all (temp file + rename; S3 PutObject).
+
+    Local files get the permissions the umask gives. ``sha256`` (the digest of
+    ``data``) is sent to S3 as ``ChecksumSHA256``: S3 refuses a body that does not
+    match and stores the checksum with the object.
+    """
     text = str(url)
     if is_s3(text):
         bucket, key = split_s3(text)
+        extra = {} if sha256 is None else {
+            "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": base64.b64encode(sha256).decode(),
+        }
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)  # type: ignore[attr-defined]
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)  # type: ignore[attr-defined]
         except Exception as exc:
             raise _s3_error(exc, text, "cannot write") from exc
         return
     path = local_path(text)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd, tmp = _new_temp(path)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -170,6 +340,230 @@ def list_files(prefix: str | os.PathLike[str], suffix: str = "") -> Iterator[str
     for path in sorted(root.rglob(f"*{suffix}")):
         if path.is_file() and not path.name.startswith("."):
             yield str(path)
+
+
+# --- temporary files -------------------------------------------------------------------
+
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+#: ``.{name}.{8 chars}.part`` (ours; also what ``tempfile.mkstemp`` made for earlier
+#: versions), plus the ``.{8 hex}`` boto3 adds while it downloads into one.
+_TEMP_TAIL = r"\.[a-z0-9_]{8}\.part(?:\.[0-9A-Fa-f]{8})?"
+_ANY_TEMP = re.compile(r"\..+" + _TEMP_TAIL)
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    """Create ``.{name}.{random}.part`` beside ``path`` (mode ``0o666`` less the umask, as
+    ``open()`` creates files); returns its descriptor and path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        token = "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
+        tmp = path.parent / f".{path.name}.{token}.part"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
+def _is_local(text: str) -> bool:
+    return "://" not in text or text.startswith("file://")
+
+
+def _remove_if_stale(entry: os.DirEntry[str], before: float | None) -> bool:
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        if before is not None and entry.stat(follow_symlinks=False).st_mtime >= before:
+            return False
+        os.unlink(entry.path)
+    except FileNotFoundError:
+        return False
+    _logger.info("removed %s, left by an interrupted run", entry.path)
+    return True
+
+
+def remove_stale_temps(url: str | os.PathLike[str], before: float | None = None) -> list[str]:
+    """Remove the temporary files an interrupted write of ``url`` left beside it.
+
+    Only files named as :func:`write_bytes` and :func:`copy` name their temporary
+    files for this very target, and (with ``before``, a ``time.time()`` value) last
+    modified before ``before`` -- a write under way keeps touching its file. S3 and
+    other URLs have no temporary objects: nothing to do. Returns the removed paths.
+    """
+    text = str(url)
+    if not _is_local(text):
+        return []
+    path = local_path(text)
+    pattern = re.compile(re.escape(f".{path.name}") + _TEMP_TAIL)
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and _remove_if_stale(entry, before):
+            removed.append(entry.path)
+    return removed
+
+
+def remove_stale_temps_in(folder: str | os.PathLike[str], before: float | None = None) -> list[str]:
+    """:func:`remove_stale_temps` for every target in ``folder`` (not recursive): for
+    folders only one task writes to (a processor's item folders)."""
+    text = str(folder)
+    if not _is_local(text):
+        return []
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(local_path(text)))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if _ANY_TEMP.fullmatch(entry.name) and _remove_if_stale(entry, before):
+            removed.append(entry.path)
+    return removed
+
+
+# --- checksum records ---------------------------------------------------------------------
+
+#: Outcomes of :func:`verify`.
+VERIFIED = "verified"
+UNRECORDED = "unrecorded"
+DAMAGED = "damaged"
+MISSING = "missing"
+_RECORD_SUFFIX = ".sha256.json"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify` found: ``status`` is one of ``verified`` (size and SHA-256 match the
+    record), ``unrecorded`` (the file is there without a record), ``damaged`` (they differ, or
+    the record is unreadable) or ``missing``; ``detail`` says what differed."""
+
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the file matches its record."""
+        return self.status == VERIFIED
+
+
+def record_url(url: str | os.PathLike[str]) -> str:
+    """Where the checksum record of ``url`` lives: ``.{name}.sha256.json`` beside it."""
+    text = str(url)
+    if _is_local(text):
+        path = local_path(text)
+        return str(path.with_name(f".{path.name}{_RECORD_SUFFIX}"))
+    head, _, name = text.rpartition("/")
+    return f"{head}/.{name}{_RECORD_SUFFIX}"
+
+
+def write_recorded(url: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``url`` (whole or not at all) with its checksum record.
+
+    The record goes first: a crash between the two leaves a record and no file (the
+    output is missing, so it is written again) or a record of the new content beside
+    the old file (it fails :func:`verify`, so it is written again).
+    """
+    text = str(url)
+    digest = hashlib.sha256(data)
+    record = {"file": text.rstrip("/").rsplit("/", 1)[-1], "size": len(data), "sha256": digest.hexdigest()}
+    write_bytes(record_url(text), json.dumps(record).encode())
+    write_bytes(text, data, sha256=digest.digest())
+
+
+def write_recorded_retry(url: str | os.PathLike[str], data: bytes, *, attempts: int | None = None) -> None:
+    """:func:`write_recorded` retried with backoff on transient errors."""
+    retry(write_recorded, url, data, attempts=attempts, what=f"write {url}")
+
+
+def _stat(text: str) -> tuple[int, str | None] | None:
+    """``(size, stored sha256 hex or None)`` of a file or object; None when it does not exist."""
+    if is_s3(text):
+        bucket, key = split_s3(text)
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")  # type: ignore[attr-defined]
+        except Exception as exc:
+            err = _s3_error(exc, text, "cannot stat")
+            if isinstance(err, StorageNotFoundError):
+                return None
+            raise err from exc
+        stored = head.get("ChecksumSHA256")
+        sha = None
+        if stored and "-" not in stored:  # "-N": a checksum of part checksums (multipart upload)
+            try:
+                sha = base64.b64decode(stored, validate=True).hex()
+            except (binascii.Error, ValueError):
+                sha = None
+        return int(head["ContentLength"]), sha
+    try:
+        return local_path(text).stat().st_size, None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot stat {text!r}: {exc}") from exc
+
+
+def sha256_of(url: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's or object's content, read in chunks."""
+    text = str(url)
+    digest = hashlib.sha256()
+    if is_s3(text):
+        bucket, key = split_s3(text)
+        try:
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]  # type: ignore[attr-defined]
+            for chunk in iter(lambda: body.read(_CHUNK), b""):
+                digest.update(chunk)
+        except Exception as exc:
+            raise _s3_error(exc, text, "cannot read") from exc
+        return digest.hexdigest()
+    try:
+        with open(local_path(text), "rb") as fh:
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                digest.update(chunk)
+    except FileNotFoundError as exc:
+        raise StorageNotFoundError(f"cannot read {text!r}: no such file") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {text!r}: {exc}") from exc
+    return digest.hexdigest()
+
+
+def verify(url: str | os.PathLike[str]) -> Verification:
+    """Compare ``url`` with its checksum record (see :class:`Verification`).
+
+    The size is compared first (a stat); the SHA-256 then comes from S3's stored
+    checksum when the object has one, else from hashing the content.
+    """
+    text = str(url)
+    found = _stat(text)
+    if found is None:
+        return Verification(MISSING, f"{text} does not exist")
+    size, stored = found
+    where = record_url(text)
+    try:
+        raw = read_bytes(where)
+    except StorageNotFoundError:
+        return Verification(UNRECORDED, f"{text} has no checksum record")
+    try:
+        record = json.loads(raw)
+        want_size = int(record["size"])
+        want = str(record["sha256"]).lower()
+        if len(bytes.fromhex(want)) != 32:
+            raise ValueError("not a SHA-256")
+    except (ValueError, KeyError, TypeError) as exc:
+        return Verification(DAMAGED, f"checksum record {where} is unreadable ({exc})")
+    if size != want_size:
+        return Verification(DAMAGED, f"{text} is {size} bytes; its record says {want_size}")
+    got = stored or sha256_of(text)
+    if got != want:
+        return Verification(DAMAGED, f"{text} has SHA-256 {got[:16]}...; its record says {want[:16]}...")
+    return Verification(VERIFIED)
+
+
+def verify_retry(url: str | os.PathLike[str], *, attempts: int | None = None) -> Verification:
+    """:func:`verify` retried with backoff on transient errors."""
+    return retry(verify, url, attempts=attempts, what=f"verify {url}")
 
 
 # --- copies, retries and claims (processors) ------------------------------------------
@@ -271,8 +665,7 @@ def _payer(request_payer: bool) -> dict[str, str]:
 
 
 def _local_tmp(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = _new_temp(path)
     os.close(fd)
     return tmp
 

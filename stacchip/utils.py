@@ -1,13 +1,14 @@
 """Upstream helpers: load an item's indexer from a bucket or a local mount.
 
-Bucket layout: ``{platform}/{item_id}/stac_item.json``.
+Bucket layout: ``{platform}/{item_id}/stac_item.json``. ``platform`` and
+``item_id`` must be safe path segments (:func:`stacchip.storage.safe_segment`);
+items loaded from a root this way may not point relative hrefs above it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import pystac
@@ -17,10 +18,26 @@ from stacchip import storage
 from stacchip.errors import ItemError
 from stacchip.indexer import ChipIndexer, indexer_class
 
+#: File name of an item's JSON in the bucket layout.
+ITEM_FILE = "stac_item.json"
+
 
 def item_key(platform: str, item_id: str) -> str:
-    """Key of an item's JSON in the bucket layout."""
-    return f"{platform}/{item_id}/stac_item.json"
+    """Key of an item's JSON in the bucket layout.
+
+    Raises :class:`~stacchip.errors.UnsafePathError` when ``platform`` or
+    ``item_id`` is not a safe path segment (``..``, ``a/b``, ...).
+    """
+    storage.safe_segment(platform, "platform")
+    storage.safe_segment(item_id, "item id")
+    return f"{platform}/{item_id}/{ITEM_FILE}"
+
+
+def item_url(root: str | os.PathLike[str], platform: str, item_id: str) -> str:
+    """``{root}/{platform}/{item_id}/stac_item.json``, always inside ``root`` (see :func:`item_key`)."""
+    return storage.join_under(
+        root, storage.safe_segment(platform, "platform"), storage.safe_segment(item_id, "item id"), ITEM_FILE
+    )
 
 
 def load_item(url: str | os.PathLike[str]) -> pystac.Item:
@@ -29,6 +46,21 @@ def load_item(url: str | os.PathLike[str]) -> pystac.Item:
     Relative asset hrefs (static catalogs) are resolved against the item's own
     location, not the working directory.
     """
+    return _load(url, None)
+
+
+def load_item_under(root: str | os.PathLike[str], platform: str, item_id: str) -> pystac.Item:
+    """The item at ``{root}/{platform}/{item_id}/stac_item.json``.
+
+    ``platform`` and ``item_id`` come from index rows or callers, so they must be
+    safe path segments, and the item's relative asset hrefs must stay inside
+    ``root`` (:class:`~stacchip.errors.UnsafePathError` otherwise, before
+    anything is read).
+    """
+    return _load(item_url(root, platform, item_id), (str(root), f"{platform}/{item_id}", item_id))
+
+
+def _load(url: str | os.PathLike[str], within: tuple[str, str, str] | None) -> pystac.Item:
     raw = storage.read_bytes(url)
     try:
         item = pystac.Item.from_dict(json.loads(raw), migrate=False)
@@ -37,9 +69,12 @@ def load_item(url: str | os.PathLike[str]) -> pystac.Item:
     base = str(url)
     if "://" not in base:
         base = str(storage.local_path(base).resolve())
-    for asset in item.assets.values():
+    for key, asset in item.assets.items():
         href = asset.href or ""
         if href and "://" not in href and not href.startswith("/"):
+            if within is not None:
+                root, folder, item_id = within
+                storage.under_root(root, f"{folder}/{href}", what=f"item {item_id!r} asset {key!r} href")
             asset.href = make_absolute_href(href, base)
     return item
 
@@ -54,10 +89,11 @@ def load_indexer_s3(
     """Indexer for ``s3://{bucket}/{platform}/{item_id}/stac_item.json``.
 
     ``indexer`` is the class (or its short name, e.g. ``"sentinel-2"``) to build;
-    extra keyword arguments go to it (``chip_size=``, ...).
+    extra keyword arguments go to it (``chip_size=``, ...). ``platform`` and
+    ``item_id`` must be safe path segments (see :func:`item_key`).
     """
     bucket = bucket[len("s3://"):] if bucket.startswith("s3://") else bucket
-    item = load_item(f"s3://{bucket.rstrip('/')}/{item_key(platform, item_id)}")
+    item = load_item_under(f"s3://{bucket.rstrip('/')}", platform, item_id)
     return indexer_class(indexer)(item, **kwargs)
 
 
@@ -68,6 +104,6 @@ def load_indexer_local(
     indexer: str | type[ChipIndexer] = ChipIndexer,
     **kwargs: Any,
 ) -> ChipIndexer:
-    """Indexer for ``{mountpath}/{platform}/{item_id}/stac_item.json``."""
-    item = load_item(Path(mountpath) / item_key(platform, item_id))
+    """Indexer for ``{mountpath}/{platform}/{item_id}/stac_item.json`` (safe segments only)."""
+    item = load_item_under(mountpath, platform, item_id)
     return indexer_class(indexer)(item, **kwargs)

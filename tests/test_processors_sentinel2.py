@@ -153,7 +153,9 @@ def test_upstream_entry_point_still_works(s2_setup, monkeypatch):
         monkeypatch.setenv(name, env[name])
     sentinel_2_processor.process_mgrs_tile(0, env["STACCHIP_MGRS_SOURCE"], s2_setup["bucket"])
     objects = bucket_objects(s2_setup["endpoint"], s2_setup["bucket"], "index/")
+    ids = [f"S2A_{s2_setup['tag']}_{name}" for name in ("Q1_CLOUD10", "Q2_CLOUD40")]
+    # each index with its checksum record beside it
     assert sorted(objects) == sorted(
-        f"index/{PLATFORM}/S2A_{s2_setup['tag']}_{name}/index_S2A_{s2_setup['tag']}_{name}.parquet"
-        for name in ("Q1_CLOUD10", "Q2_CLOUD40")
+        key for i in ids for key in (f"index/{PLATFORM}/{i}/index_{i}.parquet",
+                                     f"index/{PLATFORM}/{i}/.index_{i}.parquet.sha256.json")
     )

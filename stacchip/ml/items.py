@@ -5,7 +5,9 @@ turns that into a :class:`pystac.Item`, from
 
 * an explicit mapping ``item_id -> Item | STAC dict | path/URL of a JSON``, or
 * a data root laid out as the bucket is (``{root}/{platform}/{item_id}/stac_item.json``,
-  local path, ``file://`` or ``s3://``), or
+  local path, ``file://`` or ``s3://``; ``platform`` and ``item_id`` must be safe path
+  segments, see :func:`stacchip.storage.safe_segment`, or
+  :class:`~stacchip.errors.UnsafePathError` is raised before anything is read), or
 * the ``item_href`` recorded in each index file's ``stacchip`` metadata
   (what ``stacchip index`` writes).
 
@@ -24,7 +26,7 @@ import pystac
 from stacchip import storage
 from stacchip.errors import ConfigError, ItemError, StorageError
 from stacchip.indexer import as_item
-from stacchip.utils import item_key, load_item
+from stacchip.utils import item_url, load_item, load_item_under
 
 ItemLike = Any  # pystac.Item | dict | str | os.PathLike
 
@@ -92,7 +94,7 @@ class ItemSource:
         if value is not None:
             return str(value) if isinstance(value, (str, os.PathLike)) else None
         if self.root is not None:
-            return storage.join(self.root, item_key(platform, item_id))
+            return item_url(self.root, platform, item_id)
         return self.hrefs.get(item_id)
 
     def get(self, platform: str, item_id: str) -> pystac.Item:
@@ -116,7 +118,12 @@ class ItemSource:
                     "and no data root or item_href is known for it"
                 )
             try:
-                item = load_item(location)
+                if self.root is not None:
+                    # index rows name the item: platform and item id must be safe path
+                    # segments and its relative hrefs stay under the root (UnsafePathError)
+                    item = load_item_under(self.root, platform, item_id)
+                else:
+                    item = load_item(location)
             except StorageError as exc:
                 raise ItemError(f"item {item_id!r}: cannot read {location!r}: {exc}") from exc
         self._cache[key] = item

@@ -40,12 +40,22 @@ depend only on the index, the filters and the seed, never on which job makes
 it. Job ``j`` makes cubes ``j*cubes_per_job .. (j+1)*cubes_per_job - 1``;
 within a job the chips are read item by item (each item's assets opened once
 per worker) in row order, so blocks are decoded once, then put back in their
-random cube slots. Existing cubes are skipped; a cube is written whole or not
-at all. ``prechip_manifest.json`` beside the cubes records the selection they
+random cube slots. A cube is written whole or not at all, with a checksum
+record of its size and SHA-256 (``.cube_{k}.npz.sha256.json`` beside it, see
+:func:`stacchip.storage.write_recorded`). Existing cubes are skipped when they
+match their record (a cube without one, e.g. written by upstream, when its zip
+members pass their CRC check); a truncated or otherwise damaged cube is written
+again. Temporary files a killed job left for its cubes are removed when the
+job starts. ``prechip_manifest.json`` beside the cubes records the selection they
 come from (a fingerprint of the chip ids, seed and cube size): a run with
 another index, filters, seed or cube size into the same place is refused
 (unless ``--overwrite``), since its cubes would repeat or miss chips of the
 existing ones.
+
+Item ids and the platform of the index become paths
+(``{data}/{platform}/{item_id}/stac_item.json``): each must be a safe path
+segment (:func:`stacchip.storage.safe_segment`), or the run is refused
+(:class:`~stacchip.errors.ConfigError`, exit 2) before any item is read.
 """
 
 from __future__ import annotations
@@ -60,7 +70,9 @@ import logging
 import math
 import multiprocessing
 import os
+import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -79,6 +91,7 @@ from stacchip.errors import (
     ConfigError,
     IndexFileError,
     StorageNotFoundError,
+    UnsafePathError,
 )
 from stacchip.index import open_index
 from stacchip.indexer import ChipIndexer
@@ -96,7 +109,7 @@ from stacchip.platforms import (  # noqa: F401  (upstream names)
     platform_bands,
 )
 from stacchip.reader import gdal_env
-from stacchip.utils import item_key, load_item
+from stacchip.utils import load_item_under
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +271,7 @@ def cube_count(n_chips: int, cube_size: int = CUBESIZE, partial: bool = False) -
 
 def cube_url(output: str, platform: str, cube_id: int) -> str:
     """Where cube ``cube_id`` is written."""
-    return storage.join(output, VERSION, platform, f"cube_{cube_id}.npz")
+    return storage.join_under(output, VERSION, storage.safe_segment(platform, "platform"), f"cube_{int(cube_id)}.npz")
 
 
 # --- reading chips, item by item -------------------------------------------------------------
@@ -282,8 +295,7 @@ class _OpenItem:
     """A chipper over one item plus its channel assets and nodata values."""
 
     def __init__(self, task: ReadTask) -> None:
-        url = storage.join(task.data, item_key(task.platform, task.item_id))
-        item = load_item(url)
+        item = load_item_under(task.data, task.platform, task.item_id)
         self.spec: PlatformBands = platform_bands(task.platform)
         self.keys = self.spec.asset_keys(item)
         # edge="keep": an index made with --edge keep holds the partial edge chips;
@@ -531,6 +543,7 @@ def prepare(config: PrechipConfig) -> Selection:
         raise ConfigError(f"platform {config.platform!r} is not in the index")
     if platform:
         platform_bands(platform)
+    check_item_ids(table, config.index)
     order = permutation(table.num_rows, config.seed)
     n = cube_count(table.num_rows, config.cube_size, config.partial)
     digest = hashlib.sha256(f"seed={config.seed};cube_size={config.cube_size};platform={platform}\n".encode())
@@ -547,9 +560,26 @@ def prepare(config: PrechipConfig) -> Selection:
     return Selection(table=table, order=order, platform=platform, n_cubes=n, fingerprint=digest.hexdigest())
 
 
+def check_item_ids(table: pa.Table, index: Any) -> None:
+    """Refuse an index whose ``item_id`` or ``platform`` values are not safe path segments.
+
+    They name ``{data}/{platform}/{item_id}/stac_item.json``: an item id such as
+    ``../../elsewhere/evil`` would read outside the data root. Raises
+    :class:`ConfigError` naming the index and the value.
+    """
+    for column, what in (("platform", "platform"), ("item_id", "item id")):
+        if column not in table.column_names or table.num_rows == 0:
+            continue
+        for value in pc.unique(table.column(column)).to_pylist():
+            try:
+                storage.safe_segment(value, f"index row {what}")
+            except UnsafePathError as exc:
+                raise ConfigError(f"index {index!r}: {exc}; refusing to read items from it") from exc
+
+
 def manifest_url(output: str, platform: str) -> str:
     """The record of which selection the cubes under ``output`` were made from."""
-    return storage.join(output, VERSION, platform, "prechip_manifest.json")
+    return storage.join_under(output, VERSION, storage.safe_segment(platform, "platform"), "prechip_manifest.json")
 
 
 def check_manifest(config: PrechipConfig, selection: Selection) -> None:
@@ -646,9 +676,41 @@ def cube_bytes(arrays: dict[str, np.ndarray], level: int = DEFAULT_COMPRESS_LEVE
 
 
 def write_cube(url: str, arrays: dict[str, np.ndarray], level: int = DEFAULT_COMPRESS_LEVEL) -> str:
-    """Compress and write one cube whole (atomic); returns ``url``."""
-    storage.write_bytes(url, cube_bytes(arrays, level))
+    """Compress and write one cube whole (atomic) with its checksum record; returns ``url``."""
+    storage.write_recorded(url, cube_bytes(arrays, level))
     return url
+
+
+def cube_damage(data: bytes) -> str | None:
+    """Why ``data`` is not a whole cube (not a zip, a member failing its CRC, no ``pixels``), or None."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                return f"member {bad} fails its CRC check"
+            if "pixels.npy" not in zf.namelist():
+                return "it holds no pixels array"
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, zlib.error) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def existing_cube_ok(url: str) -> bool:
+    """True when the cube at ``url`` is there and whole (see the module docstring); a damaged
+    one is logged (it is then written again)."""
+    check = storage.verify_retry(url)
+    if check.ok:
+        return True
+    if check.status == storage.MISSING:
+        return False
+    if check.status == storage.UNRECORDED:
+        problem = cube_damage(storage.read_bytes_retry(url))
+        if problem is None:
+            return True
+        logger.warning("cube %s is damaged (%s); writing it again", url, problem)
+        return False
+    logger.warning("cube is damaged (%s); writing it again", check.detail)
+    return False
 
 
 def make_cubes(
@@ -664,11 +726,17 @@ def make_cubes(
     if len(ids) < len(cube_ids):
         logger.info("%d of the requested cubes are beyond the %d cubes the index makes",
                     len(cube_ids) - len(ids), selection.n_cubes)
+    started = time.time()
+    if ids and not config.dry_run:
+        # leftovers of a killed job of these cubes (older than this run)
+        for url in [manifest_url(config.output, platform)] + [cube_url(config.output, platform, k) for k in ids]:
+            storage.remove_stale_temps(url, before=started)
+            storage.remove_stale_temps(storage.record_url(url), before=started)
     todo = []
     for k in ids:
         url = cube_url(config.output, platform, k)
-        if not config.overwrite and storage.exists(url):
-            logger.info("cube %d exists at %s; skipped", k, url)
+        if not config.overwrite and existing_cube_ok(url):
+            logger.info("cube %d exists at %s and matches its record; skipped", k, url)
             continue
         todo.append(k)
     if ids and not config.dry_run:

@@ -10,10 +10,21 @@ Bucket layout (upstream's)::
 Promises:
 
 * Every object is written whole or not at all (server-side copy, multipart
-  upload, or temp file + rename), with retries on transient errors.
-* The index is written last: its presence marks the item done. A re-run skips
-  done items and finishes unfinished ones (objects already there are whole,
-  so they are kept; the rest is written).
+  upload, or temp file + rename), with retries on transient errors; local
+  files get the permissions the umask gives.
+* The index is written last, with a checksum record of its size and SHA-256
+  (``.index_{item_id}.parquet.sha256.json`` beside it, see
+  :func:`stacchip.storage.write_recorded`): an index that matches its record
+  marks the item done. A re-run skips done items and finishes unfinished ones
+  (objects already there are whole, so they are kept; the rest is written);
+  an index that does not match its record (truncated, overwritten) or, without
+  a record, does not read as Parquet, is written again.
+* Temporary files a killed run left in the item's folders (and of its claim)
+  are removed when the item is taken up again.
+* Item ids, asset keys and asset file names come from the STAC API: each must
+  be a safe path segment (:func:`stacchip.storage.safe_segment`), checked
+  before anything of the item is written. An item that fails the check fails
+  alone (status ``failed``, an ``UnsafePathError`` note), like any bad item.
 * Two tasks never write the same key: before writing, a task creates the
   item's claim with a create-if-absent write; an item claimed by another task
   is left to that task (which finishes it when it is re-run).
@@ -22,10 +33,12 @@ Promises:
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -119,28 +132,51 @@ class Bucket:
             raise ConfigError(f"output bucket {bucket!r} (STACCHIP_BUCKET / --bucket {self.root}) does not exist")
 
     def url(self, *parts: str) -> str:
-        """``root/part/part``."""
-        return storage.join(self.root, *parts)
+        """``root/part/part``; every part must be a safe path segment (raises
+        :class:`~stacchip.errors.UnsafePathError`)."""
+        return storage.join_under(self.root, *parts)
+
+    @staticmethod
+    def _names(platform: str, item_id: str) -> tuple[str, str]:
+        return storage.safe_segment(platform, "platform"), storage.safe_segment(item_id, "item id")
 
     def asset_url(self, platform: str, item_id: str, filename: str) -> str:
         """Where an asset file of an item goes."""
-        return self.url(platform, item_id, filename)
+        platform, item_id = self._names(platform, item_id)
+        return self.url(platform, item_id, storage.safe_segment(filename, f"item {item_id!r}: asset file name"))
 
     def item_url(self, platform: str, item_id: str) -> str:
         """Where the item's JSON goes."""
-        return self.url(platform, item_id, ITEM_FILE)
+        return self.url(*self._names(platform, item_id), ITEM_FILE)
 
     def index_url(self, platform: str, item_id: str) -> str:
         """Where the item's chip index goes (written last)."""
+        platform, item_id = self._names(platform, item_id)
         return self.url(INDEX_PREFIX, platform, item_id, f"index_{item_id}.parquet")
 
     def claim_url(self, platform: str, item_id: str) -> str:
         """The item's claim: which task owns (writes) it."""
+        platform, item_id = self._names(platform, item_id)
         return self.url(CLAIM_PREFIX, platform, f"{item_id}.json")
 
     def is_done(self, platform: str, item_id: str) -> bool:
-        """True when the item's index exists."""
-        return storage.exists_retry(self.index_url(platform, item_id))
+        """True when the item's index is there and whole: it matches its checksum record,
+        or (an index written without one) reads as Parquet. A damaged index is logged and
+        the item counts as not done, so it is written again."""
+        url = self.index_url(platform, item_id)
+        check = storage.verify_retry(url)
+        if check.ok:
+            return True
+        if check.status == storage.MISSING:
+            return False
+        if check.status == storage.UNRECORDED:
+            problem = _unreadable_parquet(url)
+            if problem is None:
+                return True
+            logger.warning("%s/%s: the index %s is damaged (%s); writing it again", platform, item_id, url, problem)
+            return False
+        logger.warning("%s/%s: the index is damaged (%s); writing it again", platform, item_id, check.detail)
+        return False
 
 
 class Publisher:
@@ -154,6 +190,8 @@ class Publisher:
         self.bucket = bucket
         self.owner = owner
         self.dry_run = dry_run
+        #: When this task started: temporary files older than this are left by killed runs.
+        self.started = time.time()
 
     # --- ownership ---------------------------------------------------------------------------
 
@@ -234,6 +272,10 @@ class Publisher:
             key: _without_query(p.sources[0] if isinstance(p, CopyAsset) else (p.source or "rendered"))
             for key, p in plan.items()
         }
+        # every name from the STAC API is checked before anything of the item is read or
+        # written (also in a dry run)
+        names = _unique_filenames(plan)
+        dsts = {key: self.bucket.asset_url(platform, item_id, names[key]) for key in sorted(plan)}
         early = self.skip_or_plan(platform, item_id, sources)
         if early is not None:
             return early
@@ -243,12 +285,10 @@ class Publisher:
             return Outcome(platform, item_id, "skipped-claimed", sources, note=f"claimed by {other}")
 
         self._clean_partials(platform, item_id)
-        names = _unique_filenames(plan)
         for key in list(item.assets):
             if key not in plan:
                 del item.assets[key]
-        for key in sorted(plan):
-            dst = self.bucket.asset_url(platform, item_id, names[key])
+        for key, dst in dsts.items():
             self._write_asset(plan[key], dst, f"{item_id} asset {key!r}")
             asset = item.assets[key]
             asset.href = dst
@@ -268,23 +308,21 @@ class Publisher:
             "chip_size": indexer.chip_size,
             "writer": self.owner,
         }
-        storage.write_bytes_retry(self.bucket.index_url(platform, item_id), index_bytes(table, meta))
+        storage.write_recorded_retry(self.bucket.index_url(platform, item_id), index_bytes(table, meta))
         logger.info("%s/%s done: %d assets, %d chips", platform, item_id, len(plan), table.num_rows)
         return Outcome(platform, item_id, "done", sources, chips=table.num_rows)
 
     def _clean_partials(self, platform: str, item_id: str) -> None:
-        """Remove temp files a killed run of this task left in the item's folders (local output only).
+        """Remove temp files a killed run left in the item's folders and of its claim (local output only).
 
-        Only the owner of the claim writes there, so any ``.*.part`` file is ours.
+        Only the owner of the claim writes there, so any temporary file older than
+        this task is a leftover. S3 objects appear only when complete: nothing to clean.
         """
-        root = self.bucket.root
-        if storage.is_s3(root) or "://" in root:
-            return  # S3 objects appear only when complete; nothing partial to clean
-        for folder in (Path(self.bucket.url(platform, item_id)), Path(self.bucket.index_url(platform, item_id)).parent):
-            if folder.is_dir():
-                for stale in folder.glob(".*.part"):
-                    logger.info("removing %s left by an interrupted run", stale)
-                    stale.unlink(missing_ok=True)
+        item_folder = storage.local_path(self.bucket.item_url(platform, item_id)).parent
+        index_folder = storage.local_path(self.bucket.index_url(platform, item_id)).parent
+        for folder in (item_folder, index_folder):
+            storage.remove_stale_temps_in(str(folder), before=self.started)
+        storage.remove_stale_temps(self.bucket.claim_url(platform, item_id), before=self.started)
 
     def _write_asset(self, plan: AssetPlan, dst: str, what: str) -> None:
         if storage.exists_retry(dst):  # whole by construction: written atomically by an earlier run
@@ -312,6 +350,19 @@ class Publisher:
             storage.put_file(tmp, dst)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _unreadable_parquet(url: str) -> str | None:
+    """Why ``url`` does not read as a Parquet table, or None when it does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes_retry(url)  # storage errors are not damage: they propagate
+    try:
+        pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _unique_filenames(plan: Mapping[str, AssetPlan]) -> dict[str, str]:

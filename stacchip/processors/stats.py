@@ -17,7 +17,9 @@ the histogram range counted in under/overflow bins.
 Sources: the cubes ``stacchip-prechip`` wrote (``--source cubes``, job ``j``
 takes cube files ``j*cubes_per_job ..`` of the sorted listing), or chips read
 straight from the index and the scenes (``--source index``, job ``j`` takes
-``chips_per_job`` chips of the same seeded shuffle prechip uses).
+``chips_per_job`` chips of the same seeded shuffle prechip uses). A cube that is
+not a whole npz (truncated, failing its zip CRC checks) is a
+:class:`~stacchip.errors.ConfigError` naming the file (exit 2), not a traceback.
 
 Outputs under ``{output}/stats/{platform}/``: ``partial_{job:05d}.json`` per
 array job; the merge step (``--merge``, or automatically after ``--all``) writes
@@ -34,6 +36,9 @@ import io
 import json
 import logging
 import math
+import time
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,7 +249,7 @@ class StatsAccumulator:
 
 def cube_files(chips: str, platform: str) -> list[str]:
     """Sorted cube files of ``platform`` under a chip bucket / directory."""
-    prefix = storage.join(chips, prechip.VERSION, platform)
+    prefix = storage.join_under(chips, prechip.VERSION, storage.safe_segment(platform, "platform"))
     if storage.is_s3(prefix):
         prefix = prefix.rstrip("/") + "/"
     try:
@@ -261,13 +266,24 @@ def cube_files(chips: str, platform: str) -> list[str]:
 
 
 def cube_pixels(url: str, spec: PlatformBands) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata)."""
-    with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as data:
-        pixels = data["pixels"]
-        if "nodata_mask" in data.files:
-            mask = data["nodata_mask"]
-        else:
-            mask = is_nodata(pixels, spec.default_nodata)
+    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata).
+
+    A cube that is not a whole npz (truncated, a member failing its CRC check, no
+    ``pixels``) raises :class:`ConfigError` naming it; storage errors propagate.
+    """
+    raw = storage.read_bytes(url)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+            pixels = data["pixels"]
+            if "nodata_mask" in data.files:
+                mask = data["nodata_mask"]
+            else:
+                mask = is_nodata(pixels, spec.default_nodata)
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, OSError) as exc:
+        raise ConfigError(
+            f"cube {url!r} is damaged or not a prechip cube ({type(exc).__name__}: {exc}); "
+            "re-run stacchip-prechip to write it again"
+        ) from exc
     return pixels, mask
 
 
@@ -304,7 +320,7 @@ class StatsConfig:
 
 def stats_dir(output: str, platform: str) -> str:
     """Folder of the partial and merged results."""
-    return storage.join(output, "stats", platform)
+    return storage.join_under(output, "stats", storage.safe_segment(platform, "platform"))
 
 
 def partial_url(output: str, platform: str, job_index: int) -> str:
@@ -390,11 +406,13 @@ def share_settings(config: StatsConfig) -> dict[str, Any]:
 
 def write_partial(job_index: int, config: StatsConfig, workers: int = 1) -> str:
     """Run job ``job_index`` and write its partial result; returns its URL."""
+    started = time.time()
     acc, n_jobs = _job_stats(job_index, config, workers)
     record = acc.to_dict()
     record.update({"platform": config.platform, "source": config.source, "job": job_index, "jobs": n_jobs,
                    "settings": share_settings(config)})
     url = partial_url(config.output, config.platform, job_index)
+    storage.remove_stale_temps(url, before=started)
     storage.write_bytes(url, json.dumps(record).encode())
     logger.info("job %d: %s pixels per band -> %s", job_index, acc.count.tolist(), url)
     return url
@@ -503,7 +521,10 @@ def to_yaml(data: dict[str, Any], indent: int = 0) -> str:
 
 def write_merged(config: StatsConfig, urls: Sequence[str] | None = None) -> dict[str, Any]:
     """Merge the partial results of ``config`` and write ``stats.json`` and ``metadata.yaml``."""
+    started = time.time()
     folder = stats_dir(config.output, config.platform)
+    for name in ("stats.json", "metadata.yaml"):
+        storage.remove_stale_temps(storage.join(folder, name), before=started)
     if urls is None:
         try:
             urls = [u for u in storage.list_files(folder, ".json") if u.rsplit("/", 1)[-1].startswith("partial_")]
