@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import Any, ClassVar, Sequence
 
-from stacchip.cli import echo
+from stacchip.console import echo
 from stacchip.errors import ConfigError
 from stacchip.processors import jobs
 from stacchip.processors.publish import Bucket, Outcome, Publisher

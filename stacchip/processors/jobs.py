@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from stacchip.cli import echo
+from stacchip.console import echo
 from stacchip.errors import ConfigError, StacchipError
 
 logger = logging.getLogger(__name__)

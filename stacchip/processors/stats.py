@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from stacchip.cli import echo
+from stacchip.console import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, StorageError
 from stacchip.processors import jobs, prechip
