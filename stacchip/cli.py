@@ -22,15 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stacchip import storage
-from stacchip.console import ArgumentParser, echo, run_main
+from stacchip.console import MAX_CHIP_SIZE, ArgumentParser, echo, run_main
 from stacchip.errors import ConfigError, IndexFileError, StacchipError  # noqa: F401  (StacchipError: old import path)
 
 __all__ = ["MAX_CHIP_SIZE", "build_parser", "echo", "main"]
 
 logger = logging.getLogger("stacchip.cli")
-
-#: Largest ``--chip-size`` in pixels (the index stores chip sizes and positions as uint16).
-MAX_CHIP_SIZE = 65535
 
 #: Subcommands implemented outside the core: name -> (module with ``add_cli``, help line).
 #: The module is imported only when its subcommand runs.

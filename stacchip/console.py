@@ -53,12 +53,16 @@ EXIT_OK = 0
 EXIT_INTERRUPTED = 130
 #: Environment variable that turns tracebacks on without ``-v``.
 TRACEBACK_VAR = "STACCHIP_TRACEBACK"
+#: Largest ``--chip-size`` any command accepts, pixels (the index stores chip sizes
+#: and chip positions as uint16).
+MAX_CHIP_SIZE = 65535
 
 __all__ = [
     "EXIT_INPUT",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_RETRY",
+    "MAX_CHIP_SIZE",
     "TRACEBACK_VAR",
     "ArgumentParser",
     "Verdict",

@@ -83,6 +83,14 @@ class IndexFileError(StacchipError, ValueError):
     """An index file or dataset is missing, unreadable or has the wrong schema."""
 
 
+class EmptySelectionError(StacchipError, ValueError):
+    """A job, command or dataset selected nothing from a non-empty input.
+
+    The message says how many rows were read and which filter removed them.
+    Commands accept an empty selection only when told (``--allow-empty``).
+    """
+
+
 # --- storage -------------------------------------------------------------------
 
 
