@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import math
 import sys
@@ -122,13 +121,12 @@ def _find_item_for_chip(index_path: str, row: dict[str, Any], explicit: str | No
 
 def cmd_chip(args: argparse.Namespace) -> int:
     import numpy as np
+    import pyarrow.compute as pc
 
     from stacchip.chipper import Chipper
     from stacchip.index import index_files, open_index
     from stacchip.indexer import ChipIndexer
     from stacchip.utils import load_item
-
-    import pyarrow.compute as pc
 
     files = index_files(args.index)
     wanted = pc.field("chipid") == args.chipid

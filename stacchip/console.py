@@ -161,7 +161,7 @@ def _verdict(exc: BaseException) -> int | None:
         return EXIT_RETRY if status >= 500 or status in _RETRY_STATUS else EXIT_INPUT
     if isinstance(exc, _PATH_ERRORS):
         return EXIT_INPUT
-    if isinstance(exc, _NETWORK_ERRORS) or isinstance(exc, urllib.error.URLError):
+    if isinstance(exc, (*_NETWORK_ERRORS, urllib.error.URLError)):
         return EXIT_RETRY
     kind = type(exc)
     if kind.__module__.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3", "requests"):

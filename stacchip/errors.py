@@ -15,7 +15,6 @@ retrying the same command cannot help), ``1`` for a failure worth retrying
 
 from __future__ import annotations
 
-
 #: Exit status of a failure worth retrying (network, service, storage).
 EXIT_RETRY = 1
 #: Exit status of bad input or configuration.

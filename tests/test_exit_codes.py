@@ -442,9 +442,11 @@ def test_entry_points_keep_the_contract(script: str, tmp_path: Path) -> None:
     path = shutil.which(script)
     if path is None:
         pytest.skip(f"{script} is not installed on PATH (pip install -e .)")
-    help_run = subprocess.run([path, "--help"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    help_run = subprocess.run([path, "--help"], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                              check=False)
     assert help_run.returncode == 0 and "usage:" in help_run.stdout, help_run.stderr[-2000:]
     args = ["chip", str(tmp_path / "nonexistent"), "--chipid", "a-0-0", "--out", "c.npz"] if script == "stacchip" \
         else ["--index", "0"]
-    proc = subprocess.run([path, *args], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run([path, *args], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)
     error_line(proc, 2, "stacchip chip" if script == "stacchip" else script)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import os
-import math
 import re
 import sys
 import traceback
