@@ -1,31 +1,58 @@
-"""The ``stacchip`` command: ``index``, ``chip``, ``demo`` (and training-side tools)."""
+"""The ``stacchip`` command: ``index``, ``chip``, ``demo`` (and training-side tools).
+
+Nothing in the library imports this module: it sits on top. The training-side
+subcommands (``croissant``, ``preview``) live in :mod:`stacchip.ml` and are
+imported only when they are the subcommand that runs, so ``stacchip index``
+loads neither :mod:`stacchip.ml` nor :mod:`stacchip.processors`. Exit statuses
+and error lines follow :mod:`stacchip.console` (0 done, 1 worth retrying,
+2 bad input or configuration).
+"""
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from stacchip import storage
-from stacchip.errors import ConfigError, IndexFileError, StacchipError
+from stacchip.console import MAX_CHIP_SIZE, ArgumentParser, echo, run_main
+from stacchip.errors import ConfigError, IndexFileError, StacchipError  # noqa: F401  (StacchipError: old import path)
+
+__all__ = ["MAX_CHIP_SIZE", "build_parser", "echo", "main"]
 
 logger = logging.getLogger("stacchip.cli")
 
+#: Subcommands implemented outside the core: name -> (module with ``add_cli``, help line).
+#: The module is imported only when its subcommand runs.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "croissant": (
+        "stacchip.ml.croissant",
+        "write croissant.json (Croissant 1.1 + GeoCroissant + RAI) describing an index",
+    ),
+    "preview": (
+        "stacchip.ml.preview",
+        "quicklook PNG of an index (chips coloured by cloud/nodata) and a mosaic of sample chips",
+    ),
+}
 
-def echo(message: str = "", *, err: bool = False) -> None:
-    """Write one line of command output: results to stdout, errors to stderr.
 
-    Every stacchip console command writes through this; library code logs.
-    """
-    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+def _check_int(flag: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{flag} {value} must be {bound}")
+    return value
+
+
+def _check_fraction(flag: str, value: float) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag} {value} must be a fraction between 0 and 1")
+    return value
 
 
 def _item_source(path: str) -> str:
@@ -39,6 +66,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     from stacchip.indexer import guess_indexer, indexer_class
     from stacchip.utils import load_item
 
+    _check_int("--chip-size", args.chip_size, 1, MAX_CHIP_SIZE)
+    _check_fraction("--max-nodata", args.max_nodata)
     item = load_item(args.item)
     cls = guess_indexer(item) if args.indexer == "auto" else indexer_class(args.indexer)
     kwargs: dict[str, Any] = {"chip_size": args.chip_size, "chip_max_nodata": args.max_nodata}
@@ -91,12 +120,13 @@ def _find_item_for_chip(index_path: str, row: dict[str, Any], explicit: str | No
 
 
 def cmd_chip(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pyarrow.compute as pc
+
     from stacchip.chipper import Chipper
     from stacchip.index import index_files, open_index
     from stacchip.indexer import ChipIndexer
     from stacchip.utils import load_item
-
-    import pyarrow.compute as pc
 
     files = index_files(args.index)
     wanted = pc.field("chipid") == args.chipid
@@ -140,13 +170,16 @@ def cmd_upgrade_index(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from stacchip.chipper import Chipper
     from stacchip.demo import build_demo_scene
     from stacchip.index import read_index, write_index
     from stacchip.indexer import Sentinel2Indexer
     from stacchip.utils import load_item
 
-    if args.chip_size <= 0 or args.size < args.chip_size:
+    _check_int("--chip-size", args.chip_size, 1, MAX_CHIP_SIZE)
+    if args.size < args.chip_size:
         raise ConfigError(
             f"demo: --size {args.size} must be at least --chip-size {args.chip_size} (pixels) "
             "for the scene to hold a chip"
@@ -183,9 +216,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stacchip", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the subcommand too (``stacchip index ... -v``)."""
+    try:
+        parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                            help="more logging; tracebacks on errors")
+    except argparse.ArgumentError:  # the subcommand has its own -v
+        pass
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``stacchip`` parser.
+
+    ``command`` names the subcommand about to run: a training-side subcommand
+    (:data:`LAZY_COMMANDS`) gets its full flags only then (its module is
+    imported); otherwise it is listed with its help line and nothing imported.
+    """
+    parser = ArgumentParser(prog="stacchip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv debug); tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("index", help="index one STAC item into a GeoParquet chip index")
@@ -193,13 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .parquet (path or s3://)")
     p.add_argument("--indexer", default="auto",
                    help="auto, sentinel-2, landsat, modis, sentinel-1, naip, linz, nostats")
-    p.add_argument("--chip-size", type=int, default=256, help="chip size in pixels (default 256)")
+    p.add_argument("--chip-size", type=int, default=256,
+                   help=f"chip size in pixels, 1-{MAX_CHIP_SIZE} (default 256)")
     p.add_argument("--max-nodata", type=float, default=0.5,
                    help="drop chips with a larger nodata fraction (0-1, default 0.5)")
     p.add_argument("--platform", default=None, help="platform name stored in the index")
     p.add_argument("--edge", choices=["drop", "keep"], default="drop",
                    help="drop (default, upstream) or keep the partial chips at the right/bottom edges")
     p.set_defaults(func=cmd_index)
+    _verbose_flag(p)
 
     p = sub.add_parser("chip", help="read one chip of an index into an .npz file")
     p.add_argument("index", help="index .parquet file, directory or s3:// prefix")
@@ -209,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assets", default=None, help="comma-separated asset keys")
     p.add_argument("--native", action="store_true", help="keep each asset's own resolution")
     p.set_defaults(func=cmd_chip)
+    _verbose_flag(p)
 
     p = sub.add_parser(
         "upgrade-index",
@@ -229,34 +281,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=1098, help="10 m band size in pixels (default 1098)")
     p.add_argument("--chip-size", type=int, default=256, help="chip size in pixels (default 256)")
     p.set_defaults(func=cmd_demo)
+    _verbose_flag(p)
 
-    for module in ("stacchip.ml.croissant", "stacchip.ml.preview"):
-        _register_optional(sub, module)
+    for name, (module, help_text) in LAZY_COMMANDS.items():
+        if name == command:
+            _add_lazy(sub, name, module)
+        else:
+            # listed in `stacchip --help`; main() builds the real one when it runs
+            sub.add_parser(name, help=help_text)
     return parser
 
 
-def _register_optional(sub: Any, module: str) -> None:
+def _add_lazy(sub: Any, name: str, module: str) -> None:
     import importlib
 
     try:
         mod = importlib.import_module(module)
-    except ImportError:
-        return
-    add_cli = getattr(mod, "add_cli", None)
-    if add_cli is not None:
-        add_cli(sub)
+    except ImportError as exc:
+        raise ConfigError(
+            f"stacchip {name} needs the training extra ({exc}); install it with: pip install 'stacchip[ml]'"
+        ) from exc
+    p = mod.add_cli(sub)
+    if isinstance(p, argparse.ArgumentParser):
+        _verbose_flag(p)
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand in ``argv``: the first word that is not a flag (the top-level flags take no value)."""
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    """Run ``stacchip`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(words)
+    known = command in {"index", "chip", "demo", *LAZY_COMMANDS}
+    prog = f"stacchip {command}" if known else "stacchip"
+
+    def body() -> int:
+        args = build_parser(command if known else None).parse_args(words)
+        verbose = getattr(args, "verbose", 0) or 0
+        level = logging.WARNING - 10 * min(verbose, 2)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return int(args.func(args) or 0)
-    except StacchipError as exc:
-        echo(f"stacchip {args.command}: error: {exc}", err=True)
-        return 2
+
+    return run_main(body, prog, words)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,27 @@ error names what was wrong (item id, asset key, href, field) in its message.
 Where an upstream caller could have caught a built-in exception, the error
 also derives from that built-in (``ValueError``, ``KeyError``, ``IndexError``,
 ``OSError``) so existing ``except`` clauses keep working.
+
+Each class also states the exit status a console command ends with when it
+reports the error (:attr:`StacchipError.exit_code`, read by
+:mod:`stacchip.console`): ``2`` for bad input or configuration (the default:
+retrying the same command cannot help), ``1`` for a failure worth retrying
+(storage, network, a service).
 """
 
 from __future__ import annotations
 
+#: Exit status of a failure worth retrying (network, service, storage).
+EXIT_RETRY = 1
+#: Exit status of bad input or configuration.
+EXIT_INPUT = 2
+
 
 class StacchipError(Exception):
     """Base class of every error raised by stacchip."""
+
+    #: Exit status of a command that stops on this error (see the module docstring).
+    exit_code: int = EXIT_INPUT
 
 
 # --- STAC item problems -----------------------------------------------------
@@ -62,6 +76,8 @@ class ChipOutOfRangeError(ChipError, IndexError):
 class AssetReadError(StacchipError, OSError):
     """An asset's href could not be opened or read."""
 
+    exit_code = EXIT_RETRY
+
 
 # --- index files ---------------------------------------------------------------
 
@@ -70,15 +86,36 @@ class IndexFileError(StacchipError, ValueError):
     """An index file or dataset is missing, unreadable or has the wrong schema."""
 
 
+class EmptySelectionError(StacchipError, ValueError):
+    """A job, command or dataset selected nothing from a non-empty input.
+
+    The message says how many rows were read and which filter removed them.
+    Commands accept an empty selection only when told (``--allow-empty``).
+    """
+
+
 # --- storage -------------------------------------------------------------------
 
 
 class StorageError(StacchipError, OSError):
     """Reading or writing a local path or object-store URL failed."""
 
+    exit_code = EXIT_RETRY
+
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
     """The object or file does not exist."""
+
+    exit_code = EXIT_INPUT
+
+
+# --- services --------------------------------------------------------------------
+
+
+class ServiceError(StacchipError, RuntimeError):
+    """A remote service (STAC API, ...) is unreachable or failing; worth retrying later."""
+
+    exit_code = EXIT_RETRY
 
 
 class UnsafePathError(StacchipError, ValueError):

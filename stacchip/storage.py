@@ -231,8 +231,15 @@ def _client(endpoint: str | None, pid: int) -> object:
         return session.client(
             "s3",
             endpoint_url=endpoint or None,
-            config=Config(retries=S3_RETRIES),
+            config=Config(retries=_s3_retries()),
         )
+
+
+def _s3_retries() -> dict[str, Any]:
+    """:data:`S3_RETRIES`, less what the standard ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE``
+    variables set (botocore reads those itself only when the client config leaves them out)."""
+    env = {"max_attempts": "AWS_MAX_ATTEMPTS", "mode": "AWS_RETRY_MODE"}
+    return {k: v for k, v in S3_RETRIES.items() if not os.environ.get(env.get(k, ""), "").strip()}
 
 
 def s3_client() -> object:

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stacchip.cli import echo
+from stacchip.console import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, IndexFileError
 from stacchip.index import index_files

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from stacchip.cli import echo
+from stacchip.console import echo
 from stacchip import storage
 from stacchip.errors import ConfigError, IndexFileError
 

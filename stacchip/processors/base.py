@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import Any, ClassVar, Sequence
 
-from stacchip.cli import echo
+from stacchip.console import MAX_CHIP_SIZE, ArgumentParser, echo
 from stacchip.errors import ConfigError
 from stacchip.processors import jobs
 from stacchip.processors.publish import Bucket, Outcome, Publisher
@@ -95,7 +95,7 @@ class Processor:
     @classmethod
     def build_parser(cls) -> argparse.ArgumentParser:
         """The console script's argument parser."""
-        parser = argparse.ArgumentParser(prog=cls.prog, description=cls.description)
+        parser = ArgumentParser(prog=cls.prog, description=cls.description)
         parser.add_argument(
             "--bucket", default=None,
             help="output: S3 bucket name, s3://bucket/prefix or local path (env STACCHIP_BUCKET)",
@@ -144,7 +144,8 @@ class Processor:
                 f"default {cls.default_max_scene_nodata:g})",
             )
         parser.add_argument(
-            "--chip-size", type=int, default=None, help="chip size in pixels (env STACCHIP_CHIP_SIZE; default 256)"
+            "--chip-size", type=int, default=None,
+            help=f"chip size in pixels, 1-{MAX_CHIP_SIZE} (env STACCHIP_CHIP_SIZE; default 256)",
         )
         parser.add_argument(
             "--chip-max-nodata", type=float, default=None,
@@ -189,7 +190,9 @@ class Processor:
                 args.max_scene_nodata, "STACCHIP_MAX_SCENE_NODATA", cls.default_max_scene_nodata,
                 flag="--max-scene-nodata", minimum=0, maximum=100,
             )
-        s["chip_size"] = jobs.env_int(args.chip_size, "STACCHIP_CHIP_SIZE", 256, flag="--chip-size", minimum=1)
+        s["chip_size"] = jobs.env_int(
+            args.chip_size, "STACCHIP_CHIP_SIZE", 256, flag="--chip-size", minimum=1, maximum=MAX_CHIP_SIZE
+        )
         s["chip_max_nodata"] = jobs.env_float(
             args.chip_max_nodata, "STACCHIP_CHIP_MAX_NODATA", cls.default_chip_max_nodata,
             flag="--chip-max-nodata", minimum=0, maximum=1,
@@ -289,8 +292,8 @@ def cli(cls: type[Processor], argv: Sequence[str] | None = None) -> jobs.RunSumm
 
 
 def main(cls: type[Processor], argv: Sequence[str] | None = None) -> int:
-    """Entry point body: exit status 0, 1 (a task failed) or 2 (configuration error)."""
-    return jobs.main(lambda a: cli(cls, a), argv)
+    """Entry point body: exit status 0, 1 (worth retrying) or 2 (bad input or configuration)."""
+    return jobs.main(lambda a: cli(cls, a), argv, prog=cls.prog)
 
 
 def run_source(argv: Sequence[str] | None = None) -> int:
@@ -303,7 +306,10 @@ def run_source(argv: Sequence[str] | None = None) -> int:
                               + ", ".join(sorted(_names())))
         return cli(processor_class(args[0]), args[1:])
 
-    return jobs.main(go, None)
+    prog = "python -m stacchip.processors"
+    if args and not args[0].startswith("-"):
+        prog = f"stacchip-{args[0].strip().lower().replace('_', '-')}"
+    return jobs.main(go, args, prog=prog)
 
 
 def _names() -> list[str]:

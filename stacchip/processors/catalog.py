@@ -25,7 +25,7 @@ import requests
 from pystac_client.exceptions import APIError
 from pystac_client.conformance import ConformanceClasses
 
-from stacchip.errors import ConfigError
+from stacchip.errors import ConfigError, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Catalog:
         try:
             return storage.retry(once, what=f"open STAC API {url}")
         except _Transient as exc:
-            raise RuntimeError(f"STAC API {url!r} is unreachable: {exc}") from exc
+            raise ServiceError(f"STAC API {url!r} is unreachable: {exc}") from exc
         except Exception as exc:  # pystac_client raises APIError, pystac errors, ...
             raise ConfigError(f"cannot open STAC API {url!r}: {exc}") from exc
 
@@ -239,7 +239,7 @@ class Catalog:
         except _Rejected:
             raise
         except _Transient as exc:
-            raise RuntimeError(f"STAC search on {self.url} failed ({params}): {exc.__cause__}") from exc
+            raise ServiceError(f"STAC search on {self.url} failed ({params}): {exc.__cause__}") from exc
 
     def search(
         self,

@@ -14,24 +14,29 @@
   upstream's ``STACCHIP_BUCKET``), any ``s3://bucket/prefix`` or a local path.
 * **Running**: :func:`run_tasks` runs one function over many indices, in a
   process pool when more than one worker is asked for, with a tqdm progress
-  bar; :func:`main` wraps a console script so configuration errors exit with
-  status 2 and a one-line message, and failed tasks with status 1.
+  bar; :func:`main` wraps a console script in the exit-status contract of
+  :mod:`stacchip.console`: 0 done, 1 worth retrying (a task failed on storage,
+  the network or a service, or part of its items failed), 2 bad input or
+  configuration -- one line on stderr, the traceback with ``-v``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import os
 import re
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from stacchip.cli import echo
+from stacchip import console
+from stacchip.console import echo
 from stacchip.errors import ConfigError, StacchipError
 
 logger = logging.getLogger(__name__)
@@ -47,10 +52,10 @@ INDEX_OFFSET_VAR = "STACCHIP_INDEX_OFFSET"
 #: Number of worker processes for local runs over a range.
 POOL_SIZE_VAR = "STACCHIP_POOL_SIZE"
 
-#: Exit status of a run where some task failed.
-EXIT_TASK_FAILED = 1
+#: Exit status of a run where some task failed (worth retrying).
+EXIT_TASK_FAILED = console.EXIT_RETRY
 #: Exit status of a configuration error (bad flag, variable or input file).
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = console.EXIT_INPUT
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -102,9 +107,11 @@ def env_int(
     required: bool = False,
     flag: str | None = None,
     minimum: int | None = None,
+    maximum: int | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> int | None:
-    """An integer setting (flag, else environment, else default); see :func:`env_str`."""
+    """An integer setting (flag, else environment, else default), checked against
+    ``minimum``/``maximum``; see :func:`env_str`."""
     if value is not None:
         result: int | None = value
         label = flag or "value"
@@ -114,6 +121,8 @@ def env_int(
         result = default if text is None else _convert(text, int, "an integer", label)
     if result is not None and minimum is not None and result < minimum:
         raise ConfigError(f"{label}={result} must be >= {minimum}")
+    if result is not None and maximum is not None and result > maximum:
+        raise ConfigError(f"{label}={result} must be <= {maximum}")
     return result
 
 
@@ -127,7 +136,7 @@ def env_float(
     maximum: float | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> float | None:
-    """A float setting (flag, else environment, else default), checked against bounds."""
+    """A finite float setting (flag, else environment, else default), checked against bounds."""
     if value is not None:
         result: float | None = float(value)
         label = flag or "value"
@@ -136,6 +145,8 @@ def env_float(
         label = var or "value"
         result = default if text is None else _convert(text, float, "a number", label)
     if result is not None:
+        if not math.isfinite(result):
+            raise ConfigError(f"{label}={result} is not a finite number")
         if minimum is not None and result < minimum:
             raise ConfigError(f"{label}={result} must be >= {minimum}")
         if maximum is not None and result > maximum:
@@ -350,12 +361,21 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 
 @dataclass
 class TaskOutcome:
-    """What one task did: its index, whether it succeeded, its result or error text."""
+    """What one task did: its index, whether it succeeded, its result or error text.
+
+    A failed task also carries the exit status its error calls for (``code``,
+    see :func:`stacchip.console.classify`), whether that error was foreseen
+    (``expected``; False for a bug) and its formatted traceback (``trace``,
+    printed with ``-v``).
+    """
 
     index: int
     ok: bool
     result: Any = None
     error: str | None = None
+    code: int = EXIT_TASK_FAILED
+    expected: bool = True
+    trace: str | None = None
 
 
 @dataclass
@@ -363,6 +383,17 @@ class RunSummary:
     """Outcomes of a run over many task indices."""
 
     outcomes: list[TaskOutcome] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every task succeeded; 2 when every failure is bad input (re-running
+        cannot help); else 1 (worth retrying)."""
+        failed = self.failed
+        if not failed:
+            return console.EXIT_OK
+        if all(o.code == EXIT_CONFIG_ERROR for o in failed):
+            return EXIT_CONFIG_ERROR
+        return EXIT_TASK_FAILED
 
     @property
     def failed(self) -> list[TaskOutcome]:
@@ -376,7 +407,12 @@ class RunSummary:
 
 
 class TaskFailed(StacchipError):
-    """A task did part of its work and failed the rest; ``result`` is what it did."""
+    """A task did part of its work and failed the rest; ``result`` is what it did.
+
+    Exit status 1: the scheduler re-runs the task, which skips what is done.
+    """
+
+    exit_code = EXIT_TASK_FAILED
 
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
@@ -389,12 +425,13 @@ def _call(payload: tuple[Callable[[int], Any], int]) -> TaskOutcome:
         return TaskOutcome(index, True, func(index))
     except ConfigError:
         raise
-    except TaskFailed as exc:
-        logger.error("task %d failed: %s", index, exc)
-        return TaskOutcome(index, False, result=exc.result, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others
-        logger.exception("task %d failed", index)
-        return TaskOutcome(index, False, error=f"{type(exc).__name__}: {exc}")
+        verdict = console.classify(exc)
+        return TaskOutcome(
+            index, False, result=exc.result if isinstance(exc, TaskFailed) else None,
+            error=console.message(exc), code=verdict.code, expected=verdict.expected,
+            trace="".join(traceback.format_exception(exc)),
+        )
 
 
 def run_tasks(
@@ -408,16 +445,23 @@ def run_tasks(
 
     ``func`` must be picklable (a module-level function or a
     ``functools.partial`` of one) when ``workers > 1``. A task that raises is
-    logged and recorded as failed; the other tasks still run (unless
-    ``fail_fast``). A :class:`ConfigError` stops the run at once, since every
-    task would hit it. The progress bar is shown for more than one task.
+    recorded as failed (and logged as it happens when there are several); the
+    other tasks still run (unless ``fail_fast``). A :class:`ConfigError` stops
+    the run at once, since every task would hit it. The progress bar is shown
+    for more than one task.
     """
     todo = list(indices)
     summary = RunSummary()
     show = len(todo) > 1
+
+    def note(outcome: TaskOutcome) -> None:
+        if show and not outcome.ok:
+            logger.error("task %d failed: %s", outcome.index, outcome.error)
+
     if workers <= 1 or len(todo) <= 1:
         for index in tqdm(todo, desc=desc, unit="task", disable=not show):
             outcome = _call((func, index))
+            note(outcome)
             summary.outcomes.append(outcome)
             if fail_fast and not outcome.ok:
                 break
@@ -427,6 +471,7 @@ def run_tasks(
     with ctx.Pool(processes=min(workers, len(todo))) as pool:
         results = pool.imap_unordered(_call, [(func, i) for i in todo])
         for outcome in tqdm(results, total=len(todo), desc=desc, unit="task", disable=not show):
+            note(outcome)
             summary.outcomes.append(outcome)
             if fail_fast and not outcome.ok:
                 pool.terminate()
@@ -435,31 +480,44 @@ def run_tasks(
     return summary
 
 
-def main(run: Callable[[Sequence[str] | None], RunSummary | int | None], argv: Sequence[str] | None = None) -> int:
-    """Console-script wrapper: exit 0 on success, 1 if a task failed, 2 on a configuration error.
+def report_summary(summary: RunSummary, prog: str, verbose: bool = False) -> int:
+    """Print one line per failed task (its traceback first if ``verbose``); the run's exit status."""
+    for outcome in summary.failed:
+        if verbose and outcome.trace:
+            echo(outcome.trace.rstrip("\n"), err=True)
+        if outcome.expected:
+            echo(f"{prog}: task {outcome.index} failed: {outcome.error}", err=True)
+        else:
+            hint = "" if verbose else "; run again with -v for the traceback"
+            echo(f"{prog}: task {outcome.index} failed: internal error: {outcome.error} (unexpected{hint})",
+                 err=True)
+    return summary.exit_code
 
-    ``run(argv)`` parses its arguments and does the work; a :class:`ConfigError`
-    (or other :class:`StacchipError` raised before any task ran) is printed as
-    ``{prog}: error: {message}`` on stderr.
+
+def main(
+    run: Callable[[Sequence[str] | None], RunSummary | int | None],
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+) -> int:
+    """Console-script wrapper: the exit-status contract of :mod:`stacchip.console`.
+
+    ``run(argv)`` parses its arguments and does the work. An error it raises
+    (a :class:`ConfigError` or any other) is printed as ``{prog}: error:
+    {message}`` on stderr and decides the status (2 bad input, 1 worth
+    retrying); a :class:`RunSummary` with failed tasks prints one line per
+    failure and exits 2 when every failure is bad input, else 1.
     """
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "stacchip"
-    try:
+    if prog is None:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "stacchip"
+    verbose = console.wants_traceback(argv)
+
+    def body() -> int:
         result = run(argv)
-    except ConfigError as exc:
-        echo(f"{prog}: error: {exc}", err=True)
-        return EXIT_CONFIG_ERROR
-    except KeyboardInterrupt:
-        echo(f"{prog}: interrupted", err=True)
-        return 130
-    if isinstance(result, RunSummary):
-        if not result.ok:
-            for outcome in result.failed:
-                echo(f"{prog}: task {outcome.index} failed: {outcome.error}", err=True)
-            return EXIT_TASK_FAILED
-        return 0
-    if isinstance(result, int):
-        return result
-    return 0
+        if isinstance(result, RunSummary):
+            return report_summary(result, str(prog), verbose)
+        return 0 if result is None else int(result)
+
+    return console.run_main(body, prog, argv)
 
 
 __all__ = [
@@ -483,6 +541,7 @@ __all__ = [
     "output_root",
     "parse_list",
     "parse_range",
+    "report_summary",
     "resolve_indices",
     "resolve_workers",
     "run_tasks",

@@ -56,6 +56,12 @@ Item ids and the platform of the index become paths
 (``{data}/{platform}/{item_id}/stac_item.json``): each must be a safe path
 segment (:func:`stacchip.storage.safe_segment`), or the run is refused
 (:class:`~stacchip.errors.ConfigError`, exit 2) before any item is read.
+
+Nothing to do is an error unless allowed: an index and filters that select no
+cube, or a job index beyond the cubes the selection makes, stop with exit
+status 2 and a line saying how many rows were read and what each filter
+(``--platform``, ``--max-nodata``, ``--max-cloud``, ``--cube-size``) kept;
+``--allow-empty`` (``STACCHIP_ALLOW_EMPTY=1``) makes such a run exit 0.
 """
 
 from __future__ import annotations
@@ -86,9 +92,11 @@ from tqdm import tqdm
 
 from stacchip import storage
 from stacchip.chipper import Chipper
+from stacchip.console import ArgumentParser
 from stacchip.errors import (
     AssetNotFoundError,
     ConfigError,
+    EmptySelectionError,
     IndexFileError,
     StorageNotFoundError,
     UnsafePathError,
@@ -257,6 +265,50 @@ def _limit_scalar(schema: pa.Schema, column: str, limit: float) -> pa.Scalar:
     if not pa.types.is_floating(typ):
         typ = pa.float64()
     return pa.scalar(float(limit), typ)
+
+
+def explain_selection(
+    index_sources: Any,
+    platform: str | None = None,
+    max_nodata: float | None = DEFAULT_MAX_NODATA,
+    max_cloud: float | None = None,
+) -> str:
+    """Why :func:`select_chips` keeps what it keeps: rows read and what each filter kept (one line).
+
+    Reads only row counts (and the platform column when the platform filter
+    matches nothing); meant for the message of an empty selection.
+    """
+    dataset = open_index(index_sources)
+    where = f"index {index_sources!r}"
+    try:
+        total = dataset.count_rows()
+        if total == 0:
+            return f"{where} holds no rows"
+        expr = pc.field("chipid").is_valid() & pc.field("platform").is_valid()
+        usable = dataset.count_rows(filter=expr)
+        if usable == 0:
+            return (f"none of the {total} rows read from {where} is a chip-index row (no chipid or "
+                    "platform: not stacchip index files?)")
+        steps = [f"{total} rows read from {where}"]
+        if usable < total:
+            steps.append(f"{usable} of them chip-index rows")
+        if platform is not None:
+            expr &= pc.field("platform") == platform
+            kept = dataset.count_rows(filter=expr)
+            if kept == 0:
+                held = sorted(str(p) for p in pc.unique(
+                    dataset.to_table(columns=["platform"]).column("platform")).to_pylist() if p is not None)
+                return (f"platform {platform!r} (--platform / STACCHIP_PLATFORM) matches none of the "
+                        f"{usable} rows of {where}; it holds platforms {held}")
+            steps.append(f"platform {platform!r} kept {kept}")
+        for column, limit, flag in (("nodata_percentage", max_nodata, "--max-nodata"),
+                                    ("cloud_cover_percentage", max_cloud, "--max-cloud")):
+            if limit is not None:
+                expr &= pc.field(column) <= _limit_scalar(dataset.schema, column, limit)
+                steps.append(f"{flag} {limit:g} kept {dataset.count_rows(filter=expr)}")
+    except (pa.ArrowException, OSError) as exc:
+        raise IndexFileError(f"cannot read {where}: {exc}") from exc
+    return ", ".join(steps)
 
 
 def permutation(n: int, seed: int) -> np.ndarray:
@@ -513,6 +565,8 @@ class PrechipConfig:
     batch_bytes: int = DEFAULT_BATCH_BYTES
     dry_run: bool = False
     compress_level: int = DEFAULT_COMPRESS_LEVEL
+    #: Accept a selection that makes no cube (else :class:`EmptySelectionError`).
+    allow_empty: bool = False
 
 
 @dataclass
@@ -534,6 +588,8 @@ def prepare(config: PrechipConfig) -> Selection:
     """Select, sort and shuffle the chips of ``config``."""
     if config.cube_size < 1:
         raise ConfigError(f"cube size must be >= 1, got {config.cube_size}")
+    if config.platform:
+        platform_bands(config.platform)  # an unknown platform is named before the index is read
     table = select_chips(config.index, config.platform, config.max_nodata, config.max_cloud)
     if table.num_rows == 0:
         platform = config.platform or ""
@@ -575,6 +631,28 @@ def check_item_ids(table: pa.Table, index: Any) -> None:
                 storage.safe_segment(value, f"index row {what}")
             except UnsafePathError as exc:
                 raise ConfigError(f"index {index!r}: {exc}; refusing to read items from it") from exc
+
+def check_selection(config: PrechipConfig, selection: Selection) -> None:
+    """Refuse a selection that makes no cube (unless ``config.allow_empty``), saying how many
+    rows were read and what each filter kept; see :func:`explain_selection`."""
+    if selection.n_cubes:
+        return
+    counts = explain_selection(config.index, config.platform, config.max_nodata, config.max_cloud)
+    rows = selection.table.num_rows
+    if rows == 0:
+        why = f"no chip passes the filters: {counts}"
+    else:
+        why = (f"only {rows} chips pass the filters ({counts}), fewer than one cube of "
+               f"{config.cube_size} (--cube-size); --partial writes the incomplete cube")
+    empty_selection(why, config.allow_empty)
+
+
+def empty_selection(why: str, allow_empty: bool) -> None:
+    """Raise :class:`EmptySelectionError` with ``why``, or only log it when an empty run is fine."""
+    if allow_empty:
+        logger.warning("%s; nothing to do (allowed by --allow-empty)", why)
+        return
+    raise EmptySelectionError(f"{why}; pass --allow-empty (STACCHIP_ALLOW_EMPTY=1) if nothing to do is fine")
 
 
 def manifest_url(output: str, platform: str) -> str:
@@ -803,9 +881,14 @@ def make_cubes(
 def run_job(job_index: int, config: PrechipConfig, workers: int = 1) -> list[str]:
     """Array-job task ``job_index``: make its ``cubes_per_job`` cubes."""
     selection = prepare(config)
+    check_selection(config, selection)
     ids = job_cubes(job_index, config.cubes_per_job, selection.n_cubes)
     if not ids:
-        logger.info("job %d: no cubes (the index makes %d)", job_index, selection.n_cubes)
+        if selection.n_cubes:  # (no cube at all was reported by check_selection)
+            empty_selection(
+                f"job {job_index} makes no cube: the selection makes {selection.n_cubes} cubes, i.e. jobs "
+                f"0..{job_count(selection.n_cubes, config.cubes_per_job) - 1} of {config.cubes_per_job} "
+                "(--cubes-per-job)", config.allow_empty)
         return []
     return make_cubes(config, ids, workers=workers, selection=selection)
 
@@ -835,7 +918,7 @@ def fraction_setting(value: str | None, var: str, default: float | None, flag: s
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``stacchip-prechip``."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="stacchip-prechip",
         description="Write shuffled npz cubes of indexed chips (array job or local process pool).",
     )
@@ -856,6 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-level", type=int, help="zlib level of the npz, 0-9 (env STACCHIP_COMPRESS_LEVEL, "
                    f"default {DEFAULT_COMPRESS_LEVEL})")
     p.add_argument("--all", action="store_true", help="run every job of the array locally")
+    p.add_argument("--allow-empty", action="store_true", default=None,
+                   help="exit 0 when the index and filters select no cube, or this job has none "
+                   "(env STACCHIP_ALLOW_EMPTY; default: exit 2 saying why)")
     jobs.add_job_arguments(p)
     return p
 
@@ -873,7 +959,7 @@ def config_from_args(args: argparse.Namespace) -> PrechipConfig:
         cube_size=jobs.env_int(args.cube_size, "STACCHIP_CUBE_SIZE", CUBESIZE, flag="--cube-size", minimum=1) or CUBESIZE,
         cubes_per_job=jobs.env_int(args.cubes_per_job, "STACCHIP_CUBES_PER_JOB", 10, flag="--cubes-per-job",
                                    minimum=1) or 10,
-        seed=jobs.env_int(args.seed, "STACCHIP_SEED", DEFAULT_SEED, flag="--seed") or 0,
+        seed=jobs.env_int(args.seed, "STACCHIP_SEED", DEFAULT_SEED, flag="--seed", minimum=0) or 0,
         max_nodata=fraction_setting(args.max_nodata, "STACCHIP_MAX_NODATA", DEFAULT_MAX_NODATA, "--max-nodata"),
         max_cloud=fraction_setting(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
         overwrite=jobs.env_bool(args.overwrite, "STACCHIP_OVERWRITE", False),
@@ -882,6 +968,7 @@ def config_from_args(args: argparse.Namespace) -> PrechipConfig:
         dry_run=jobs.env_bool(args.dry_run, "STACCHIP_DRY_RUN", False),
         compress_level=_level(jobs.env_int(args.compress_level, "STACCHIP_COMPRESS_LEVEL", DEFAULT_COMPRESS_LEVEL,
                                            flag="--compress-level", minimum=0)),
+        allow_empty=jobs.env_bool(args.allow_empty, "STACCHIP_ALLOW_EMPTY", False),
     )
 
 
@@ -900,6 +987,7 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
     workers = jobs.resolve_workers(args.workers)
     if args.all:
         selection = prepare(config)
+        check_selection(config, selection)
         indices = list(range(job_count(selection.n_cubes, config.cubes_per_job)))
     else:
         indices = jobs.resolve_indices(args.index, args.range_spec)
@@ -914,12 +1002,12 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
 
 def process() -> None:
     """Console script ``stacchip-prechip`` (upstream's entry point name)."""
-    raise SystemExit(jobs.main(run))
+    raise SystemExit(jobs.main(run, prog="stacchip-prechip"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``stacchip-prechip`` with ``argv``; returns the exit status."""
-    return jobs.main(run, argv)
+    return jobs.main(run, argv, prog="stacchip-prechip")
 
 
 if __name__ == "__main__":  # pragma: no cover

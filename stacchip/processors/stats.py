@@ -26,6 +26,11 @@ array job; the merge step (``--merge``, or automatically after ``--all``) writes
 ``stats.json`` and ``metadata.yaml`` in the layout of Clay's
 ``configs/metadata.yaml`` (``band_order``, ``rgb_indices``, ``gsd``,
 ``bands: {mean, std, wavelength}``).
+
+An empty source (no cube files, an index selection with no chip) or a job
+index beyond the source's shares stops with exit status 2 and says why, unless
+``--allow-empty`` (``STACCHIP_ALLOW_EMPTY=1``): then the job writes nothing and
+exits 0.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from stacchip.cli import echo
 from stacchip import storage
+from stacchip.console import ArgumentParser, echo
 from stacchip.errors import ConfigError, StorageError
 from stacchip.processors import jobs, prechip
 from stacchip.platforms import PlatformBands, is_nodata, platform_bands
@@ -57,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 #: Default number of histogram bins per band (when percentiles are asked for).
 DEFAULT_BINS = 4096
+#: Most histogram bins per band (each partial JSON holds bands x bins counts).
+MAX_BINS = 1 << 20
 #: Format version of the partial/merged JSON.
 STATS_FORMAT = 1
 
@@ -85,6 +92,8 @@ class StatsAccumulator:
         self.hist_range = None if hist_range is None else (float(hist_range[0]), float(hist_range[1]))
         self.bins = int(bins)
         if self.hist_range is not None:
+            if not all(math.isfinite(v) for v in self.hist_range):
+                raise ConfigError(f"histogram range {hist_range} is not finite")
             if not self.hist_range[1] > self.hist_range[0] or self.bins < 1:
                 raise ConfigError(f"histogram range {hist_range} with {bins} bins is empty")
             self.hist: np.ndarray | None = np.zeros((c, self.bins + 2), dtype=np.int64)
@@ -308,6 +317,8 @@ class StatsConfig:
     hist_range: tuple[float, float] | None = None
     bins: int = DEFAULT_BINS
     mountpath: str | None = None
+    #: Accept a source or job share with nothing in it (else :class:`EmptySelectionError`).
+    allow_empty: bool = False
 
     def accumulator(self) -> StatsAccumulator:
         """An empty accumulator for this platform (with a histogram if percentiles are asked)."""
@@ -334,8 +345,11 @@ def _index_selection(config: StatsConfig) -> prechip.Selection:
     pconf = prechip.PrechipConfig(
         data=config.data, index=config.index, output=config.output, platform=config.platform,
         seed=config.seed, max_nodata=config.max_nodata, max_cloud=config.max_cloud, cube_size=1,
+        allow_empty=config.allow_empty,
     )
-    return prechip.prepare(pconf)
+    selection = prechip.prepare(pconf)
+    prechip.check_selection(pconf, selection)
+    return selection
 
 
 def job_count(config: StatsConfig) -> int:
@@ -371,10 +385,17 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
         if config.max_cubes is not None:
             files = files[:config.max_cubes]
         mine = files[job_index * config.cubes_per_job:(job_index + 1) * config.cubes_per_job]
+        n_jobs = math.ceil(len(files) / config.cubes_per_job)
+        if not mine:
+            prefix = storage.join(_chips(config), prechip.VERSION, config.platform)
+            prechip.empty_selection(
+                f"no .npz cube files under {prefix!r}" if not files else
+                f"job {job_index} has no cubes: the {len(files)} cube files under {prefix!r} make jobs "
+                f"0..{n_jobs - 1} of {config.cubes_per_job} (--cubes-per-job)", config.allow_empty)
         for url in tqdm(mine, desc=f"stats job {job_index}", unit="cube", disable=len(mine) < 2 or None):
             pixels, mask = cube_pixels(url, spec)
             acc.update(pixels, mask)
-        return acc, math.ceil(len(files) / config.cubes_per_job)
+        return acc, n_jobs
     if config.source != "index":
         raise ConfigError(f"unknown statistics source {config.source!r}; use 'cubes' or 'index'")
     selection = _index_selection(config)
@@ -382,6 +403,10 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
     n_jobs = math.ceil(n / config.chips_per_job)
     rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
     if len(rows_idx) == 0:
+        if n:  # (an empty selection was reported by check_selection)
+            prechip.empty_selection(
+                f"job {job_index} has no chips: the {n} selected chips make jobs 0..{n_jobs - 1} of "
+                f"{config.chips_per_job} (--chips-per-job)", config.allow_empty)
         return acc, n_jobs
     rows = selection.table.take(pa.array(rows_idx))
     tasks = prechip.plan_reads(rows, str(config.data), config.platform, config.mountpath)
@@ -404,10 +429,17 @@ def share_settings(config: StatsConfig) -> dict[str, Any]:
     }
 
 
-def write_partial(job_index: int, config: StatsConfig, workers: int = 1) -> str:
-    """Run job ``job_index`` and write its partial result; returns its URL."""
+def write_partial(job_index: int, config: StatsConfig, workers: int = 1) -> str | None:
+    """Run job ``job_index`` and write its partial result; returns its URL.
+
+    A job beyond the source's shares raises :class:`EmptySelectionError`, or
+    (with ``allow_empty``) writes nothing and returns None: a partial of a job
+    the run does not have would stop the merge.
+    """
     started = time.time()
     acc, n_jobs = _job_stats(job_index, config, workers)
+    if job_index >= n_jobs:
+        return None
     record = acc.to_dict()
     record.update({"platform": config.platform, "source": config.source, "job": job_index, "jobs": n_jobs,
                    "settings": share_settings(config)})
@@ -553,7 +585,7 @@ def write_merged(config: StatsConfig, urls: Sequence[str] | None = None) -> dict
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``stacchip-stats``."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="stacchip-stats",
         description="Per-band count/mean/std/min/max(/percentiles) of a platform; "
         "array jobs write partial JSON, --merge combines them.",
@@ -576,10 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cloud", help="cloud filter for --source index (env STACCHIP_MAX_CLOUD, default none)")
     p.add_argument("--percentiles", help="comma-separated percentiles, e.g. 1,50,99 (env STACCHIP_PERCENTILES)")
     p.add_argument("--hist-range", help="LO,HI of the percentile histogram (default per platform)")
-    p.add_argument("--bins", type=int, help=f"histogram bins (default {DEFAULT_BINS})")
+    p.add_argument("--bins", type=int, help=f"histogram bins, 1-{MAX_BINS} (default {DEFAULT_BINS})")
     p.add_argument("--mountpath", help="re-root asset hrefs under this local directory (env STACCHIP_MOUNTPATH)")
     p.add_argument("--merge", action="store_true", help="merge the partial results and write stats.json + metadata.yaml")
     p.add_argument("--all", action="store_true", help="run every job locally, then merge")
+    p.add_argument("--allow-empty", action="store_true", default=None,
+                   help="exit 0 when the source (or this job's share of it) is empty "
+                   "(env STACCHIP_ALLOW_EMPTY; default: exit 2 saying why)")
     jobs.add_job_arguments(p)
     return p
 
@@ -601,6 +636,8 @@ def config_from_args(args: argparse.Namespace) -> StatsConfig:
         if len(values) != 2:
             raise ConfigError(f"--hist-range {args.hist_range!r} is not LO,HI")
         hist_range = (float(values[0]), float(values[1]))
+        if not all(math.isfinite(v) for v in hist_range) or not hist_range[0] < hist_range[1]:
+            raise ConfigError(f"--hist-range {args.hist_range!r} must be two finite numbers LO,HI with LO < HI")
     return StatsConfig(
         platform=platform,
         output=jobs.output_root(output),
@@ -614,14 +651,15 @@ def config_from_args(args: argparse.Namespace) -> StatsConfig:
                                    minimum=1) or 1280,
         max_cubes=jobs.env_int(args.max_cubes, "STACCHIP_MAX_CUBES", None, flag="--max-cubes", minimum=1),
         max_chips=jobs.env_int(args.max_chips, "STACCHIP_MAX_CHIPS", None, flag="--max-chips", minimum=1),
-        seed=jobs.env_int(args.seed, "STACCHIP_SEED", prechip.DEFAULT_SEED, flag="--seed") or 0,
+        seed=jobs.env_int(args.seed, "STACCHIP_SEED", prechip.DEFAULT_SEED, flag="--seed", minimum=0) or 0,
         max_nodata=prechip.fraction_setting(args.max_nodata, "STACCHIP_MAX_NODATA", None, "--max-nodata"),
         max_cloud=prechip.fraction_setting(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
         percentiles=jobs.env_list(args.percentiles, "STACCHIP_PERCENTILES", [], kind=float,
                                   flag="--percentiles") or [],
         hist_range=hist_range,
-        bins=args.bins or DEFAULT_BINS,
+        bins=jobs.env_int(args.bins, None, DEFAULT_BINS, flag="--bins", minimum=1, maximum=MAX_BINS) or DEFAULT_BINS,
         mountpath=jobs.env_str(args.mountpath, "STACCHIP_MOUNTPATH", None),
+        allow_empty=jobs.env_bool(args.allow_empty, "STACCHIP_ALLOW_EMPTY", False),
     )
 
 
@@ -641,7 +679,12 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
     if args.all:
         indices = list(range(job_count(config)))
         if not indices:
-            raise ConfigError(f"no {config.source} to compute statistics from for {config.platform!r}")
+            # (an empty index selection was reported by job_count; this is an empty cube folder)
+            where = storage.join(_chips(config), prechip.VERSION, config.platform) if config.source == "cubes" \
+                else config.index
+            prechip.empty_selection(f"no {config.source} to compute statistics of {config.platform!r} "
+                                    f"from under {where!r}", config.allow_empty)
+            return 0
     else:
         indices = jobs.resolve_indices(args.index, args.range_spec)
     if len(indices) == 1:
@@ -651,19 +694,19 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
         summary = jobs.run_tasks(functools.partial(write_partial, config=config, workers=1), indices, workers,
                                  desc="stats jobs")
     if args.all and summary.ok:
-        result = write_merged(config, [o.result for o in summary.outcomes])
+        result = write_merged(config, [o.result for o in summary.outcomes if o.result])
         echo(json.dumps(result["bands"], indent=2))
     return summary
 
 
 def process() -> None:
     """Console script ``stacchip-stats`` (upstream's entry point name)."""
-    raise SystemExit(jobs.main(run))
+    raise SystemExit(jobs.main(run, prog="stacchip-stats"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``stacchip-stats`` with ``argv``; returns the exit status."""
-    return jobs.main(run, argv)
+    return jobs.main(run, argv, prog="stacchip-stats")
 
 
 if __name__ == "__main__":  # pragma: no cover
