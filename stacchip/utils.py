@@ -15,7 +15,7 @@ import pystac
 from pystac.utils import make_absolute_href
 
 from stacchip import storage
-from stacchip.errors import ItemError
+from stacchip.errors import ItemError, StorageNotFoundError
 from stacchip.indexer import ChipIndexer, indexer_class
 
 #: File name of an item's JSON in the bucket layout.
@@ -55,9 +55,24 @@ def load_item_under(root: str | os.PathLike[str], platform: str, item_id: str) -
     ``platform`` and ``item_id`` come from index rows or callers, so they must be
     safe path segments, and the item's relative asset hrefs must stay inside
     ``root`` (:class:`~stacchip.errors.UnsafePathError` otherwise, before
-    anything is read).
+    anything is read). When no item is under ``platform``, the folders of the
+    platform's other catalog names are tried (:func:`stacchip.platforms.platform_aliases`:
+    an index stores the canonical ``sentinel-2-l2a`` for an item kept under
+    Earth Search's ``sentinel-2-c1-l2a``).
     """
-    return _load(item_url(root, platform, item_id), (str(root), f"{platform}/{item_id}", item_id))
+    from stacchip.platforms import platform_aliases
+
+    names = [platform] + [p for p in platform_aliases(platform) if p != platform]
+    missing: StorageNotFoundError | None = None
+    for name in names:
+        url = item_url(root, name, item_id)
+        try:
+            return _load(url, (str(root), f"{name}/{item_id}", item_id))
+        except StorageNotFoundError as exc:
+            missing = missing or exc
+    if missing is None:  # unreachable: names holds platform itself
+        raise StorageNotFoundError(f"no item {item_id!r} under {str(root)!r}")
+    raise missing
 
 
 def _load(url: str | os.PathLike[str], within: tuple[str, str, str] | None) -> pystac.Item:
