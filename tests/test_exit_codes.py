@@ -358,7 +358,8 @@ def test_prechip_unusable_index_exits_2(scenes: dict[str, Any], tmp_path: Path) 
     pq.write_table(pa.table({"a": [1, 2, 3]}), junk / "not_an_index.parquet")
     proc = run("stacchip.processors.prechip", "--data", scenes["data"], "--indexpath", str(junk),
                "--chips", str(tmp_path / "out"), "--all", "-q")
-    error_line(proc, 2, "stacchip-prechip", str(junk), "3 rows", "not stacchip index")
+    # open_index names the file that is no index and what it lacks, before any selection
+    error_line(proc, 2, "stacchip-prechip", str(junk / "not_an_index.parquet"), "not an index table", "chipid")
     assert not (tmp_path / "out").exists()
 
 

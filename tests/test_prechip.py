@@ -402,8 +402,10 @@ def test_npz_levels_load_like_savez_compressed(tmp_path: Path) -> None:
         prechip.cube_bytes(arrays, 10)
 
 
-def test_cubes_with_chips_of_items_lacking_a_band_are_skipped(scenes: dict[str, Any], tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_items_lacking_a_band_are_left_out_up_front(scenes: dict[str, Any], tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The platform's bands are a contract: an item without one is left out of the
+    selection (counted and named in the log and the manifest); every other chip is in a cube."""
     import shutil
 
     data = tmp_path / "data"
@@ -414,18 +416,19 @@ def test_cubes_with_chips_of_items_lacking_a_band_are_skipped(scenes: dict[str, 
     broken.write_text(json.dumps(item))
     cfg = config(scenes, tmp_path / "out", partial=True, cubes_per_job=100, cube_size=2)
     cfg.data = str(data)
-    selection = prechip.prepare(cfg)
+    everything = prechip.select_chips(cfg.index, PLATFORM, None, None)
     with caplog.at_level("WARNING", logger="stacchip.processors.prechip"):
-        written = prechip.run_job(0, cfg)
-    expected = [
-        k for k in range(selection.n_cubes)
-        if "S2TEST_2" not in {
-            selection.table.column("item_id")[int(r)].as_py() for r in prechip.cube_members(selection, k, 2)
-        }
-    ]
-    assert 0 < len(expected) < selection.n_cubes
-    assert sorted(int(Path(u).stem.split("_")[1]) for u in written) == expected
-    assert "swir22" in caplog.text and "S2TEST_2" in caplog.text
+        selection = prechip.prepare(cfg)
+    assert set(selection.excluded) == {"S2TEST_2"} and "swir22" in selection.excluded["S2TEST_2"]
+    assert "S2TEST_2" in caplog.text and "swir22" in caplog.text
+    kept = [r for r in everything.column("item_id").to_pylist() if r != "S2TEST_2"]
+    assert selection.table.num_rows == len(kept) > 0
+    written = prechip.run_job(0, cfg)
+    assert len(written) == selection.n_cubes == math.ceil(len(kept) / 2)
+    seen = [str(c) for u in written for c in load_cube(u)["chipids"]]
+    assert sorted(seen) == sorted(c for c in everything.column("chipid").to_pylist() if not c.startswith("S2TEST_2-"))
+    manifest = json.loads(storage.read_bytes(prechip.manifest_url(cfg.output, PLATFORM)))
+    assert list(manifest["excluded_items"]) == ["S2TEST_2"]
 
 
 @pytest.mark.parametrize("name,platform,factor", [("naip", "naip", 100), ("sentinel-1", "sentinel-1-rtc", 200)])

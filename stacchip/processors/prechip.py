@@ -81,7 +81,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -98,6 +98,7 @@ from stacchip.errors import (
     ConfigError,
     EmptySelectionError,
     IndexFileError,
+    ItemError,
     StorageNotFoundError,
     UnsafePathError,
 )
@@ -582,6 +583,8 @@ class Selection:
     platform: str
     n_cubes: int
     fingerprint: str = ""
+    #: items left out because they lack one of the platform's bands: ``{item_id: why}``
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(config: PrechipConfig) -> Selection:
@@ -592,14 +595,27 @@ def prepare(config: PrechipConfig) -> Selection:
         platform_bands(config.platform)  # an unknown platform is named before the index is read
     table = select_chips(config.index, config.platform, config.max_nodata, config.max_cloud)
     if table.num_rows == 0:
-        platform = config.platform or ""
+        platform = canonical_platform(config.platform or "")
     else:
-        platform = str(table.column("platform")[0].as_py())
-    if config.platform and platform != config.platform:
+        platform = canonical_platform(str(table.column("platform")[0].as_py()))
+    if config.platform and platform != canonical_platform(config.platform):
         raise ConfigError(f"platform {config.platform!r} is not in the index")
     if platform:
         platform_bands(platform)
     check_item_ids(table, config.index)
+    excluded: dict[str, str] = {}
+    if platform and table.num_rows:
+        excluded = items_lacking_bands(table, config.data, platform)
+        if excluded:
+            keep = pc.invert(pc.is_in(table.column("item_id"), pa.array(sorted(excluded), pa.string())))
+            before = table.num_rows
+            table = table.filter(keep)
+            names = ", ".join(sorted(excluded)[:10]) + (" ..." if len(excluded) > 10 else "")
+            logger.warning(
+                "%d item(s) lack bands of platform %s and are left out (%d of %d chips): %s; e.g. %s",
+                len(excluded), platform, before - table.num_rows, before, names,
+                next(iter(excluded.values())),
+            )
     order = permutation(table.num_rows, config.seed)
     n = cube_count(table.num_rows, config.cube_size, config.partial)
     digest = hashlib.sha256(f"seed={config.seed};cube_size={config.cube_size};platform={platform}\n".encode())
@@ -613,7 +629,39 @@ def prepare(config: PrechipConfig) -> Selection:
         "%d chips pass the filters (max nodata %s, max cloud %s): %d cubes of %d, seed %d",
         table.num_rows, config.max_nodata, config.max_cloud, n, config.cube_size, config.seed,
     )
-    return Selection(table=table, order=order, platform=platform, n_cubes=n, fingerprint=digest.hexdigest())
+    return Selection(table=table, order=order, platform=platform, n_cubes=n, fingerprint=digest.hexdigest(),
+                     excluded=excluded)
+
+
+#: Parallel item reads when checking which items hold the platform's bands.
+ITEM_CHECK_THREADS = 16
+
+
+def items_lacking_bands(table: pa.Table, data: str, platform: str) -> dict[str, str]:
+    """``{item_id: why}`` for the items of ``table`` whose STAC item lacks an asset the
+    platform's band order needs (the platform's bands are a contract: such items are
+    left out of the selection up front, never by dropping whole cubes later).
+
+    Reads every item's JSON under ``data`` (in parallel); an item that cannot be
+    read at all is an error naming it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = platform_bands(platform)
+    pairs = sorted(set(zip(table.column("platform").to_pylist(), table.column("item_id").to_pylist(), strict=True)))
+
+    def check(pair: tuple[str, str]) -> tuple[str, str | None]:
+        row_platform, item_id = pair
+        item = load_item_under(data, row_platform, item_id)
+        try:
+            spec.asset_keys(item)
+        except AssetNotFoundError as exc:
+            return item_id, str(exc)
+        return item_id, None
+
+    with ThreadPoolExecutor(max(1, min(ITEM_CHECK_THREADS, len(pairs)))) as pool:
+        results = list(pool.map(check, pairs))
+    return {item_id: why for item_id, why in results if why is not None}
 
 
 def check_item_ids(table: pa.Table, index: Any) -> None:
@@ -671,6 +719,7 @@ def check_manifest(config: PrechipConfig, selection: Selection) -> None:
         "fingerprint": selection.fingerprint, "seed": config.seed, "cube_size": config.cube_size,
         "chips": selection.table.num_rows, "cubes": selection.n_cubes,
         "max_nodata": config.max_nodata, "max_cloud": config.max_cloud, "partial": config.partial,
+        "excluded_items": dict(sorted(selection.excluded.items())),
     }
     try:
         existing = json.loads(storage.read_bytes(url))
@@ -849,25 +898,20 @@ def make_cubes(
             tasks = plan_reads(rows, config.data, platform, config.mountpath)
             pixels = np.zeros((len(rows_idx), spec.count, chip_size, chip_size), dtype=np.float32)
             mask = np.zeros(pixels.shape, dtype=bool)
-            unusable = np.zeros(len(rows_idx), dtype=bool)
             for result in reader.run(tasks, desc=f"cubes {batch[0]}-{batch[-1]}"):
                 idx = np.asarray(result.slots)
                 if result.pixels is None:
-                    logger.warning("%s", result.missing)
-                    unusable[idx] = True
-                    continue
+                    # items lacking a band asset were left out by prepare(); what remains
+                    # (a band number beyond an asset's bands) is bad input, not a cube to drop
+                    raise ItemError(f"{result.missing}; the platform's bands are a contract "
+                                    "(fix the item or leave it out of the index)")
                 pixels[idx] = result.pixels
                 mask[idx] = result.mask
             finish(pending)  # at most two batches in memory
             pending = []
             offset = 0
-            for k, member in zip(batch, members):
+            for k, member in zip(batch, members, strict=True):
                 n = len(member)
-                if unusable[offset:offset + n].any():
-                    logger.warning("cube %d skipped: %d of its chips come from items without the "
-                                   "platform's bands", k, int(unusable[offset:offset + n].sum()))
-                    offset += n
-                    continue
                 arrays = cube_arrays(
                     rows.slice(offset, n), pixels[offset:offset + n], mask[offset:offset + n], spec.band_order
                 )
