@@ -262,9 +262,18 @@ def index_files(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str
 
 
 def open_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> "pads.Dataset":
-    """Open index files, directories or ``s3://`` prefixes as one pyarrow dataset."""
+    """Open index files, directories or ``s3://`` prefixes as one pyarrow dataset.
+
+    A compacted index (:mod:`stacchip.catalog`, its root or ``_manifest.json``) opens
+    as the files its manifest names.
+    """
     import pyarrow.dataset as pads
 
+    from stacchip.catalog.manifest import open_compacted
+
+    compacted = open_compacted(sources)
+    if compacted is not None:
+        return compacted
     files = index_files(sources)
     filesystem, paths = _filesystem(files)
     try:
@@ -332,7 +341,14 @@ def query(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    dataset = sources if isinstance(sources, pads.Dataset) else open_index(sources)
+    dataset = sources if isinstance(sources, pads.Dataset) else None
+    if dataset is None:  # a compacted index: only the files and row groups the filters may hit
+        from stacchip.catalog.manifest import open_compacted
+
+        dataset = open_compacted(sources, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
+                                 max_nodata=max_nodata, platform=platform, item_id=item_id)
+    if dataset is None:
+        dataset = open_index(sources)
     expr = None
 
     def add(e: pc.Expression) -> None:
