@@ -197,7 +197,10 @@ class ChipDataset:
         if root is None and items is None:
             if isinstance(index, (pa.Table, pads.Dataset)):
                 raise ConfigError("ChipDataset over a table needs root= or items= to find STAC items")
-            hrefs = hrefs_from_index(index_files(index))
+            from stacchip.catalog.manifest import hrefs_for  # a compacted index: no footer reads
+
+            found = hrefs_for(index)
+            hrefs = found if found is not None else hrefs_from_index(index_files(index))
         if isinstance(items, ItemSource):
             self.items = items
         else:
