@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chip-size", type=int, default=256, help="chip size in pixels (default 256)")
     p.set_defaults(func=cmd_demo)
 
-    for module in ("stacchip.ml.croissant", "stacchip.ml.preview"):
+    for module in ("stacchip.ml.croissant", "stacchip.ml.preview", "stacchip.catalog.cli"):
         _register_optional(sub, module)
     return parser
 
