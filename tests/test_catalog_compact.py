@@ -481,3 +481,29 @@ def test_compact_on_s3(tmp_path, s3_bucket):
     again = compact(src, dest, row_group_rows=RG, file_rows=FILE_ROWS)
     assert again.sources_skipped == 11 and again.files_written == []
     assert mf.item_hrefs(mf.load(f"{dest}/_manifest.json"))["AM-E"].endswith("AM-E/stac_item.json")
+
+
+def test_a_merged_source_spanning_partitions_is_split(tmp_path):
+    from stacchip.index import merge_indexes
+
+    paths = [write_item(tmp_path / "parts", f"M{y}", S2, dt.datetime(y, 5, 1, tzinfo=UTC), 5.0, 45.0, seed=y)
+             for y in (2021, 2022)]
+    paths.append(write_item(tmp_path / "parts", "ML", LS, dt.datetime(2022, 5, 2, tzinfo=UTC), 5.0, 45.0, seed=7))
+    merged = merge_indexes([str(p) for p in paths], tmp_path / "merged" / "all.parquet")
+    dest = tmp_path / "c"
+    result = compact(merged, dest, row_group_rows=RG, file_rows=FILE_ROWS)
+    assert sorted(result.created) == [f"{LS}/year=2022", f"{S2}/year=2021", f"{S2}/year=2022"]
+    assert by_chip(all_rows(dest)).equals(by_chip(pq.read_table(merged, schema=SCHEMA)))
+    source = manifest_of(dest)["sources"][str(merged)]
+    assert sorted(source["items"]) == ["M2021", "M2022", "ML"] and len(source["partitions"]) == 3
+    assert query(dest, item_id="M2022", platform=S2).num_rows == 25
+    assert compact(merged, dest, row_group_rows=RG, file_rows=FILE_ROWS).sources_skipped == 1
+
+
+def test_a_file_that_is_no_index_is_named(tmp_path):
+    bad = tmp_path / "src" / "x.parquet"
+    bad.parent.mkdir()
+    pq.write_table(pa.table({"a": [1, 2]}), bad)
+    with pytest.raises(IndexFileError, match="x.parquet"):
+        compact(tmp_path / "src", tmp_path / "c")
+    assert not (tmp_path / "c" / "_manifest.json").exists()
