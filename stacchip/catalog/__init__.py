@@ -26,7 +26,7 @@ _EXPORTS = {
     "lonlat_hilbert": "stacchip.catalog.hilbert",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["CompactResult", "MANIFEST_NAME", "compact", "hilbert_index", "lonlat_hilbert", "open_compacted", "plan"]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,9 +8,11 @@ stacchip), listings that carry size and modification time, and deletes.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from stacchip import storage
 from stacchip.errors import StorageError, StorageNotFoundError
@@ -33,22 +35,34 @@ def normalise(url: str | os.PathLike[str]) -> str:
     return os.path.abspath(storage.local_path(text))
 
 
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, pid: int) -> Any:
+    from pyarrow import fs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs["endpoint_override"] = rest or scheme
+        kwargs["scheme"] = scheme if rest else "https"
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def arrow_path(url: str) -> str:
+    """The path a pyarrow filesystem takes for ``url`` (``bucket/key`` on S3, absolute locally)."""
+    return url[len("s3://"):] if storage.is_s3(url) else normalise(url)
+
+
 def arrow_filesystem(url: str) -> tuple[Any, str]:
-    """A pyarrow filesystem for ``url`` and the path it takes (``bucket/key`` on S3)."""
+    """A pyarrow filesystem for ``url`` (one per S3 endpoint and process) and :func:`arrow_path`."""
     from pyarrow import fs
 
     if storage.is_s3(url):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            scheme, _, rest = endpoint.partition("://")
-            kwargs["endpoint_override"] = rest or scheme
-            kwargs["scheme"] = scheme if rest else "https"
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return fs.S3FileSystem(**kwargs), url[len("s3://"):]
-    return fs.LocalFileSystem(), normalise(url)
+        return _s3_filesystem(endpoint, region, os.getpid()), arrow_path(url)
+    return fs.LocalFileSystem(), arrow_path(url)
 
 
 def _url(fs_path: str, s3: bool) -> str:

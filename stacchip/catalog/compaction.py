@@ -58,7 +58,7 @@ import pyarrow as pa
 
 from stacchip import storage
 from stacchip.catalog import manifest as mf
-from stacchip.catalog._io import FileEntry, arrow_filesystem, list_files, normalise, remove, under
+from stacchip.catalog._io import FileEntry, arrow_filesystem, arrow_path, list_files, normalise, remove, under
 from stacchip.catalog.hilbert import DEFAULT_ORDER, bbox_centres, lonlat_hilbert
 from stacchip.errors import ConfigError, IndexFileError, StorageError, StorageNotFoundError
 
@@ -208,7 +208,7 @@ def _read_foreign(url: str) -> pa.Table:
     return to_storage(read_index(url))
 
 
-def _groups(table: pa.Table, url: str) -> tuple[dict[str, None], dict[str, tuple[str, int]]]:
+def _groups(table: pa.Table, url: str) -> tuple[dict[str, str | None], dict[str, tuple[str, int]]]:
     """Items and partitions of a table's rows."""
     import pyarrow.compute as pc
 
@@ -220,7 +220,7 @@ def _groups(table: pa.Table, url: str) -> tuple[dict[str, None], dict[str, tuple
     keyed = pa.table({"platform": table.column("platform"), "year": pa.array(years)})
     pairs = keyed.group_by(["platform", "year"]).aggregate([]).to_pylist()
     partitions = {partition_key(p["platform"], p["year"]): (p["platform"], int(p["year"])) for p in pairs}
-    items = {str(i): None for i in pc.unique(table.column("item_id")).to_pylist()}
+    items: dict[str, str | None] = {str(i): None for i in pc.unique(table.column("item_id")).to_pylist()}
     return items, partitions
 
 
@@ -307,9 +307,9 @@ def _read_sources(sources: Sequence[Source], key: str, platform: str, year: int,
     for s in sources:
         if s.native and len(s.partitions) == 1:
             bulk.setdefault(storage.is_s3(s.url), []).append(s.url)
-    for on_s3, urls in bulk.items():
+    for urls in bulk.values():
         fs, _ = arrow_filesystem(urls[0])
-        paths = [arrow_filesystem(u)[1] for u in urls]
+        paths = [arrow_path(u) for u in urls]
         try:
             table = pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_table()
         except (pa.ArrowException, OSError) as exc:
@@ -359,9 +359,12 @@ def _stats_extent(md: Any, group: int, cols: Mapping[str, int]) -> dict[str, Any
     xmin, ymin, xmax, ymax = (rng(f"bbox.{n}") for n in ("xmin", "ymin", "xmax", "ymax"))
     when = rng("datetime", raw=True)
     cloud, nodata = rng("cloud_cover_percentage"), rng("nodata_percentage")
+    bbox = None
+    if xmin is not None and ymin is not None and xmax is not None and ymax is not None:
+        bbox = [xmin[0], ymin[0], xmax[1], ymax[1]]
     return {
         "rows": rg.num_rows,
-        "bbox": [xmin[0], ymin[0], xmax[1], ymax[1]] if all((xmin, ymin, xmax, ymax)) else None,
+        "bbox": bbox,
         "datetime": [mf.iso_from_micros(when[0]), mf.iso_from_micros(when[1])] if when else None,
         "cloud": [float(cloud[0]), float(cloud[1])] if cloud else None,
         "nodata": [float(nodata[0]), float(nodata[1])] if nodata else None,
@@ -601,11 +604,11 @@ def compact(
         fresh = _read_sources(incoming.get(key, []), key, platform, year, schema)
         fresh_rows = sum(t.num_rows for t in fresh)
         runs = {f["run"] for f in before["files"]} if before else set()
-        append = (
-            before is not None and not rewrite and key not in damaged and not dropped.get(key)
+        append = before is not None and (
+            not rewrite and key not in damaged and not dropped.get(key)
             and fresh_rows <= float(append_fraction) * before["rows"] and len(runs) < int(max_runs)
         )
-        if append:
+        if append and before is not None:
             files = list(before["files"])
             table = pa.concat_tables(fresh) if fresh else None
             result.appended.append(key)

@@ -49,7 +49,7 @@ import os
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from stacchip import storage
-from stacchip.errors import IndexFileError, StorageError, StorageNotFoundError
+from stacchip.errors import IndexFileError, StorageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -148,10 +148,7 @@ def check_relative(path: str, what: str) -> str:
 
 def load(url: str) -> dict[str, Any]:
     """The manifest at ``url``, checked (format version, relative file paths)."""
-    try:
-        raw = storage.read_bytes(url)
-    except StorageNotFoundError:
-        raise
+    raw = storage.read_bytes(url)  # StorageNotFoundError when there is none
     try:
         manifest = json.loads(raw)
     except ValueError as exc:
@@ -281,7 +278,8 @@ def plan(
     for key, part in manifest.get("partitions", {}).items():
         if platforms is not None and part.get("platform") not in platforms:
             continue
-        if partition_items is not None and not (partition_items.get(key, set()) & wanted_items):
+        if (partition_items is not None and wanted_items is not None
+                and not partition_items.get(key, set()) & wanted_items):
             continue
         if not (box_ok(part.get("bbox")) and time_ok(part.get("datetime"))):
             continue
