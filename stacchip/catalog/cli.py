@@ -16,7 +16,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         "compact",
         help="merge per-item index files into one dataset partitioned by platform/year, Hilbert-sorted, "
         "with a manifest (re-runs add new items)",
-        description=__doc__.split("\n\n")[0],
+        description="Merge per-item index files into one dataset partitioned by platform and year, rows "
+        "sorted along a Hilbert curve, with a _manifest.json; a re-run adds new and changed items.",
     )
     p.add_argument("sources", nargs="+", help="index .parquet files, directories or s3:// prefixes")
     p.add_argument("--out", required=True, help="compacted index root (directory or s3:// prefix)")

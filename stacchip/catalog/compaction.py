@@ -197,6 +197,15 @@ def _column_range(md: Any, path: str, raw: bool = False) -> tuple[Any, Any] | No
     return (lo, hi) if lo is not None else None
 
 
+def _read_error(exc: BaseException, what: str) -> Exception:
+    """Bad content (not Parquet, wrong types) as IndexFileError; I/O failures as StorageError (retryable)."""
+    if isinstance(exc, FileNotFoundError):
+        return StorageNotFoundError(f"{what}: {exc}")
+    if isinstance(exc, OSError):
+        return StorageError(f"{what}: {exc}")
+    return IndexFileError(f"{what}: {exc}")
+
+
 def _years(micros: np.ndarray) -> np.ndarray:
     return np.asarray(micros, dtype=np.int64).astype("datetime64[us]").astype("datetime64[Y]").astype(np.int64) + 1970
 
@@ -234,7 +243,7 @@ def _scan(entry: FileEntry) -> Source:
     try:
         md = pq.read_metadata(path, filesystem=fs)
     except (pa.ArrowException, OSError) as exc:
-        raise IndexFileError(f"{entry.url}: not a readable Parquet index file: {exc}") from exc
+        raise _read_error(exc, f"{entry.url}: not a readable Parquet index file") from exc
     schema = md.schema.to_arrow_schema()
     source = Source(entry=entry, rows=md.num_rows, native=_is_native(schema))
     source.extra = [f for f in schema if f.name not in SCHEMA.names]
@@ -313,7 +322,7 @@ def _read_sources(sources: Sequence[Source], key: str, platform: str, year: int,
         try:
             table = pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_table()
         except (pa.ArrowException, OSError) as exc:
-            raise IndexFileError(f"cannot read source index files {urls[:3]}...: {exc}") from exc
+            raise _read_error(exc, f"cannot read source index files {urls[:3]}...") from exc
         tables.append(table)
     for s in sources:
         if s.native and len(s.partitions) == 1:
@@ -508,7 +517,7 @@ def compact(
         text = normalise(given)
         try:
             found = [e for e in list_files(text) if not under(e.url, [dest])]
-        except StorageError as exc:
+        except StorageNotFoundError as exc:  # bad input; other storage errors stay storage errors (retry)
             raise IndexFileError(f"cannot list index files under {str(given)!r}: {exc}") from exc
         if not found:
             raise IndexFileError(f"no .parquet index files under {str(given)!r} (outside {dest})")
@@ -528,7 +537,7 @@ def compact(
             if key in rec.get("partitions", []) and url not in entries:
                 try:
                     listed = list_files(url)
-                except StorageError as exc:
+                except StorageNotFoundError as exc:
                     raise IndexFileError(
                         f"partition {key} of {dest} is damaged and its source {url} is gone ({exc}); "
                         "compact again with rebuild"
@@ -688,4 +697,4 @@ def _read_existing(dest: str, part: Mapping[str, Any], schema: pa.Schema, drop: 
     try:
         return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_table(filter=flt)
     except (pa.ArrowException, OSError) as exc:
-        raise IndexFileError(f"cannot read the compacted files of {part.get('platform')}/{part.get('year')}: {exc}") from exc
+        raise _read_error(exc, f"cannot read the compacted files of {part.get('platform')}/{part.get('year')}") from exc
