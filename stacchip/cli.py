@@ -39,6 +39,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "stacchip.ml.preview",
         "quicklook PNG of an index (chips coloured by cloud/nodata) and a mosaic of sample chips",
     ),
+    "compact": (
+        "stacchip.catalog.cli",
+        "merge per-item index files into one dataset partitioned by platform/year, Hilbert-sorted, "
+        "with a manifest (re-runs add new items)",
+    ),
 }
 
 
@@ -275,6 +280,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--chip-size", type=int, default=None,
                    help="chip size in pixels of these indexes (default 256, upstream's only size)")
     p.set_defaults(func=cmd_upgrade_index)
+    _verbose_flag(p)
 
     p = sub.add_parser("demo", help="build a small Sentinel-2-shaped scene offline, index it, read chips")
     p.add_argument("--dir", default=None, help="where to write the scene (default: a temp dir)")
@@ -298,6 +304,8 @@ def _add_lazy(sub: Any, name: str, module: str) -> None:
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
+        if not module.startswith("stacchip.ml"):
+            raise
         raise ConfigError(
             f"stacchip {name} needs the training extra ({exc}); install it with: pip install 'stacchip[ml]'"
         ) from exc

@@ -577,6 +577,11 @@ def open_index(
     """
     import pyarrow.dataset as pads
 
+    from stacchip.catalog.manifest import open_compacted
+
+    compacted = open_compacted(sources)
+    if compacted is not None:
+        return compacted
     files = index_files(sources)
     filesystem, paths = _filesystem(files)
     threads = max(1, min(FOOTER_THREADS, len(paths)))
@@ -707,7 +712,14 @@ def query(
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    dataset = sources if isinstance(sources, pads.Dataset) else open_index(sources)
+    dataset = sources if isinstance(sources, pads.Dataset) else None
+    if dataset is None:  # a compacted index: only the files and row groups the filters may hit
+        from stacchip.catalog.manifest import open_compacted
+
+        dataset = open_compacted(sources, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
+                                 max_nodata=max_nodata, platform=platform, item_id=item_id)
+    if dataset is None:
+        dataset = open_index(sources)
     expr = None
 
     def add(e: pc.Expression) -> None:

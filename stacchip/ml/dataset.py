@@ -213,7 +213,10 @@ class ChipDataset:
                     "ChipDataset over a table (or pyarrow dataset) cannot find the STAC items: "
                     + WHERE_ITEMS
                 )
-            hrefs = hrefs_from_index(index_files(index))
+            from stacchip.catalog.manifest import hrefs_for  # a compacted index: no footer reads
+
+            found = hrefs_for(index)
+            hrefs = found if found is not None else hrefs_from_index(index_files(index))
             if not hrefs:
                 raise ConfigError(
                     f"the index files of {_describe(index)} record no item_href (only `stacchip index` "

@@ -1,0 +1,36 @@
+"""Catalog-scale indexes: compaction of per-item index files and the manifest readers use.
+
+* :func:`compact` (``stacchip.catalog.compaction``): per-item index files into one
+  dataset partitioned by platform and year, rows sorted along a Hilbert curve,
+  with a ``_manifest.json`` (``stacchip compact SOURCES... --out DEST``);
+* :mod:`stacchip.catalog.manifest`: the manifest format, :func:`plan` (files and
+  row groups a query may hit) and the dataset over them, used by
+  :func:`stacchip.index.query` and :func:`stacchip.index.open_index`;
+* :mod:`stacchip.catalog.hilbert`: the curve, vectorised.
+
+Names are imported on first use, so ``import stacchip.catalog`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "compact": "stacchip.catalog.compaction",
+    "CompactResult": "stacchip.catalog.compaction",
+    "plan": "stacchip.catalog.manifest",
+    "open_compacted": "stacchip.catalog.manifest",
+    "MANIFEST_NAME": "stacchip.catalog.manifest",
+    "hilbert_index": "stacchip.catalog.hilbert",
+    "lonlat_hilbert": "stacchip.catalog.hilbert",
+}
+
+__all__ = ["CompactResult", "MANIFEST_NAME", "compact", "hilbert_index", "lonlat_hilbert", "open_compacted", "plan"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stacchip.catalog' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,133 @@
+"""Files of a catalog on a local disk or ``s3://``: pyarrow filesystems, listings with sizes, removal.
+
+Reads and writes of whole objects go through :mod:`stacchip.storage`; this adds
+what compaction needs besides: a pyarrow filesystem for Parquet reads (the S3
+endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, as everywhere in
+stacchip), listings that carry size and modification time, and deletes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import Any
+
+from stacchip import storage
+from stacchip.errors import StorageError, StorageNotFoundError
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: its URL (local absolute path or ``s3://``), size in bytes, mtime in ns."""
+
+    url: str
+    size: int
+    mtime_ns: int
+
+
+def normalise(url: str | os.PathLike[str]) -> str:
+    """``s3://`` URLs unchanged (trailing ``/`` dropped), local paths and ``file://`` made absolute."""
+    text = str(url)
+    if storage.is_s3(text):
+        return text.rstrip("/")
+    return os.path.abspath(storage.local_path(text))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, pid: int) -> Any:
+    from pyarrow import fs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs["endpoint_override"] = rest or scheme
+        kwargs["scheme"] = scheme if rest else "https"
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def arrow_path(url: str) -> str:
+    """The path a pyarrow filesystem takes for ``url`` (``bucket/key`` on S3, absolute locally)."""
+    return url[len("s3://"):] if storage.is_s3(url) else normalise(url)
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """A pyarrow filesystem for ``url`` (one per S3 endpoint and process) and :func:`arrow_path`."""
+    from pyarrow import fs
+
+    if storage.is_s3(url):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3_filesystem(endpoint, region, os.getpid()), arrow_path(url)
+    return fs.LocalFileSystem(), arrow_path(url)
+
+
+def _url(fs_path: str, s3: bool) -> str:
+    return f"s3://{fs_path}" if s3 else fs_path
+
+
+def list_files(root: str, suffix: str = ".parquet") -> list[FileEntry]:
+    """Files under ``root`` (a file, directory or ``s3://`` prefix), recursively, ending with
+    ``suffix``; names starting with ``.`` or ``_`` (temporary files, manifests) are left out.
+
+    Raises :class:`StorageNotFoundError` when ``root`` does not exist.
+    """
+    from pyarrow import fs as pafs
+
+    root = normalise(root)
+    filesystem, path = arrow_filesystem(root)
+    s3 = storage.is_s3(root)
+    try:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        elif info.type == pafs.FileType.NotFound and not s3:
+            raise StorageNotFoundError(f"cannot list {root!r}: no such file or directory")
+        else:  # on S3 a prefix is no object: list it
+            infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot list {root!r}: {exc}") from exc
+    out = []
+    for entry in infos:
+        name = entry.base_name
+        if entry.type != pafs.FileType.File or not name.endswith(suffix) or name.startswith((".", "_")):
+            continue
+        mtime = entry.mtime_ns if entry.mtime_ns is not None else 0
+        out.append(FileEntry(_url(entry.path, s3), int(entry.size or 0), int(mtime)))
+    if not out and s3 and not infos:
+        raise StorageNotFoundError(f"cannot list {root!r}: no objects under this prefix")
+    out.sort(key=lambda e: e.url)
+    return out
+
+
+def remove(url: str) -> None:
+    """Delete a file or object (missing is fine); transient S3 errors are retried."""
+    if storage.is_s3(url):
+        bucket, key = storage.split_s3(url)
+
+        def delete() -> None:
+            storage.s3_client().delete_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
+
+        try:
+            storage.retry(delete, what=f"delete {url}")
+        except Exception as exc:
+            raise StorageError(f"cannot delete {url!r}: {exc}") from exc
+        return
+    try:
+        storage.local_path(url).unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot delete {url!r}: {exc}") from exc
+
+
+def under(url: str, roots: Iterable[str]) -> bool:
+    """True when ``url`` lies inside one of ``roots`` (normalised URLs)."""
+    for root in roots:
+        root = root.rstrip("/")
+        if url == root or url.startswith(root + "/"):
+            return True
+    return False
