@@ -309,14 +309,20 @@ class Publisher:
             logger.info("%s: %s already there", what, dst)
             return {} if aligned is not None and aligned.retiles(plan.filename) else None
         if aligned is not None and aligned.retiles(plan.filename):
-            return aligned.write(key, plan.filename, lambda tmp: self._write_asset(plan, tmp, what), dst, what)
+            return aligned.write(key, plan.filename, lambda tmp: self._produce(plan, tmp, what), dst, what)
+        self._produce(plan, dst, what)
+        return None
+
+    @staticmethod
+    def _produce(plan: AssetPlan, dst: str, what: str) -> None:
+        """Copy (from the first source that exists) or render the asset's bytes to ``dst``."""
         if isinstance(plan, CopyAsset):
             last: Exception | None = None
             for src in plan.sources:
                 try:
                     logger.info("%s: copy %s -> %s", what, src, dst)
                     storage.copy(src, dst, request_payer=plan.request_payer)
-                    return None
+                    return
                 except StorageNotFoundError as exc:
                     logger.info("%s: %s not found, trying the next source", what, src)
                     last = exc
@@ -332,7 +338,6 @@ class Publisher:
             storage.put_file(tmp, dst)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        return None
 
 
 def _unique_filenames(plan: Mapping[str, AssetPlan]) -> dict[str, str]:
