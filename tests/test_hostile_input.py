@@ -79,8 +79,8 @@ FIELDS = [
     ("id",), ("type",), ("properties",), ("properties", "datetime"), ("properties", "start_datetime"),
     ("properties", "proj:epsg"), ("properties", "proj:code"), ("properties", "proj:shape"),
     ("properties", "proj:transform"), ("properties", "proj:wkt2"), ("properties", "proj:projjson"),
-    ("assets",), ("assets", "image"), ("assets", "image", "href"), ("assets", "image", "proj:shape"),
-    ("assets", "image", "proj:transform"), ("assets", "image", "raster:bands"), ("bbox",), ("geometry",),
+    ("assets",), ("assets", "asset"), ("assets", "asset", "href"), ("assets", "asset", "proj:shape"),
+    ("assets", "asset", "proj:transform"), ("assets", "asset", "raster:bands"), ("bbox",), ("geometry",),
     ("collection",), ("stac_extensions",), ("links",),
 ]
 
