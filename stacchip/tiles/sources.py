@@ -102,9 +102,17 @@ class LocalSource:
 
 # --- remote ------------------------------------------------------------------------------
 
-_stores: dict[tuple[str, str], Any] = {}
+_stores: dict[tuple[str, str, str], Any] = {}
 _stores_lock = threading.Lock()
 _stores_pid = os.getpid()
+
+
+def _retry() -> dict[str, Any]:
+    from datetime import timedelta
+
+    return {"max_retries": 5, "retry_timeout": timedelta(seconds=120),
+            "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=10),
+                        "base": 2}}
 
 
 def _truthy(value: str | None) -> bool:
@@ -136,7 +144,7 @@ def _s3_store(bucket: str) -> Any:
     if not kwargs.get("skip_signature") and not os.environ.get("AWS_ACCESS_KEY_ID"):
         provider = _boto3_credentials()
     return S3Store(bucket, client_options=client, credential_provider=provider,
-                   retry_config={"max_retries": 5, "backoff": {"init_backoff": 0.2}}, **kwargs)
+                   retry_config=_retry(), **kwargs)
 
 
 def _boto3_credentials() -> Any:
@@ -166,7 +174,7 @@ def _http_store(origin: str) -> Any:
     if origin.startswith("http://"):
         client["allow_http"] = True
     return HTTPStore.from_url(origin, client_options=client,
-                              retry_config={"max_retries": 5, "backoff": {"init_backoff": 0.2}})
+                              retry_config=_retry())
 
 
 def store_for(href: str) -> tuple[Any, str]:
@@ -176,10 +184,12 @@ def store_for(href: str) -> tuple[Any, str]:
     url = urlparse(href)
     scheme = url.scheme.lower()
     if scheme == "s3":
-        key = ("s3", url.netloc)
+        from stacchip.reader import s3_endpoint
+
+        key = ("s3", url.netloc, s3_endpoint() or "")
         path = url.path.lstrip("/")
     elif scheme in ("http", "https"):
-        key = ("http", f"{scheme}://{url.netloc}")
+        key = ("http", f"{scheme}://{url.netloc}", "")
         path = url.path.lstrip("/")
     else:
         raise ValueError(f"not a remote href: {href!r}")
