@@ -52,7 +52,7 @@ def _assert_same(url, local, eng):
 def _upload(bucket, key, path):
     from stacchip import storage
 
-    storage.write_bytes(f"s3://{bucket}/{key}", open(path, "rb").read())
+    storage.write_bytes(f"s3://{bucket}/{key}", path.read_bytes())
     return f"s3://{bucket}/{key}"
 
 
