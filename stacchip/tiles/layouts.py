@@ -41,6 +41,15 @@ class LayoutStore:
         if self.path is not None:
             self.load(self.path)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"layouts": dict(self._layouts), "path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._layouts = state["layouts"]
+        self.path = state["path"]
+        self._lock = threading.Lock()
+        self.dirty = False
+
     def get(self, href: str) -> Layout | None:
         return self._layouts.get(href)
 

@@ -429,3 +429,65 @@ def _assemble(layout: Layout, plan: _Plan | None, tiles: dict[TileKey, Any], row
 
 def _len(pos: Any) -> int:
     return pos.stop - pos.start if isinstance(pos, slice) else len(pos)
+
+
+class TileFiles:
+    """Open :class:`TileFile` per href for one owner (a Chipper), per process:
+    a forked or spawned child opens its own (handles never cross processes)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._files: dict[str, TileFile] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def get(self, href: str, what: str, store: LayoutStore) -> TileFile:
+        if os.getpid() != self._pid:
+            self._reset()
+        f = self._files.get(href)
+        if f is None:
+            with self._lock:
+                f = self._files.get(href)
+                if f is None:
+                    f = TileFile(href, what, store)
+                    self._files[href] = f
+        return f
+
+    def open_count(self) -> int:
+        if os.getpid() != self._pid:
+            self._reset()
+        return len(self._files)
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            self._reset()
+            return
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._reset()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no pools, an empty tile cache (the parent's
+    reads in flight never finish here) and fresh locks."""
+    global _cache, _engines_lock
+    _engines.clear()
+    _cache = None
+    _engines_lock = threading.Lock()
+    DEFAULT_STORE._lock = threading.Lock()
+    from stacchip.tiles import sources
+
+    sources._stores_lock = threading.Lock()
+    sources._stores.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
