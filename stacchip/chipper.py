@@ -39,7 +39,7 @@ from stacchip.reader import (
 from stacchip.tiles.layouts import DEFAULT_STORE, LayoutStore
 from stacchip.tiles.reader import REMOTE_IO_THREADS, TileFile, TileFiles
 from stacchip.tiles.reader import engine as tile_engine
-from stacchip.tiles.sources import tile_href
+from stacchip.tiles.sources import ForkedRuntimeError, tile_href
 from stacchip.tiles.tiff import TiffError
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,15 @@ class Chipper:
         tile path does not read exactly; the reason is logged once)."""
         if self.reader == "gdal":
             return None
+        by_key = self._tiles.by_key()  # per process, like the files
+        known = by_key.get(key, self)
+        if known is not self:
+            return known  # type: ignore[return-value]
+        f = self._open_tile_file(key)
+        by_key[key] = f
+        return f
+
+    def _open_tile_file(self, key: str) -> TileFile | None:
         href = tile_href(self.indexer.item.assets[key].href, self.mountpath)
         if href is None:
             _log_fallback("an href only GDAL opens", self.indexer.item.assets[key].href)
@@ -217,6 +226,11 @@ class Chipper:
             self._gdal_only[href] = reason = f"not a TIFF the tile reader parses: {exc}"
             _log_fallback(reason.split(":")[0], href)
             return None
+        except ForkedRuntimeError:
+            reason = "remote file in a child forked after its parent made remote requests"
+            self._gdal_only[href] = reason
+            _log_fallback(reason, href)
+            return None
         reason = f.layout.unsupported
         if reason is not None:
             self._gdal_only[href] = reason
@@ -224,6 +238,19 @@ class Chipper:
                 _log_fallback(part, href)
             return None
         return f
+
+    def open(self) -> "Chipper":
+        """Open every asset's file now (read its layout, or open it with GDAL) and
+        check it against the item's grid, without reading pixels. Returns self."""
+        for key in self.asset_keys:
+            f = self.tile_file(key)
+            if f is not None:
+                self._tile_transform(key, f)
+            else:
+                with gdal_env():
+                    ds = self._datasets.get(self.path(key), f"item {self.indexer.item.id!r} asset {key!r} ")
+                    self.transform_of(key, self.path(key), ds)
+        return self
 
     def _engine(self) -> Any:
         decode = min(self.threads, os.cpu_count() or 1)

@@ -196,6 +196,15 @@ def test_layout_sidecar_is_used(s2_item, tmp_path, monkeypatch):
 
 
 def _gets(proxy):
+    """Requests the proxy recorded, once it records no more (it records after answering)."""
+    import time
+
+    seen, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 0.2:
+        n = len(proxy.requests)
+        if n != seen:
+            seen, stable_since = n, time.monotonic()
+        time.sleep(0.02)
     return [r for r in proxy.requests if r[0] in ("GET", "HEAD")]
 
 

@@ -65,6 +65,16 @@ def test_s3_pixels_equal_gdal(tmp_path, s3_bucket):
 
 
 def _gets(proxy, key):
+    """GETs of ``key`` the proxy has recorded, once it records no more (it records a
+    request after answering it, so the last one may land just after the read returns)."""
+    import time
+
+    seen, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 0.2:
+        n = len(proxy.requests)
+        if n != seen:
+            seen, stable_since = n, time.monotonic()
+        time.sleep(0.02)
     return [r for r in proxy.requests if r[0] == "GET" and key in r[1]]
 
 
@@ -153,3 +163,46 @@ def test_http_pixels_equal_gdal(tmp_path, http_root):
     with pytest.raises(AssetReadError, match="nothere.tif"):
         TileFile(f"{base}/nothere.tif", store=LayoutStore())
     eng.shutdown()
+
+
+def _child_remote_read(chipper, queue):
+    try:
+        chip = chipper.chip(1, 1)
+        queue.put((chipper.tile_file("a") is not None, {k: v.tolist() for k, v in chip.items()}))
+    except Exception as exc:  # pragma: no cover - reported to the parent
+        queue.put((None, repr(exc)))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_remote_reads_in_forked_and_spawned_children(tmp_path, http_root, method):
+    """A child forked after the parent made remote requests cannot use obstore's
+    runtime (its threads are the parent's): it reads through GDAL, same pixels,
+    instead of hanging; a spawned child reads through tiles."""
+    import multiprocessing as mp
+
+    import pystac
+
+    from stacchip.chipper import Chipper
+    from stacchip.indexer import NoStatsChipIndexer
+
+    root, base = http_root
+    write(root / "a.tif", pixels("uint16", 2, SHAPE), predictor=2)
+    item = pystac.Item.from_dict({
+        "type": "Feature", "stac_version": "1.0.0", "id": "r", "geometry": None, "links": [],
+        "properties": {"datetime": "2024-05-01T10:30:00Z", "proj:epsg": 32633, "proj:shape": list(SHAPE),
+                       "proj:transform": [10, 0, 500000, 0, -10, 4000000]},
+        "assets": {"a": {"href": f"{base}/a.tif"}},
+    })
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=128), threads=2)
+    want = chipper.chip(1, 1)  # the parent's runtime is up
+    assert chipper.tile_file("a") is not None
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_remote_read, args=(chipper, queue))
+    proc.start()
+    tiles, got = queue.get(timeout=60)
+    proc.join(timeout=30)
+    assert tiles is not None, got
+    assert tiles == (method == "spawn")
+    np.testing.assert_array_equal(np.array(got["a"], dtype=want["a"].dtype), want["a"])
+    chipper.close()

@@ -129,6 +129,43 @@ def _cache_budget() -> int:
     return int(max(0.0, mb) * 2**20)
 
 
+class _AsyncIO:
+    """One event-loop thread running remote fetches (obstore's async API), at most
+    ``limit`` requests in flight: no thread per request waits on the network."""
+
+    def __init__(self, limit: int) -> None:
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self._limit = limit
+        self._sem: Any = None
+        self._thread = threading.Thread(target=self._run, name="stacchip-io", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        self._sem = asyncio.Semaphore(self._limit)
+        self.loop.run_forever()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        import asyncio
+
+        async def run() -> Any:
+            while self._sem is None:
+                await asyncio.sleep(0)
+            async with self._sem:
+                return await fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if wait:
+            self._thread.join(timeout=30)
+
+
 class _Inline:
     """An executor that runs each job in the caller's thread (``threads=1``)."""
 
@@ -171,8 +208,7 @@ class TileEngine:
         if self._decode is None:
             with self._lock:
                 if self._decode is None:
-                    self._io = (_Inline() if self.io_threads == 1 else
-                                ThreadPoolExecutor(self.io_threads, thread_name_prefix="stacchip-io"))
+                    self._io = _Inline() if self.io_threads == 1 else _AsyncIO(self.io_threads)
                     self._decode = (_Inline() if self.decode_threads == 1 else
                                     ThreadPoolExecutor(self.decode_threads, thread_name_prefix="stacchip-decode"))
         return self._decode, self._io
@@ -205,9 +241,10 @@ class TileEngine:
         from stacchip.tiles.sources import coalesce
 
         ranges = [(offset, offset + count) for _, _, offset, count in todo]
+        job = _remote_job if isinstance(io, _Inline) else _remote_job_async
         for start, end, members in coalesce(ranges):
             group = [todo[i] for i in members]
-            io.submit(_remote_job, f, group, start, end, decode)
+            io.submit(job, f, group, start, end, decode)
         return out
 
     def shutdown(self) -> None:
@@ -238,6 +275,21 @@ def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], star
                 decode: Any) -> None:
     try:
         (data,) = f.source.read_ranges([(start, end)], expect=f.expect)
+    except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
+        for _, fut, _, _ in group:
+            if not fut.done():
+                fut.set_exception(exc)
+        return
+    view = memoryview(data)
+    for _, fut, offset, count in group:
+        chunk = view[offset - start:offset - start + count]
+        decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+
+
+async def _remote_job_async(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
+                            decode: Any) -> None:
+    try:
+        data = await f.source.read_async(start, end, expect=f.expect)
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
         for _, fut, _, _ in group:
             if not fut.done():
@@ -440,6 +492,7 @@ class TileFiles:
 
     def _reset(self) -> None:
         self._files: dict[str, TileFile] = {}
+        self._by_key: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -455,6 +508,12 @@ class TileFiles:
                     self._files[href] = f
         return f
 
+    def by_key(self) -> dict[str, Any]:
+        """A per-process memo for the owner (asset key -> TileFile or None)."""
+        if os.getpid() != self._pid:
+            self._reset()
+        return self._by_key
+
     def open_count(self) -> int:
         if os.getpid() != self._pid:
             self._reset()
@@ -468,6 +527,7 @@ class TileFiles:
             for f in self._files.values():
                 f.close()
             self._files.clear()
+            self._by_key.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         return {}

@@ -28,6 +28,26 @@ class StaleLayoutError(AssetReadError):
     """The file changed since its layout was read (size or ETag differ)."""
 
 
+class ForkedRuntimeError(AssetReadError):
+    """obstore's I/O runtime was started by a parent process: its threads do not
+    exist in this forked child, so remote reads here must go another way (GDAL)."""
+
+
+#: pid of the process that started obstore's runtime (its first request).
+_runtime_pid: int | None = None
+
+
+def remote_usable() -> bool:
+    """False in a child forked after its parent made remote requests with obstore."""
+    return _runtime_pid is None or _runtime_pid == os.getpid()
+
+
+def _runtime_started() -> None:
+    global _runtime_pid
+    if _runtime_pid is None:
+        _runtime_pid = os.getpid()
+
+
 @dataclass(frozen=True)
 class Identity:
     """What identifies one version of a file: bytes, ETag (remote), mtime in ns (local)."""
@@ -216,6 +236,12 @@ class RemoteSource:
     remote = True
 
     def __init__(self, href: str, what: str = "") -> None:
+        if not remote_usable():
+            raise ForkedRuntimeError(
+                f"{what}href {href!r}: this process was forked after its parent read remote files "
+                "with obstore, whose runtime does not survive a fork"
+            )
+        _runtime_started()
         self.href = href
         self.path = href
         self.what = what
@@ -241,6 +267,25 @@ class RemoteSource:
     def read(self, start: int, length: int) -> bytes:
         data, _ident = self._get(start, start + length)
         return bytes(data)
+
+    async def read_async(self, start: int, end: int, expect: Identity | None = None) -> Any:
+        """Bytes ``start:end`` with one GET on obstore's own runtime (no thread of ours
+        waits); raises :class:`StaleLayoutError` when the response contradicts ``expect``."""
+        import obstore
+
+        try:
+            result = await obstore.get_async(self.store, self.key, options={"range": (start, end)})
+            data = await result.bytes_async()
+        except FileNotFoundError as exc:
+            raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
+        except Exception as exc:
+            raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
+        finally:
+            self.requests += 1
+        meta = result.meta
+        if expect is not None and not expect.matches(meta.get("size"), meta.get("e_tag"), None):
+            raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+        return data
 
     def head(self) -> tuple[bytes, Identity]:
         """The first bytes of the file (one request) and its identity."""
