@@ -249,3 +249,31 @@ def test_s3_chips_cost_only_their_tiles(s2_item, s3_bucket, s3_faults):
     assert not [r for r in s3_faults.requests if r[0] == "HEAD"]
     remote.close()
     again.close()
+
+
+def test_stacchip_index_keeps_the_layouts(s2_item, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from stacchip.index import read_metadata
+    from stacchip.tiles import layouts as layouts_module
+
+    item_path = tmp_path / "stac_item.json"
+    item_path.write_text(json.dumps(s2_item))
+    out = tmp_path / "index_x.parquet"
+    proc = subprocess.run([sys.executable, "-m", "stacchip.cli", "index", str(item_path), "--out", str(out),
+                           "--chip-size", "64"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = read_metadata(out)["layouts"]
+    assert doc["format"] == "stacchip-layouts"
+    hrefs = {a["href"] for a in s2_item["assets"].values()}
+    assert set(doc["layouts"]) == hrefs
+    parsed = []
+    real_read = layouts_module.read_layout
+    monkeypatch.setattr(layouts_module, "read_layout", lambda href, *a: parsed.append(href) or real_read(href, *a))
+    item = pystac.Item.from_dict(s2_item)
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=ASSETS, layouts=str(out))
+    gdal = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=ASSETS, reader="gdal")
+    _same(chipper.chip(3, 1), gdal.chip(3, 1))
+    assert parsed == []  # every header came from the index file

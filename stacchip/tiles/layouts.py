@@ -27,6 +27,8 @@ from stacchip.tiles.tiff import LAYOUT_VERSION, Layout, parse_layout
 logger = logging.getLogger(__name__)
 
 FORMAT = "stacchip-layouts"
+#: Key of the layouts in an index file's ``stacchip`` metadata.
+INDEX_METADATA_KEY = "layouts"
 
 
 class LayoutStore:
@@ -96,10 +98,21 @@ class LayoutStore:
         return taken
 
     def load(self, path: str | os.PathLike[str]) -> int:
-        """Layouts from a JSON file (local, ``file://`` or ``s3://``); a missing file is none."""
+        """Layouts from a JSON file (local, ``file://`` or ``s3://``), or from an index
+        file's ``stacchip`` metadata (``layouts`` key, as ``stacchip index`` keeps
+        them); a missing file is none."""
         from stacchip import storage
-        from stacchip.errors import StorageError
+        from stacchip.errors import StacchipError, StorageError
 
+        if str(path).endswith(".parquet"):
+            from stacchip.index import read_metadata
+
+            try:
+                doc = read_metadata(path).get(INDEX_METADATA_KEY)
+            except (FileNotFoundError, StacchipError, OSError) as exc:
+                logger.info("%s: no layouts read (%s)", path, exc)
+                return 0
+            return self.update_from_json(doc, str(path)) if doc else 0
         try:
             raw = storage.read_bytes(str(path))
         except (FileNotFoundError, StorageError):
@@ -163,15 +176,27 @@ def item_layouts(item: Any, keys: Iterable[str] | None = None, mountpath: str | 
     from stacchip.chipper import is_raster_asset
     from stacchip.tiles.sources import open_source, tile_href
 
+    from stacchip.errors import AssetReadError
+
     store = store if store is not None else LayoutStore()
     keys = list(keys) if keys is not None else [k for k, a in item.assets.items() if is_raster_asset(a)]
     for key in keys:
         href = tile_href(item.assets[key].href, mountpath)
         if href is None:
             continue
-        source = open_source(href, f"item {item.id!r} asset {key!r} ")
         try:
-            open_layout(href, source, store)
-        finally:
-            source.close()
+            source = open_source(href, f"item {item.id!r} asset {key!r} ")
+            try:
+                open_layout(href, source, store)
+            finally:
+                source.close()
+        except AssetReadError as exc:  # not a TIFF, unreachable: its reader finds out later
+            logger.info("item %r asset %r: no layout kept (%s)", item.id, key, exc)
     return store
+
+
+def index_layouts(item: Any, mountpath: str | None = None) -> dict[str, Any]:
+    """The layouts of ``item``'s raster assets as the JSON document an index file
+    keeps under ``stacchip`` metadata key ``layouts`` (see :meth:`LayoutStore.load`)."""
+    store = item_layouts(item, mountpath=mountpath)
+    return store.to_json()
