@@ -37,7 +37,7 @@ from stacchip.reader import (
     resolve_href,
 )
 from stacchip.tiles.layouts import DEFAULT_STORE, LayoutStore
-from stacchip.tiles.reader import REMOTE_IO_THREADS, TileFile, TileFiles
+from stacchip.tiles.reader import REMOTE_IO_THREADS, PendingRead, TileFile, TileFiles, shared_cache
 from stacchip.tiles.reader import engine as tile_engine
 from stacchip.tiles.sources import ForkedRuntimeError, tile_href
 from stacchip.tiles.tiff import TiffError
@@ -412,24 +412,58 @@ class Chipper:
 
         ``order="given"`` yields in the order given; ``order="block"`` reorders
         by block locality first (see :meth:`block_order`; what an export of many
-        chips of one scene wants). Up to ``prefetch`` chips (default: 4 per
-        lane) are read ahead in parallel, which keeps every lane busy for random
-        access and bounds memory.
+        chips of one scene wants). Up to ``prefetch`` chips are read ahead in
+        parallel, which keeps every lane busy for random access and bounds
+        memory. By default that is 4 per lane (at least 32 when tiles are read),
+        and no more than keeps the distinct decoded tiles they hold within half
+        the tile cache budget: deep in a scan, where chips share tiles, shallow
+        for random chips, whose tiles are all their own.
         """
         if order == "block":
             positions = self.block_order(positions)
         elif order != "given":
             raise ConfigError(f"order must be 'given' or 'block', got {order!r}")
-        ahead = max(1, prefetch if prefetch is not None else 4 * self.threads)
+        if prefetch is not None:
+            ahead, byte_limit = max(1, prefetch), None
+        else:
+            ahead = 4 * self.threads
+            if any(self.tile_file(k) is not None for k in self.asset_keys):
+                ahead = max(ahead, 32)
+            byte_limit = shared_cache().budget // 2
+        held: dict[Any, int] = {}  # tile -> chips in the queue that use it
+        held_bytes = 0
+
+        def tiles_of(pending: dict[str, Any]) -> Iterator[tuple[Any, int]]:
+            for value in pending.values():
+                if isinstance(value, PendingRead):
+                    nbytes = value.f.layout.tile_nbytes
+                    for tile in value.futures:
+                        yield (value.f.cache_key, tile), nbytes
+
         queue: deque[tuple[int, int, dict[str, Any]]] = deque()
-        for x, y in positions:
-            queue.append((int(x), int(y), self._submit(int(x), int(y))))
-            if len(queue) >= ahead:
-                qx, qy, pending = queue.popleft()
-                yield qx, qy, self._collect(pending)
-        while queue:
+
+        def pop() -> tuple[int, int, dict[str, np.ndarray]]:
+            nonlocal held_bytes
             qx, qy, pending = queue.popleft()
-            yield qx, qy, self._collect(pending)
+            for tile, nbytes in tiles_of(pending):
+                held[tile] -= 1
+                if not held[tile]:
+                    del held[tile]
+                    held_bytes -= nbytes
+            return qx, qy, self._collect(pending)
+
+        for x, y in positions:
+            pending = self._submit(int(x), int(y))
+            queue.append((int(x), int(y), pending))
+            for tile, nbytes in tiles_of(pending):
+                if tile not in held:
+                    held[tile] = 0
+                    held_bytes += nbytes
+                held[tile] += 1
+            while len(queue) >= ahead or (byte_limit is not None and held_bytes > byte_limit and len(queue) > 2):
+                yield pop()
+        while queue:
+            yield pop()
 
     def close(self) -> None:
         """Stop the read threads and close the datasets this chipper opened."""

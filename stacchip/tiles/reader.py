@@ -129,6 +129,16 @@ def _cache_budget() -> int:
     return int(max(0.0, mb) * 2**20)
 
 
+def _name_thread(name: str) -> None:
+    """Give the OS thread a name (``top -H``, ``/proc/*/task/*/comm``); best effort, Linux."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - a name is a nicety
+        pass
+
+
 class _AsyncIO:
     """One event-loop thread running remote fetches (obstore's async API), at most
     ``limit`` requests in flight: no thread per request waits on the network."""
@@ -145,6 +155,7 @@ class _AsyncIO:
     def _run(self) -> None:
         import asyncio
 
+        _name_thread("stacchip-io")
         asyncio.set_event_loop(self.loop)
         self._sem = asyncio.Semaphore(self._limit)
         self.loop.run_forever()
@@ -210,7 +221,8 @@ class TileEngine:
                 if self._decode is None:
                     self._io = _Inline() if self.io_threads == 1 else _AsyncIO(self.io_threads)
                     self._decode = (_Inline() if self.decode_threads == 1 else
-                                    ThreadPoolExecutor(self.decode_threads, thread_name_prefix="stacchip-decode"))
+                                    ThreadPoolExecutor(self.decode_threads, thread_name_prefix="stacchip-decode",
+                                                       initializer=_name_thread, initargs=("stacchip-decode",)))
         return self._decode, self._io
 
     def tiles(self, f: TileFile, keys: list[TileKey]) -> dict[TileKey, Future]:
