@@ -355,7 +355,7 @@ class Chipper:
                 pending[key] = self._start_tiles(key, f, x, y)
             else:
                 gdal_keys.append(key)
-        if gdal_keys and (self._lanes is None or len(gdal_keys) == 0):
+        if gdal_keys and self._lanes is None:
             with gdal_env():
                 for key in gdal_keys:
                     pending[key] = self._read(key, self.path(key), x, y)
@@ -440,12 +440,12 @@ class Chipper:
                     for tile in value.futures:
                         yield (value.f.cache_key, tile), nbytes
 
-        queue: deque[tuple[int, int, dict[str, Any]]] = deque()
+        queue: deque[tuple[int, int, dict[str, Any], list[tuple[Any, int]]]] = deque()
 
         def pop() -> tuple[int, int, dict[str, np.ndarray]]:
             nonlocal held_bytes
-            qx, qy, pending = queue.popleft()
-            for tile, nbytes in tiles_of(pending):
+            qx, qy, pending, tiles = queue.popleft()
+            for tile, nbytes in tiles:
                 held[tile] -= 1
                 if not held[tile]:
                     del held[tile]
@@ -454,8 +454,9 @@ class Chipper:
 
         for x, y in positions:
             pending = self._submit(int(x), int(y))
-            queue.append((int(x), int(y), pending))
-            for tile, nbytes in tiles_of(pending):
+            tiles = list(tiles_of(pending))
+            queue.append((int(x), int(y), pending, tiles))
+            for tile, nbytes in tiles:
                 if tile not in held:
                     held[tile] = 0
                     held_bytes += nbytes

@@ -277,3 +277,27 @@ def test_stacchip_index_keeps_the_layouts(s2_item, tmp_path, monkeypatch):
     gdal = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=ASSETS, reader="gdal")
     _same(chipper.chip(3, 1), gdal.chip(3, 1))
     assert parsed == []  # every header came from the index file
+
+
+def test_read_ahead_bounded_by_tile_bytes(s2_item, monkeypatch):
+    """With a tiny tile cache budget chips() keeps only two chips in flight and
+    still yields every chip, in order, with GDAL's pixels."""
+    tiles, gdal = _pair(s2_item, assets=["red", "swir16"], threads=2)
+    cache = shared_cache()
+    monkeypatch.setattr(cache, "budget", 1)
+    in_flight = []
+    real_submit = tiles._submit
+
+    def submit(x, y):
+        in_flight.append((x, y))
+        return real_submit(x, y)
+
+    monkeypatch.setattr(tiles, "_submit", submit)
+    positions = [(x, y) for y in range(5) for x in range(5)][::-1]
+    seen = []
+    for x, y, chip in tiles.chips(positions):
+        assert len(in_flight) - len(seen) <= 3  # the chip being yielded, and two read ahead at most
+        seen.append((x, y))
+        _same(chip, gdal.chip(x, y))
+    assert seen == positions
+    tiles.close()

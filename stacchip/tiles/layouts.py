@@ -174,9 +174,8 @@ def item_layouts(item: Any, keys: Iterable[str] | None = None, mountpath: str | 
     """Read the layout of every raster asset of ``item`` (or of ``keys``) into a store
     (what ``stacchip index`` may keep beside the index; see :func:`sidecar_path`)."""
     from stacchip.chipper import is_raster_asset
-    from stacchip.tiles.sources import open_source, tile_href
-
     from stacchip.errors import AssetReadError
+    from stacchip.tiles.sources import open_source, tile_href
 
     store = store if store is not None else LayoutStore()
     keys = list(keys) if keys is not None else [k for k, a in item.assets.items() if is_raster_asset(a)]
