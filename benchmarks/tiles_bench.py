@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     import statistics
 
+    results["runs"] = runs
     for name, rs in runs.items():
-        med = {k: statistics.median(r[k]) for k in rs[0] if isinstance(rs[0][k], (int, float))
-               and not isinstance(rs[0][k], bool)}
+        med = {k: statistics.median([r[k] for r in rs]) for k in rs[0]
+               if isinstance(rs[0][k], (int, float)) and not isinstance(rs[0][k], bool)}
         med["runs_chips_per_s"] = [round(r["chips_per_s"], 2) for r in rs]
         results[name] = med
     results["load_average_after"] = os.getloadavg()
