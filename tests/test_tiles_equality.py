@@ -175,3 +175,23 @@ def test_inline_and_pooled_decoding_agree(tmp_path):
     for rows, cols in patterns(SHAPE).values():
         np.testing.assert_array_equal(f.read(rows, cols, 0, inline).result(), f.read(rows, cols, 0, pooled).result())
     pooled.shutdown()
+
+
+@pytest.mark.parametrize(("dtype", "bands", "interleave", "nodata"), [
+    ("float32", 1, "pixel", float("nan")),
+    ("float32", 3, "pixel", float("nan")),  # per-band masks: the blob holds bands one after another
+    ("float32", 3, "band", float("nan")),
+    ("float32", 1, "pixel", -9999.0),
+    ("uint16", 3, "pixel", 7),
+])
+@pytest.mark.parametrize("compress", ["lerc", "lerc_zstd"])
+def test_lerc_with_nodata_regions(tmp_path, dtype, bands, interleave, nodata, compress):
+    """LERC blobs carry a validity mask for nodata pixels: masked float pixels are NaN, as libtiff gives them."""
+    data = pixels(dtype, bands, SHAPE)
+    data[:, 100:300, 50:400] = nodata
+    data[0, 400:450, 0:100] = nodata  # band 1 only: the bands' masks differ
+    path = write(tmp_path / "l.tif", data, compress=compress, nodata=nodata, interleave=interleave)
+    assert_same_as_gdal(path, fill=0)
+    if np.isnan(nodata):
+        f = TileFile(str(path), store=LayoutStore())
+        assert np.isnan(f.read(np.arange(150, 160), np.arange(60, 70), 0).result()).all()

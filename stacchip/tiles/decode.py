@@ -53,10 +53,23 @@ def decode_tile(layout: Layout, data: bytes | memoryview) -> np.ndarray:
             blob = zlib.decompress(bytes(data))
         elif extra == 2:
             blob = imagecodecs.zstd_decode(data)
-        arr = imagecodecs.lerc_decode(blob)
-        if isinstance(arr, tuple):
-            arr = arr[0]
-        return _to_planes(np.asarray(arr), th, tw, spp, dtype)
+        decoded = imagecodecs.lerc_decode(blob, masks=True)
+        arr, mask = decoded if isinstance(decoded, tuple) else (decoded, None)
+        arr = np.asarray(arr)
+        # One band: (h, w). Several: (h, w, bands) when they share a validity mask,
+        # (bands, h, w) when each has its own (the blob then holds bands one after another).
+        band_major = arr.ndim == 3 and spp > 1 and arr.shape == (spp, th, tw) and arr.shape[-1] != spp
+        if not band_major:
+            arr = arr.reshape(th, tw, -1) if arr.ndim == 2 else arr
+            arr = np.moveaxis(arr, -1, 0)
+        if mask is not None and dtype.kind == "f":
+            # Pixels the blob marks invalid are NaN, as libtiff's LERC codec gives them.
+            mask = np.asarray(mask, dtype=bool)
+            mask = mask.reshape(-1, th, tw) if mask.shape[-2:] == (th, tw) else np.moveaxis(mask, -1, 0)
+            arr = np.where(mask, arr, np.array(np.nan, dtype=arr.dtype))
+        if arr.shape != (spp, th, tw):
+            raise ValueError(f"LERC gave {arr.shape}, the tile is {(spp, th, tw)}")
+        return np.ascontiguousarray(arr.astype(dtype, copy=False))
     nbytes = th * tw * spp * dtype.itemsize
     raw = _decompress(layout, data, nbytes)
     buf = np.frombuffer(raw, dtype=np.uint8)
