@@ -4,8 +4,10 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
 
 * :class:`TileFile` is one open raster: its layout and byte source.
 * :class:`TileEngine` owns the decode pool (one worker per core by default,
-  ``STACCHIP_DECODE_THREADS``), the I/O pool for remote files (coalesced ranged
-  GETs in parallel) and the shared :class:`TileCache`.
+  ``STACCHIP_DECODE_THREADS``), the I/O for remote files (coalesced ranged GETs,
+  up to 16 in flight, on one event-loop thread with obstore's async API) and
+  the shared :class:`TileCache`. With one thread (``Chipper(threads=1)``)
+  everything runs in the caller's thread.
 * :class:`TileCache` keeps decoded tiles keyed by file (href + size/ETag/mtime)
   and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
