@@ -1,0 +1,1 @@
+"""Catalog-scale indexing: bulk indexing of many STAC items (:mod:`stacchip.catalog.bulk`)."""
