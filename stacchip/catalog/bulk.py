@@ -337,10 +337,15 @@ def _is_directory(source: str) -> bool:
 
 
 def _parts(prefix: str) -> list[str]:
+    """The stac-geoparquet files under a directory or ``s3://`` prefix, sorted."""
+    listed = prefix.rstrip("/") + "/" if storage.is_s3(prefix) else prefix
     try:
-        found = sorted(p for p in storage.list_files(prefix) if p.lower().endswith(GEOPARQUET_SUFFIXES))
+        every = list(storage.list_files(listed))
     except StorageNotFoundError as exc:
         raise ConfigError(f"source {prefix!r}: no such file, directory or prefix") from exc
+    if not every:
+        raise ConfigError(f"source {prefix!r}: no such file or object, and no files under it")
+    found = sorted(p for p in every if p.lower().endswith(GEOPARQUET_SUFFIXES))
     if not found:
         raise ConfigError(
             f"source {prefix!r} is a directory or prefix without stac-geoparquet files "
@@ -533,6 +538,8 @@ class Outcome:
     times: dict[str, float] = field(default_factory=dict)
     #: True for a source entry that is no item at all (``key`` is then its label)
     entry: bool = False
+    #: why an index file found at ``path`` was rewritten
+    note: str | None = None
 
 
 def _safe_segment(name: str, what: str) -> str:
@@ -662,8 +669,7 @@ def index_record(record: Record, settings: Settings) -> Outcome:
             times["check"] = time.perf_counter() - t0
             if why is None:
                 return Outcome(record.key, "skipped", path=path, times=times)
-            if why != "absent":
-                logger.warning("item %s: rewriting %s: %s", item.id, path, why)
+        note = None if settings.overwrite or why == "absent" else f"rewriting {path}: {why}"
         t1 = time.perf_counter()
         if settings.sign:
             from stacchip.processors.catalog import sign_item
@@ -694,7 +700,7 @@ def index_record(record: Record, settings: Settings) -> Outcome:
         _remove_stale_temps(path)
         storage.retry(write_index, table, path, extra_metadata=meta, what=f"write {path}")
         times["write"] = time.perf_counter() - t4
-        return Outcome(record.key, "indexed", path=path, chips=table.num_rows, times=times)
+        return Outcome(record.key, "indexed", path=path, chips=table.num_rows, times=times, note=note)
     except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the others
         reason = str(exc) or type(exc).__name__
         if not isinstance(exc, StacchipError):
@@ -707,6 +713,19 @@ def index_record(record: Record, settings: Settings) -> Outcome:
 
 def _index_payload(payload: tuple[Record, Settings]) -> Outcome:
     return index_record(*payload)
+
+
+def _warm() -> None:
+    """Import what indexing needs up front, so per-item times hold no import time."""
+    import pyarrow.parquet  # noqa: F401
+
+    import stacchip.index  # noqa: F401
+    import stacchip.indexer  # noqa: F401
+
+    try:
+        import geoarrow.pyarrow  # noqa: F401  (the index's geometry type)
+    except ImportError:  # pragma: no cover - a dependency
+        pass
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -767,6 +786,8 @@ def run(
 
     def note(outcome: Outcome) -> None:
         summary.outcomes.append(outcome)
+        if outcome.note:
+            logger.warning("item %s: %s", outcome.key, outcome.note)
         if outcome.status == "failed":
             logger.info("item %s failed:\n%s", outcome.key, outcome.trace or "")
         bar.update(1)
@@ -774,6 +795,7 @@ def run(
 
     try:
         if workers <= 1 or len(records) <= 1:
+            _warm()
             for record in records:
                 note(index_record(record, settings))
         else:
@@ -781,7 +803,7 @@ def run(
 
             # spawn: GDAL, boto3 and thread pools in the parent are not fork-safe
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(processes=min(workers, len(records))) as pool:
+            with ctx.Pool(processes=min(workers, len(records)), initializer=_warm) as pool:
                 for outcome in pool.imap_unordered(_index_payload, [(r, settings) for r in records]):
                     note(outcome)
     finally:
@@ -823,7 +845,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stac-api", default=None, metavar="URL", help="also index the items of a STAC API search")
     g.add_argument("--collection", action="append", default=None, metavar="C",
                    help="collection(s) to search (repeat or comma-separate; needed with --stac-api)")
-    g.add_argument("--bbox", default=None, metavar="W,S,E,N", help="search area in degrees")
+    g.add_argument("--bbox", default=None, metavar="W,S,E,N", help="search area in degrees (write --bbox=W,S,E,N when W is negative)")
     g.add_argument("--datetime", default=None, metavar="INTERVAL", help="search interval, e.g. 2024-01-01/2024-03-31")
     g.add_argument("--query", default=None, metavar="JSON",
                    help='Query extension rules, e.g. \'{"eo:cloud_cover": {"lt": 20}}\' (also applied client-side)')
@@ -844,8 +866,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def wants_bulk(args: argparse.Namespace) -> bool:
-    """False for today's one-item form: ``stacchip index ITEM --out FILE.parquet``."""
-    single = (
+    """False for today's one-item form: ``stacchip index ITEM --out FILE.parquet`` with
+    ITEM one STAC item JSON (or a file that cannot be read: that form reports it)."""
+    single_form = (
         len(args.sources) == 1
         and str(args.out).lower().endswith(".parquet")
         and not args.stac_api
@@ -855,7 +878,25 @@ def wants_bulk(args: argparse.Namespace) -> bool:
         and args.workers is None
         and not args.overwrite
     )
-    return not single
+    return not (single_form and _one_item_or_unreadable(args.sources[0]))
+
+
+def _one_item_or_unreadable(source: str) -> bool:
+    try:
+        data = storage.read_bytes(source)
+    except Exception:  # noqa: BLE001 - the one-item form reads it again and reports the error
+        return True
+    if data[:4] == _PARQUET_MAGIC:
+        return False
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        try:  # ndjson: several items
+            first = next(line for line in data.decode("utf-8-sig").splitlines() if line.strip())
+            return not isinstance(json.loads(first), dict)
+        except (ValueError, StopIteration):
+            return True
+    return not (isinstance(doc, list) or isinstance(doc, dict) and isinstance(doc.get("features"), list))
 
 
 def _parse_bbox(text: str) -> tuple[float, float, float, float]:
