@@ -758,11 +758,11 @@ class Summary:
         return EXIT_INPUT if all(o.code == EXIT_INPUT for o in failed) else EXIT_RETRY
 
     def mean_times(self) -> dict[str, float]:
-        """Mean seconds per indexed item of each phase (``metadata``, ``qa``, ``write``)."""
+        """Mean seconds per indexed item of each phase (``check``, ``metadata``, ``qa``, ``write``)."""
         done = [o for o in self.outcomes if o.status == "indexed"]
         return {
             phase: (sum(o.times.get(phase, 0.0) for o in done) / len(done)) if done else 0.0
-            for phase in ("metadata", "qa", "write")
+            for phase in ("check", "metadata", "qa", "write")
         }
 
 
@@ -827,7 +827,7 @@ def describe(summary: Summary, task: str) -> str:
     if summary.count("indexed"):
         line += (
             f"; per item: metadata {times['metadata']:.3f} s, QA read {times['qa']:.3f} s, "
-            f"write {times['write']:.3f} s"
+            f"write {times['write']:.3f} s, check {times['check']:.3f} s"
         )
     return line
 
