@@ -295,7 +295,7 @@ def _geoparquet_records(
     if "id" not in names:
         raise ConfigError(f"{source!r} is not stac-geoparquet: it has no 'id' column (columns: {', '.join(names[:12])})")
     try:
-        batches = parquet.iter_batches(batch_size=BATCH_ROWS)
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, use_threads=False)  # see existing_index
         row = 0
         for batch in batches:
             ids = batch.column("id").to_pylist()
@@ -474,9 +474,10 @@ def record_platform(record: Record, platform: str | None = None) -> str:
 def select(records: Iterable[Record], index: int | None, tasks: int, platform: str | None = None) -> list[Record]:
     """The records of task ``index`` of ``tasks`` (all when ``index`` is None), in id order.
 
-    Exact duplicates (the same item twice, as listings that page twice give) are
-    dropped; a different item filed at the same output path as an earlier one
-    becomes a bad-input record naming both.
+    An item listed more than once (the same id filed under the same platform: a
+    listing that pages twice, two sources of one catalog) is indexed once, from
+    the first listing in (id, collection, source) order; a warning says when the
+    listings differ.
     """
     mine = [r for r in records if index is None or task_of(r.key, tasks) == index]
     mine.sort(key=lambda r: (r.key, r.item is None, (r.item or {}).get("collection") or "", r.source))
@@ -492,13 +493,12 @@ def select(records: Iterable[Record], index: int | None, tasks: int, platform: s
             seen[where] = record
             out.append(record)
         elif first.item == record.item:
-            logger.info("item %s listed twice (%s, %s); indexed once", record.key, first.source, record.source)
+            logger.info("item %s is listed twice (%s, %s); indexed once", record.key, first.source, record.source)
         else:
-            out.append(dataclasses.replace(
-                record, item=None,
-                error=f"item {record.key!r} of {record.source} differs from the item of the same id and "
-                f"platform {where[0]!r} in {first.source}: only the first is indexed",
-            ))
+            logger.warning(
+                "item %s is listed twice with different content (%s, %s); indexing the first",
+                record.key, first.source, record.source,
+            )
     return out
 
 
@@ -596,7 +596,10 @@ def existing_index(path: str, expected: Mapping[str, Any]) -> str | None:
     except StorageNotFoundError:
         return "absent"
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # ParquetFile, not read_table (whose dataset scan starts an I/O thread pool), and no
+        # threads: a pool still alive at exit can abort the interpreter after the work is done
+        # ("terminate called without an active exception", apache/arrow#34314)
+        table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     except (pa.ArrowException, OSError, ValueError) as exc:
         return f"unreadable ({exc})"
     raw = (table.schema.metadata or {}).get(STACCHIP_METADATA_KEY)
