@@ -168,6 +168,27 @@ def test_geoparquet_reads_back_as_the_items(base: dict[str, Any], tmp_path: Path
     assert [r.key for r in some] == [IDS[1]] and tally.entries == 3
 
 
+def test_select_takes_a_task_share_in_id_order_once() -> None:
+    def rec(item_id: str, source: str, cloud: float = 1.0, collection: str = PLATFORM) -> bulk.Record:
+        item = {"type": "Feature", "id": item_id, "collection": collection, "properties": {"eo:cloud_cover": cloud}}
+        return bulk.Record(item_id, item, source)
+
+    records = [rec(i, "b.ndjson") for i in reversed(IDS)]
+    records += [rec(IDS[0], "a.ndjson"), rec(IDS[1], "a.ndjson", cloud=99.0)]  # again; the second differs
+    records += [rec(IDS[2], "c.ndjson", collection="sentinel-2-c1-l2a")]  # an alias: the same platform
+    records += [bulk.Record("x.ndjson line 3", None, "x.ndjson", error="line 3 is not JSON")]
+    every = bulk.select(records, None, 2)
+    assert [r.key for r in every if r.item] == sorted(IDS)
+    assert {r.key: r.source for r in every if r.item}[IDS[1]] == "a.ndjson"  # first in source order
+    assert [r.key for r in every if not r.item] == ["x.ndjson line 3"]
+    shares = [bulk.select(records, task, 2) for task in (0, 1)]
+    assert sorted(r.key for share in shares for r in share) == sorted(r.key for r in every)
+    assert all(bulk.task_of(r.key, 2) == task for task, share in enumerate(shares) for r in share)
+    # another platform is another output path: both are indexed
+    both = bulk.select([rec("same", "a"), rec("same", "b", collection="landsat-c2-l2")], None, 1)
+    assert sorted(bulk.record_platform(r) for r in both) == ["landsat-c2l2-sr", PLATFORM]
+
+
 def test_parquet_without_ids_is_bad_input(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -295,7 +316,7 @@ def test_partial_state_finished_by_all_workers(base: dict[str, Any], tmp_path: P
     assert not stale.exists()
 
     # other settings are other indexes: a re-run with another chip size rewrites every file
-    res = run_index(str(source), "--out", str(out), "--chip-size", "128")
+    res = run_index(str(source), "--out", str(out), "--chip-size", "128", "--sign", "planetary-computer")
     assert res.returncode == 0 and count(summary_line(res), "indexed") == len(IDS), res.stderr[-2000:]
     assert read_metadata(final[IDS[0]])["chip_size"] == 128
 
