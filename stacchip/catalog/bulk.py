@@ -31,9 +31,9 @@ the bucket layout of the processors (``out`` may be the bucket they fill), so
 the canonical platform of the item's collection (or ``--platform``). The
 ``stacchip`` file metadata records ``item_id``, ``platform``, ``indexer``,
 ``chip_size``, ``max_nodata``, ``edge``, ``chips`` (rows), ``source`` (where the
-item was read), ``item_href`` (only when the item is a JSON file of its own) and
-``item``: the STAC item itself (unsigned), so readers (``stacchip chip``) need
-nothing else to find it.
+item was read), ``item_href`` (when the item has a location of its own: its
+JSON file, or its URL in the STAC API) and ``item``: the STAC item itself
+(unsigned), so readers (``stacchip chip``) need nothing else to find it.
 
 Tasks: task ``i`` of ``T`` indexes the items whose id hashes to ``i``
 (:func:`task_of`: the first 8 bytes of the SHA-1 of the id, modulo ``T``), in
@@ -43,7 +43,9 @@ skip or double an item, and re-runs give every task the same items. An item
 whose index already exists, is readable and was made with the same settings
 (item id, platform, indexer, chip size, max nodata, edge rule, row count) is
 skipped; any other file there is rewritten. A killed task re-run therefore
-finishes with every item indexed once.
+finishes with every item indexed once. An item listed twice (same id, same
+platform) is indexed once. Each source file is fetched whole and a task holds
+its share of the items in memory; every task runs the STAC API search itself.
 
 Failures are per item: the other items are still indexed. A failed item is
 reported with its id and the reason, and with :func:`failure_code` the exit
