@@ -67,6 +67,11 @@ def _item_source(path: str) -> str:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from stacchip.catalog import bulk
+
+    if bulk.wants_bulk(args):  # many items, or --out a directory: stacchip.catalog.bulk
+        return bulk.command(args)
+    args.item = args.sources[0]
     from stacchip.index import write_index
     from stacchip.indexer import guess_indexer, indexer_class
     from stacchip.utils import load_item
@@ -127,6 +132,15 @@ def _find_item_for_chip(index_path: str, row: dict[str, Any], explicit: str | No
     )
 
 
+def _recorded_item(index_path: str) -> Any:
+    """The STAC item a bulk-written index file carries in its metadata, else None."""
+    from stacchip.index import read_metadata
+    from stacchip.indexer import as_item
+
+    recorded = read_metadata(index_path).get("item") if str(index_path).endswith(".parquet") else None
+    return as_item(recorded) if isinstance(recorded, dict) else None
+
+
 def cmd_chip(args: argparse.Namespace) -> int:
     import numpy as np
     import pyarrow.compute as pc
@@ -146,7 +160,8 @@ def cmd_chip(args: argparse.Namespace) -> int:
     # INDEX is a directory or prefix; bucket-layout names carry the item id.
     named = [f for f in files if row["item_id"] in Path(str(f)).name] or files
     source = next(f for f in [*named, *files] if open_index([f]).count_rows(filter=wanted))
-    item = load_item(_find_item_for_chip(source, row, args.item))
+    item = _recorded_item(source) if not args.item else None
+    item = item or load_item(_find_item_for_chip(source, row, args.item))
     # "keep" covers every chip an index can hold (also those of `--edge keep`);
     # whole chips read the same under either edge rule.
     indexer = ChipIndexer(item, chip_size=int(row["chip_size"]), edge="keep")
@@ -241,14 +256,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     (:data:`LAZY_COMMANDS`) gets its full flags only then (its module is
     imported); otherwise it is listed with its help line and nothing imported.
     """
+    from stacchip.catalog import bulk  # its flags; the work is imported when it runs
+
     parser = ArgumentParser(prog="stacchip", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-vv debug); tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("index", help="index one STAC item into a GeoParquet chip index")
-    p.add_argument("item", help="STAC item JSON (path, file:// or s3://)")
-    p.add_argument("--out", required=True, help="output .parquet (path or s3://)")
+    p = sub.add_parser("index", help="index STAC items into GeoParquet chip indexes (one, or many as array tasks)")
+    p.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="STAC item JSON, ItemCollection JSON, ndjson, or stac-geoparquet file or prefix "
+                   "(path, file:// or s3://)")
+    p.add_argument("--out", required=True,
+                   help="output .parquet for one item; else a directory or s3:// prefix, filled as "
+                   "OUT/index/{platform}/{item_id}/index_{item_id}.parquet")
     p.add_argument("--indexer", default="auto",
                    help="auto, sentinel-2, landsat, modis, sentinel-1, naip, linz, nostats")
     p.add_argument("--chip-size", type=int, default=256,
@@ -258,6 +279,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--platform", default=None, help="platform name stored in the index")
     p.add_argument("--edge", choices=["drop", "keep"], default="drop",
                    help="drop (default, upstream) or keep the partial chips at the right/bottom edges")
+    bulk.add_arguments(p)
     p.set_defaults(func=cmd_index)
     _verbose_flag(p)
 

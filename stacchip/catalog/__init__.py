@@ -1,5 +1,8 @@
-"""Catalog-scale indexes: compaction of per-item index files and the manifest readers use.
+"""Catalog-scale indexes: bulk indexing, compaction of per-item index files and the manifest readers use.
 
+* :mod:`stacchip.catalog.bulk`: many STAC items (stac-geoparquet, ndjson,
+  ItemCollection, STAC API search) indexed at their own hrefs as array tasks
+  (``stacchip index SOURCES... --out DIR``);
 * :func:`compact` (``stacchip.catalog.compaction``): per-item index files into one
   dataset partitioned by platform and year, rows sorted along a Hilbert curve,
   with a ``_manifest.json`` (``stacchip compact SOURCES... --out DEST``);
