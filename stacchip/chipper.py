@@ -31,6 +31,7 @@ from stacchip.reader import (
     DatasetCache,
     LanePool,
     asset_transform,
+    check_fill,
     checked_transform,
     gdal_env,
     read_indexed,
@@ -284,7 +285,12 @@ class Chipper:
         rows, cols = gridmath.chip_asset_indices(ix.affine, self._tile_transform(key, f), x, y, ix.chip_size)
         if self.native:
             rows, cols = np.unique(rows), np.unique(cols)
-        return f.read(rows, cols, self.fill_value(key, f.layout.nodata), self._engine())
+        fill = self.fill_value(key, f.layout.nodata)
+        layout = f.layout
+        if rows.min() < 0 or cols.min() < 0 or rows.max() >= layout.height or cols.max() >= layout.width:
+            # pixels beyond the raster take the fill value: it must fit the band's type
+            fill = check_fill(fill, layout.dtype, f"item {ix.item.id!r} asset {key!r} (href {f.href!r}) ")
+        return f.read(rows, cols, fill, self._engine())
 
     def path(self, key: str) -> str:
         """The path GDAL opens for asset ``key``."""

@@ -901,7 +901,10 @@ def _one_item_or_unreadable(source: str) -> bool:
             return not isinstance(json.loads(first), dict)
         except (ValueError, StopIteration):
             return True
-    return not (isinstance(doc, list) or isinstance(doc, dict) and isinstance(doc.get("features"), list))
+    # many items: a non-empty list (or ItemCollection) of objects; anything else is one
+    # item's file, which the one-item form reads and reports on ("a JSON list, not an object")
+    items = doc if isinstance(doc, list) else doc.get("features") if isinstance(doc, dict) else None
+    return not (isinstance(items, list) and len(items) > 0 and all(isinstance(i, dict) for i in items))
 
 
 def _parse_bbox(text: str) -> tuple[float, float, float, float]:
