@@ -38,7 +38,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     from stacchip.catalog.compaction import compact
-    from stacchip.cli import echo
+    from stacchip.console import echo
 
     options = {
         name: value for name, value in (

@@ -34,7 +34,7 @@ import pyproj
 import shapely
 
 from stacchip.errors import ConfigError, IndexFileError
-from stacchip.processors.prechip import bbox_centres
+from stacchip.encodings import bbox_centres
 
 #: Equal-area CRS in metres used for metric blocks and areas.
 EQUAL_AREA_CRS = "EPSG:6933"
