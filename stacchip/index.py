@@ -498,18 +498,8 @@ def _filesystem(paths: Sequence[str]) -> tuple[Any, list[str]]:
     if not paths:
         raise IndexFileError("no index files given")
     if all(storage.is_s3(p) for p in paths):
-        from pyarrow import fs
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            scheme, _, rest = endpoint.partition("://")
-            kwargs["endpoint_override"] = rest or scheme
-            kwargs["scheme"] = scheme if rest else "https"
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return fs.S3FileSystem(**kwargs), [p[len("s3://"):] for p in paths]
+        filesystem, _ = storage.arrow_filesystem(paths[0])
+        return filesystem, [p[len("s3://"):] for p in paths]
     if any(storage.is_s3(p) for p in paths):
         raise IndexFileError("cannot mix s3:// and local index files in one dataset")
     return None, [str(storage.local_path(p)) for p in paths]
@@ -577,7 +567,7 @@ def open_index(
     """
     import pyarrow.dataset as pads
 
-    from stacchip.catalog.manifest import open_compacted
+    from stacchip.compacted import open_compacted
 
     compacted = open_compacted(sources)
     if compacted is not None:
@@ -714,7 +704,7 @@ def query(
 
     dataset = sources if isinstance(sources, pads.Dataset) else None
     if dataset is None:  # a compacted index: only the files and row groups the filters may hit
-        from stacchip.catalog.manifest import open_compacted
+        from stacchip.compacted import open_compacted
 
         dataset = open_compacted(sources, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
                                  max_nodata=max_nodata, platform=platform, item_id=item_id)

@@ -57,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip import storage
-from stacchip.catalog import manifest as mf
+from stacchip import compacted as mf
 from stacchip.catalog._io import FileEntry, arrow_filesystem, arrow_path, list_files, normalise, remove, under
 from stacchip.catalog.hilbert import DEFAULT_ORDER, bbox_centres, lonlat_hilbert
 from stacchip.errors import ConfigError, IndexFileError, StorageError, StorageNotFoundError

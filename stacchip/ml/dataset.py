@@ -213,7 +213,7 @@ class ChipDataset:
                     "ChipDataset over a table (or pyarrow dataset) cannot find the STAC items: "
                     + WHERE_ITEMS
                 )
-            from stacchip.catalog.manifest import hrefs_for  # a compacted index: no footer reads
+            from stacchip.compacted import hrefs_for  # a compacted index: no footer reads
 
             found = hrefs_for(index)
             hrefs = found if found is not None else hrefs_from_index(index_files(index))
