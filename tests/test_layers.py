@@ -101,7 +101,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 
 def test_the_package_is_found():
     names = {module_name(p) for p in MODULES}
-    assert {"stacchip.index", "stacchip.cli", "stacchip.encodings", "stacchip.compacted"} <= names
+    assert {"stacchip.index", "stacchip.cli", "stacchip.encodings", "stacchip.compacted", "stacchip.export"} <= names
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))

@@ -154,6 +154,25 @@ def env_float(
     return result
 
 
+def env_fraction(value: str | None, var: str, default: float | None, flag: str = "") -> float | None:
+    """A 0-1 fraction from a flag ``value`` or environment variable ``var`` (flag wins), else
+    ``default``; ``none``/``off`` disables it (None), ``0`` means 0. Raises :class:`ConfigError`
+    naming the flag or variable."""
+    text = env_str(value, var, None)
+    if text is None:
+        return default
+    label = (flag or "flag") if value is not None else var
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        result = float(text)
+    except ValueError:
+        raise ConfigError(f"{label}={text!r} is not a fraction between 0 and 1 (or 'none')") from None
+    if not 0.0 <= result <= 1.0:
+        raise ConfigError(f"{label}={text!r} is not a fraction between 0 and 1")
+    return result
+
+
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
@@ -534,6 +553,7 @@ __all__ = [
     "env_array_index",
     "env_bool",
     "env_float",
+    "env_fraction",
     "env_int",
     "env_list",
     "env_str",

@@ -55,7 +55,10 @@ from tqdm import tqdm
 from stacchip import storage
 from stacchip.console import ArgumentParser, echo
 from stacchip.errors import ConfigError, StorageError
-from stacchip.processors import jobs, prechip
+from stacchip.export import selection as chip_selection
+from stacchip.export.chip_reader import ChipReader, plan_reads
+from stacchip.export.cube import VERSION
+from stacchip.processors import jobs
 from stacchip.platforms import PlatformBands, is_nodata, platform_bands
 
 logger = logging.getLogger(__name__)
@@ -258,7 +261,7 @@ class StatsAccumulator:
 
 def cube_files(chips: str, platform: str) -> list[str]:
     """Sorted cube files of ``platform`` under a chip bucket / directory."""
-    prefix = storage.join_under(chips, prechip.VERSION, storage.safe_segment(platform, "platform"))
+    prefix = storage.join_under(chips, VERSION, storage.safe_segment(platform, "platform"))
     if storage.is_s3(prefix):
         prefix = prefix.rstrip("/") + "/"
     try:
@@ -310,7 +313,7 @@ class StatsConfig:
     chips_per_job: int = 1280
     max_cubes: int | None = None
     max_chips: int | None = None
-    seed: int = prechip.DEFAULT_SEED
+    seed: int = chip_selection.DEFAULT_SEED
     max_nodata: float | None = None
     max_cloud: float | None = None
     percentiles: list[float] = field(default_factory=list)
@@ -339,16 +342,16 @@ def partial_url(output: str, platform: str, job_index: int) -> str:
     return storage.join(stats_dir(output, platform), f"partial_{job_index:05d}.json")
 
 
-def _index_selection(config: StatsConfig) -> prechip.Selection:
+def _index_selection(config: StatsConfig) -> chip_selection.Selection:
+    """The chips of ``--source index``: prechip's filters and seeded shuffle, one chip per share."""
     if not config.data or config.index is None:
         raise ConfigError("--source index needs --data/STACCHIP_DATA_BUCKET and --indexpath/STACCHIP_INDEXPATH")
-    pconf = prechip.PrechipConfig(
-        data=config.data, index=config.index, output=config.output, platform=config.platform,
-        seed=config.seed, max_nodata=config.max_nodata, max_cloud=config.max_cloud, cube_size=1,
-        allow_empty=config.allow_empty,
+    settings = chip_selection.SelectionConfig(
+        index=config.index, data=config.data, platform=config.platform, max_nodata=config.max_nodata,
+        max_cloud=config.max_cloud, seed=config.seed, cube_size=1, allow_empty=config.allow_empty,
     )
-    selection = prechip.prepare(pconf)
-    prechip.check_selection(pconf, selection)
+    selection = chip_selection.prepare(settings)
+    chip_selection.check_selection(settings, selection)
     return selection
 
 
@@ -387,8 +390,8 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
         mine = files[job_index * config.cubes_per_job:(job_index + 1) * config.cubes_per_job]
         n_jobs = math.ceil(len(files) / config.cubes_per_job)
         if not mine:
-            prefix = storage.join(_chips(config), prechip.VERSION, config.platform)
-            prechip.empty_selection(
+            prefix = storage.join(_chips(config), VERSION, config.platform)
+            chip_selection.empty_selection(
                 f"no .npz cube files under {prefix!r}" if not files else
                 f"job {job_index} has no cubes: the {len(files)} cube files under {prefix!r} make jobs "
                 f"0..{n_jobs - 1} of {config.cubes_per_job} (--cubes-per-job)", config.allow_empty)
@@ -404,13 +407,13 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
     rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
     if len(rows_idx) == 0:
         if n:  # (an empty selection was reported by check_selection)
-            prechip.empty_selection(
+            chip_selection.empty_selection(
                 f"job {job_index} has no chips: the {n} selected chips make jobs 0..{n_jobs - 1} of "
                 f"{config.chips_per_job} (--chips-per-job)", config.allow_empty)
         return acc, n_jobs
     rows = selection.table.take(pa.array(rows_idx))
-    tasks = prechip.plan_reads(rows, str(config.data), config.platform, config.mountpath)
-    with prechip.ChipReader(workers) as reader:
+    tasks = plan_reads(rows, str(config.data), config.platform, config.mountpath)
+    with ChipReader(workers) as reader:
         for result in reader.run(tasks, desc=f"stats job {job_index}"):
             if result.pixels is None:
                 logger.warning("chips left out: %s", result.missing)
@@ -651,9 +654,9 @@ def config_from_args(args: argparse.Namespace) -> StatsConfig:
                                    minimum=1) or 1280,
         max_cubes=jobs.env_int(args.max_cubes, "STACCHIP_MAX_CUBES", None, flag="--max-cubes", minimum=1),
         max_chips=jobs.env_int(args.max_chips, "STACCHIP_MAX_CHIPS", None, flag="--max-chips", minimum=1),
-        seed=jobs.env_int(args.seed, "STACCHIP_SEED", prechip.DEFAULT_SEED, flag="--seed", minimum=0) or 0,
-        max_nodata=prechip.fraction_setting(args.max_nodata, "STACCHIP_MAX_NODATA", None, "--max-nodata"),
-        max_cloud=prechip.fraction_setting(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
+        seed=jobs.env_int(args.seed, "STACCHIP_SEED", chip_selection.DEFAULT_SEED, flag="--seed", minimum=0) or 0,
+        max_nodata=jobs.env_fraction(args.max_nodata, "STACCHIP_MAX_NODATA", None, "--max-nodata"),
+        max_cloud=jobs.env_fraction(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
         percentiles=jobs.env_list(args.percentiles, "STACCHIP_PERCENTILES", [], kind=float,
                                   flag="--percentiles") or [],
         hist_range=hist_range,
@@ -680,9 +683,9 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
         indices = list(range(job_count(config)))
         if not indices:
             # (an empty index selection was reported by job_count; this is an empty cube folder)
-            where = storage.join(_chips(config), prechip.VERSION, config.platform) if config.source == "cubes" \
+            where = storage.join(_chips(config), VERSION, config.platform) if config.source == "cubes" \
                 else config.index
-            prechip.empty_selection(f"no {config.source} to compute statistics of {config.platform!r} "
+            chip_selection.empty_selection(f"no {config.source} to compute statistics of {config.platform!r} "
                                     f"from under {where!r}", config.allow_empty)
             return 0
     else:
