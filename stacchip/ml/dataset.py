@@ -6,8 +6,11 @@ Each sample is one index row: the chip's pixels read on demand through
 without importing torch itself:
 
 * chippers (and their open rasters) are built lazily, one per item, in the
-  process that reads; a forked worker drops what it inherited and a spawned
-  worker receives a pickle without any handle or cached item;
+  process that reads, and kept in the process's chipper cache
+  (:data:`stacchip.export.chip_reader.CHIPPERS`, shared with the export's
+  readers; each dataset keeps at most ``max_open_items``); a forked worker
+  drops what it inherited and a spawned worker receives a pickle without any
+  handle or cached item;
 * samples hold numpy arrays, numbers and strings only, which the default
   collate function turns into tensors and lists.
 
@@ -25,7 +28,7 @@ import datetime as dt
 import json
 import logging
 import os
-from collections import OrderedDict
+import weakref
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +39,7 @@ import pyarrow.dataset as pads
 from stacchip import storage
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
+from stacchip.export.chip_reader import CHIPPERS
 from stacchip.index import index_files, open_index, query
 from stacchip.indexer import NoStatsChipIndexer
 from stacchip.ml.assets import check_assets, data_asset_keys
@@ -244,8 +248,7 @@ class ChipDataset:
         if max_open_items < 1:
             raise ConfigError(f"max_open_items must be >= 1, got {max_open_items}")
         self.max_open_items = int(max_open_items)
-        self._pid = os.getpid()
-        self._chippers: OrderedDict[tuple[str, str, int], Chipper] = OrderedDict()
+        self._own_chippers()
         self.check_items()
 
     def check_items(self) -> None:
@@ -297,36 +300,38 @@ class ChipDataset:
 
     # --- per-process chippers -------------------------------------------------------------
 
+    def _own_chippers(self) -> None:
+        """A fresh owner in the process's chipper cache (closed when the dataset is collected)."""
+        self._pid = os.getpid()
+        self._owner = CHIPPERS.new_owner()
+        weakref.finalize(self, CHIPPERS.close, self._owner)
+
+    @property
+    def _chippers(self) -> dict[Any, Chipper]:
+        """``{(platform, item_id, chip_size): chipper}`` this dataset keeps open in this process."""
+        return CHIPPERS.held(self._owner)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_chippers"] = OrderedDict()  # open rasters never cross a process boundary
+        state.pop("_owner", None)  # open rasters never cross a process boundary
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pid = os.getpid()
+        self._own_chippers()
 
     def chipper(self, platform: str, item_id: str, chip_size: int) -> Chipper:
         """The chipper of one item in this process (built on first use)."""
-        pid = os.getpid()
-        if pid != self._pid:  # forked: forget the parent's chippers, never use their handles
-            self._chippers = OrderedDict()
-            self._pid = pid
-        key = (platform, item_id, int(chip_size))
-        chipper = self._chippers.get(key)
-        if chipper is not None:
-            self._chippers.move_to_end(key)
-            return chipper
-        item = self.items.get(platform, item_id)
-        # edge="keep" accepts every position an index can hold (whole chips and
-        # partial edge chips); pixels beyond the grid read as nodata.
-        indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform, edge="keep")
-        chipper = Chipper(indexer, mountpath=self.mountpath, assets=self.item_assets(item))
-        self._chippers[key] = chipper
-        while len(self._chippers) > self.max_open_items:
-            _, old = self._chippers.popitem(last=False)
-            old.close()
-        return chipper
+        self._pid = os.getpid()  # a forked worker's cache starts empty: the parent's handles stay unused
+
+        def build() -> Chipper:
+            item = self.items.get(platform, item_id)
+            # edge="keep" accepts every position an index can hold (whole chips and
+            # partial edge chips); pixels beyond the grid read as nodata.
+            indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform, edge="keep")
+            return Chipper(indexer, mountpath=self.mountpath, assets=self.item_assets(item))
+
+        return CHIPPERS.get(self._owner, (platform, item_id, int(chip_size)), build, self.max_open_items)
 
     def item_assets(self, item: Any) -> list[str]:
         """Assets read for ``item``, in channel order: ``assets``, else its data bands."""
@@ -453,7 +458,7 @@ class ChipDataset:
         spec = PLATFORMS.get(platform)
         if spec is None:
             return None
-        names = {index: band for band, (keys, index) in zip(spec.band_order, spec.sources) if key in keys}
+        names = {index: band for band, (keys, index) in zip(spec.band_order, spec.sources, strict=True) if key in keys}
         if not names:
             return None
         positions = self.bands.get(key, list(range(max(self._asset_channels(chipper, key, all_bands=True),
@@ -515,9 +520,7 @@ class ChipDataset:
 
     def close(self) -> None:
         """Close every raster this process opened."""
-        for chipper in self._chippers.values():
-            chipper.close()
-        self._chippers.clear()
+        CHIPPERS.close(self._owner)
         if self.label_raster is not None:
             self.label_raster.close()
 
