@@ -45,8 +45,13 @@ def is_raster_asset(asset: Any) -> bool:
 
 
 class Chipper:
-    """Read chips of an indexed item.
+    """Read chips of an item, from its chip grid: a :class:`~stacchip.grid.ChipGrid`
+    (``ChipGrid.of(item, chip_size)``) or an indexer (upstream's ``Chipper(indexer)``).
 
+    ``chip_grid`` is the grid read; ``indexer`` is the indexer given, or, for a
+    grid, the grid itself (it answers the same grid attributes: ``item``,
+    ``grid``, ``affine``, ``chip_size``, ``check_chip``, and ``kept_chips``:
+    every chip of a grid, those an indexer's nodata filter keeps).
     ``mountpath`` re-roots hrefs under a local directory (upstream semantics);
     ``assets`` chooses the assets (default: every raster data asset);
     ``asset_blacklist`` drops some. ``native=True`` returns assets at their own
@@ -56,7 +61,7 @@ class Chipper:
 
     def __init__(
         self,
-        indexer: ChipIndexer,
+        indexer: ChipIndexer | gridmath.ChipGrid,
         mountpath: str | os.PathLike[str] | None = None,
         assets: Sequence[str] | None = None,
         asset_blacklist: Sequence[str] | None = None,
@@ -64,7 +69,8 @@ class Chipper:
         native: bool = False,
         threads: int | None = None,
     ) -> None:
-        self.indexer = indexer
+        self.chip_grid = gridmath.as_chip_grid(indexer)
+        self.indexer: Any = indexer
         self.mountpath = None if mountpath in (None, "") else mountpath
         self.assets = list(assets) if assets is not None else None
         self.asset_blacklist = list(asset_blacklist) if asset_blacklist is not None else None

@@ -129,8 +129,8 @@ def cmd_chip(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from stacchip.chipper import Chipper
+    from stacchip.grid import ChipGrid
     from stacchip.index import index_files, open_index
-    from stacchip.indexer import ChipIndexer
     from stacchip.utils import load_item
 
     files = index_files(args.index)
@@ -146,9 +146,9 @@ def cmd_chip(args: argparse.Namespace) -> int:
     item = load_item(_find_item_for_chip(source, row, args.item))
     # "keep" covers every chip an index can hold (also those of `--edge keep`);
     # whole chips read the same under either edge rule.
-    indexer = ChipIndexer(item, chip_size=int(row["chip_size"]), edge="keep")
+    grid = ChipGrid.of(item, int(row["chip_size"]), edge="keep")
     assets = args.assets.split(",") if args.assets else None
-    with Chipper(indexer, assets=assets, native=args.native) as chipper:
+    with Chipper(grid, assets=assets, native=args.native) as chipper:
         chip = chipper.chip(int(row["chip_index_x"]), int(row["chip_index_y"]))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **chip)

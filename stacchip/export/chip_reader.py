@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, IndexFileError
-from stacchip.indexer import ChipIndexer
+from stacchip.grid import ChipGrid
 from stacchip.platforms import PlatformBands, is_nodata, platform_bands
 from stacchip.reader import gdal_env
 from stacchip.utils import load_item_under
@@ -151,8 +151,8 @@ class _OpenItem:
         self.keys = self.spec.asset_keys(item)
         # edge="keep": an index made with --edge keep holds the partial edge chips;
         # their pixels beyond the grid read as the fill value and are marked nodata.
-        indexer = ChipIndexer(item, chip_size=task.chip_size, platform=task.platform, edge="keep")
-        self.chipper = Chipper(indexer, mountpath=task.mountpath, assets=sorted(set(self.keys)))
+        grid = ChipGrid.of(item, task.chip_size, edge="keep")
+        self.chipper = Chipper(grid, mountpath=task.mountpath, assets=sorted(set(self.keys)))
         self.nodata = [
             self._nodata(item, key, band) for key, (_, band) in zip(self.keys, self.spec.sources, strict=True)
         ]
@@ -170,8 +170,8 @@ class _OpenItem:
         pixels = self.spec.stack(item_id, chip, self.keys)
         mask = np.stack([is_nodata(pixels[i], nd) for i, nd in enumerate(self.nodata)])
         # a partial edge chip: pixels beyond the grid are nodata whatever value filled them
-        rows, cols = self.chipper.indexer.grid.shape
-        size = self.chipper.indexer.chip_size
+        rows, cols = self.chipper.chip_grid.shape
+        size = self.chipper.chip_grid.chip_size
         inside_y, inside_x = int(rows) - y * size, int(cols) - x * size
         if inside_y < size:
             mask[:, max(inside_y, 0) * mask.shape[1] // size:, :] = True

@@ -41,7 +41,7 @@ from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
 from stacchip.export.chip_reader import CHIPPERS
 from stacchip.index import index_files, open_index, query
-from stacchip.indexer import NoStatsChipIndexer
+from stacchip.grid import ChipGrid
 from stacchip.ml.assets import check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
@@ -328,8 +328,8 @@ class ChipDataset:
             item = self.items.get(platform, item_id)
             # edge="keep" accepts every position an index can hold (whole chips and
             # partial edge chips); pixels beyond the grid read as nodata.
-            indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform, edge="keep")
-            return Chipper(indexer, mountpath=self.mountpath, assets=self.item_assets(item))
+            grid = ChipGrid.of(item, int(chip_size), edge="keep")
+            return Chipper(grid, mountpath=self.mountpath, assets=self.item_assets(item))
 
         return CHIPPERS.get(self._owner, (platform, item_id, int(chip_size)), build, self.max_open_items)
 
@@ -341,14 +341,14 @@ class ChipDataset:
 
     def asset_keys(self, chipper: Chipper) -> list[str]:
         """Assets read for an item, in channel order."""
-        return self.item_assets(chipper.indexer.item)
+        return self.item_assets(chipper.chip_grid.item)
 
     def channel_names(self, i: int = 0) -> list[str]:
         """Names of the output channels for row ``i``: ``asset`` or ``asset:band``."""
         chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
         names: list[str] = []
         for key in self.asset_keys(chipper):
-            asset = chipper.indexer.item.assets[key]
+            asset = chipper.chip_grid.item.assets[key]
             count = len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
             positions = self.bands.get(key, list(range(count)))
             if count == 1 and key not in self.bands:
@@ -379,16 +379,16 @@ class ChipDataset:
         chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
         x, y = int(self.x[i]), int(self.y[i])
         if self.label_asset is not None:
-            if self.label_asset not in chipper.indexer.item.assets:
+            if self.label_asset not in chipper.chip_grid.item.assets:
                 raise AssetNotFoundError(
                     f"item {self.item_id[i]!r}: label asset {self.label_asset!r} not found; assets are "
-                    + ", ".join(sorted(chipper.indexer.item.assets))
+                    + ", ".join(sorted(chipper.chip_grid.item.assets))
                 )
-            chipper.indexer.check_chip(x, y)
+            chipper.chip_grid.check_chip(x, y)
             with gdal_env():
                 target = chipper.get_pixels_for_asset(self.label_asset, x, y)[0]
         elif self.label_raster is not None:
-            target = self.label_raster.read(chipper.indexer.grid, x, y, int(self.chip_size[i]))
+            target = self.label_raster.read(chipper.chip_grid.grid, x, y, int(self.chip_size[i]))
         if self.target_dtype is not None:
             target = target.astype(self.target_dtype)
         return target
@@ -479,7 +479,7 @@ class ChipDataset:
     def _asset_channels(self, chipper: Chipper, key: str, all_bands: bool = False) -> int:
         if key in self.bands and not all_bands:
             return len(self.bands[key])
-        asset = chipper.indexer.item.assets[key]
+        asset = chipper.chip_grid.item.assets[key]
         return len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
 
     def metadata(self, i: int) -> dict[str, Any]:
