@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from stacchip import console
 from stacchip.console import echo
-from stacchip.errors import ConfigError, StacchipError
+from stacchip.errors import ConfigError, StacchipError, TaskFailed  # (TaskFailed: importable here as before)
 
 logger = logging.getLogger(__name__)
 
@@ -423,19 +423,6 @@ class RunSummary:
     def ok(self) -> bool:
         """True when every task succeeded."""
         return not self.failed
-
-
-class TaskFailed(StacchipError):
-    """A task did part of its work and failed the rest; ``result`` is what it did.
-
-    Exit status 1: the scheduler re-runs the task, which skips what is done.
-    """
-
-    exit_code = EXIT_TASK_FAILED
-
-    def __init__(self, message: str, result: Any = None) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 def _call(payload: tuple[Callable[[int], Any], int]) -> TaskOutcome:
