@@ -19,6 +19,7 @@ import numpy as np
 
 from stacchip import grid as gridmath
 from stacchip.errors import AssetNotFoundError, ChipOutOfRangeError, ConfigError
+from stacchip.platforms import asset_nodata
 from stacchip.indexer import ChipIndexer
 from stacchip.reader import DatasetCache, LanePool, asset_transform, gdal_env, read_indexed, resolve_href
 
@@ -142,9 +143,9 @@ class Chipper:
 
     def fill_value(self, key: str, file_nodata: float | None) -> float | int:
         """Value for pixels outside an asset: its nodata, else 0."""
-        bands = self.indexer.item.assets[key].extra_fields.get("raster:bands") or []
-        if bands and bands[0].get("nodata") is not None:
-            return bands[0]["nodata"]
+        declared = asset_nodata(self.indexer.item.assets[key])
+        if declared is not None:
+            return declared
         return 0 if file_nodata is None else file_nodata
 
     def get_pixels_for_asset(self, key: str, x: int, y: int) -> np.ndarray:

@@ -54,8 +54,12 @@ from stacchip import storage
 from stacchip.errors import IndexFileError, StorageError
 
 if TYPE_CHECKING:
+    from typing import Unpack
+
     import pyarrow as pa
     import pyarrow.dataset as pads
+
+    from stacchip.index import QueryFilters
 
 MANIFEST_NAME = "_manifest.json"
 FORMAT_KEY = "stacchip_compacted_index"
@@ -221,35 +225,30 @@ def _values(value: str | Sequence[str] | None) -> set[str] | None:
     return {value} if isinstance(value, str) else {str(v) for v in value}
 
 
-def plan(
-    manifest: Mapping[str, Any],
-    *,
-    bbox: Sequence[float] | None = None,
-    start: Any = None,
-    end: Any = None,
-    max_cloud: float | None = None,
-    max_nodata: float | None = None,
-    platform: str | Sequence[str] | None = None,
-    item_id: str | Sequence[str] | None = None,
-) -> list[tuple[str, list[int]]]:
+def plan(manifest: Mapping[str, Any], **filters: Unpack[QueryFilters]) -> list[tuple[str, list[int]]]:
     """Files (relative paths) and row groups that may hold rows passing the filters.
 
-    Filters mean what they mean in :func:`stacchip.index.query` (``bbox`` in
-    degrees, ``minx > maxx`` across the antimeridian; ``start``/``end``
-    inclusive; cloud and nodata fractions). Pruning is conservative: a row group
+    Filters mean what they mean in :func:`stacchip.index.query`
+    (:class:`~stacchip.index.QueryFilters`: ``bbox`` in degrees, ``minx > maxx``
+    across the antimeridian; ``start``/``end`` inclusive; cloud and nodata
+    fractions; platforms; item ids). Pruning is conservative: a row group
     is left out only when its recorded extents prove no row in it can pass (time
     ranges widened by :data:`TIME_MARGIN`); the rows of the kept ones still go
     through the exact filters of the query.
     """
-    boxes = _boxes(bbox)
+    from stacchip.index import check_filters
+
+    active = check_filters(filters, "plan")
+    boxes = _boxes(active.get("bbox"))
+    start, end = active.get("start"), active.get("end")
     t0 = _loose_time(start) if start is not None else None
     t1 = _loose_time(end) if end is not None else None
     lo = t0 - TIME_MARGIN if t0 is not None else None
     hi = t1 + 2 * TIME_MARGIN if t1 is not None else None  # a date end covers its whole day
-    platforms = _values(platform)
-    wanted_items = _values(item_id)
-    cloud_limit = _limit(max_cloud)
-    nodata_limit = _limit(max_nodata)
+    platforms = _values(active.get("platform"))
+    wanted_items = _values(active.get("item_id"))
+    cloud_limit = _limit(active.get("max_cloud"))
+    nodata_limit = _limit(active.get("max_nodata"))
 
     partition_items: dict[str, set[str]] | None = None
     if wanted_items is not None:
@@ -340,7 +339,7 @@ def dataset(
     return pads.FileSystemDataset(fragments, schema=schema_of(manifest), format=fmt, filesystem=fs)
 
 
-def open_compacted(sources: Any, **filters: Any) -> "pads.Dataset | None":
+def open_compacted(sources: Any, **filters: Unpack[QueryFilters]) -> "pads.Dataset | None":
     """The compacted index named by ``sources`` as a dataset, pruned by ``filters`` (see :func:`plan`);
     None when ``sources`` is not a compacted index.
 
@@ -352,6 +351,5 @@ def open_compacted(sources: Any, **filters: Any) -> "pads.Dataset | None":
         return None
     manifest = load(url)
     root = root_of(url)
-    active = {k: v for k, v in filters.items() if v is not None}
-    selection = plan(manifest, **active) if active else None
+    selection = plan(manifest, **filters) if any(v is not None for v in filters.values()) else None
     return dataset(root, manifest, selection)

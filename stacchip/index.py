@@ -44,7 +44,7 @@ import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypedDict, Unpack
 
 import numpy as np
 import pyarrow as pa
@@ -263,6 +263,19 @@ def geometry_wkb(column: pa.Array | pa.ChunkedArray, where: str = "index") -> pa
 
 _LAYOUT_FILE = re.compile(r"^index_(?P<item>.+)\.parquet$")
 _CHIPID_SUFFIX = r"-[0-9]+-[0-9]+$"
+
+
+def bbox_array(rows: pa.Table | pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """``(N, 4)`` float64 ``xmin, ymin, xmax, ymax`` (degrees) of index rows: a table with a
+    ``bbox`` column, or that struct column itself."""
+    column = rows.column("bbox") if isinstance(rows, pa.Table) else rows
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], BBOX_TYPE)
+    if len(column) == 0:
+        return np.zeros((0, 4))
+    return np.column_stack(
+        [np.asarray(column.field(name).to_numpy(zero_copy_only=False), dtype=np.float64) for name in BBOX_FIELDS]
+    )
 
 
 def layout_ids(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
@@ -677,37 +690,67 @@ def _fraction(value: Any, field: str) -> float:
         raise ConfigError(f"{field} = {value!r} is not a fraction (0-1)") from exc
 
 
+class QueryFilters(TypedDict, total=False):
+    """The filters that select index rows, declared once: those of :func:`query`, also taken
+    by :func:`stacchip.ml.load_index`, :class:`~stacchip.ml.ChipDataset` and the
+    compacted-index planner (:func:`stacchip.compacted.plan`). Each is optional; ``None``
+    is no filter.
+
+    ``bbox``: ``(minx, miny, maxx, maxy)`` in degrees, chips intersecting it
+    (``minx > maxx`` crosses the antimeridian). ``start``/``end``: inclusive
+    bounds of ``datetime`` (ISO strings, dates or datetimes, naive meaning UTC;
+    a date ``end`` includes that whole UTC day). ``max_cloud``/``max_nodata``:
+    largest cloud and nodata fractions, 0-1. ``platform``: names of platforms,
+    any alias (:func:`stacchip.platforms.platform_aliases`). ``item_id``: item ids.
+    """
+
+    bbox: Sequence[float] | None
+    start: Any
+    end: Any
+    max_cloud: float | None
+    max_nodata: float | None
+    platform: str | Sequence[str] | None
+    item_id: str | Sequence[str] | None
+
+
+#: Names of the :class:`QueryFilters`.
+FILTERS: tuple[str, ...] = tuple(QueryFilters.__annotations__)
+
+
+def check_filters(filters: Mapping[str, Any], where: str = "query") -> dict[str, Any]:
+    """The filters of ``filters`` that are set (not None); a name that is no filter raises
+    ``TypeError`` as an unknown keyword argument of ``where`` would."""
+    unknown = [name for name in filters if name not in FILTERS]
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(filters: {', '.join(FILTERS)})")
+    return {name: value for name, value in filters.items() if value is not None}
+
+
 def query(
     sources: Any,
     *,
-    bbox: Sequence[float] | None = None,
-    start: Any = None,
-    end: Any = None,
-    max_cloud: float | None = None,
-    max_nodata: float | None = None,
-    platform: str | Sequence[str] | None = None,
-    item_id: str | Sequence[str] | None = None,
     columns: Sequence[str] | None = None,
+    **filters: Unpack[QueryFilters],
 ) -> pa.Table:
-    """Chips matching every given filter.
+    """Chips matching every given filter (:class:`QueryFilters`: ``bbox`` in degrees,
+    ``start``/``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``).
 
-    ``sources`` is a dataset from :func:`open_index` or anything it accepts.
-    ``bbox`` is ``(minx, miny, maxx, maxy)`` in degrees (chips intersecting it;
-    ``minx > maxx`` crosses the antimeridian);
-    ``start``/``end`` bound ``datetime`` inclusively (ISO strings, dates or
-    datetimes, naive meaning UTC; a date ``end`` includes that whole UTC
-    day); ``max_cloud``/``max_nodata`` are fractions; ``platform`` matches
-    any alias of the platform (:func:`stacchip.platforms.platform_aliases`).
+    ``sources`` is a dataset from :func:`open_index` or anything it accepts;
+    ``columns`` picks the columns returned.
     """
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    active = check_filters(filters)
+    bbox, start, end = active.get("bbox"), active.get("start"), active.get("end")
+    max_cloud, max_nodata = active.get("max_cloud"), active.get("max_nodata")
+    platform, item_id = active.get("platform"), active.get("item_id")
     dataset = sources if isinstance(sources, pads.Dataset) else None
     if dataset is None:  # a compacted index: only the files and row groups the filters may hit
         from stacchip.compacted import open_compacted
 
-        dataset = open_compacted(sources, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
-                                 max_nodata=max_nodata, platform=platform, item_id=item_id)
+        dataset = open_compacted(sources, **active)
     if dataset is None:
         dataset = open_index(sources)
     expr = None

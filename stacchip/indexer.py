@@ -30,7 +30,7 @@ from stacchip.errors import (
     ItemError,
 )
 from stacchip.index import index_table, upstream_table
-from stacchip.platforms import canonical_platform
+from stacchip.platforms import asset_nodata, canonical_platform
 from stacchip.projection import Grid, item_grid
 from stacchip.reader import StripReader, asset_transform, gdal_env, resolve_href
 
@@ -541,10 +541,8 @@ class Sentinel1Indexer(ChipIndexer):
     backscatter_assets = ("vv", "vh", "hh", "hv")
 
     def nodata_of(self, key: str, file_nodata: float | None) -> float | None:
-        bands = self.item.assets[key].extra_fields.get("raster:bands") or []
-        if bands and bands[0].get("nodata") is not None:
-            return float(bands[0]["nodata"])
-        return file_nodata
+        declared = asset_nodata(self.item.assets[key])
+        return file_nodata if declared is None else declared
 
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
         keys = [k for k in self.backscatter_assets if k in self.item.assets]

@@ -19,7 +19,6 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 

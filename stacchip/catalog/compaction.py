@@ -59,7 +59,8 @@ import pyarrow as pa
 from stacchip import storage
 from stacchip import compacted as mf
 from stacchip.catalog._io import FileEntry, arrow_filesystem, arrow_path, list_files, normalise, remove, under
-from stacchip.catalog.hilbert import DEFAULT_ORDER, bbox_centres, lonlat_hilbert
+from stacchip.catalog.hilbert import DEFAULT_ORDER, lonlat_hilbert
+from stacchip.encodings import bbox_centres
 from stacchip.errors import ConfigError, IndexFileError, StorageError, StorageNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -348,9 +349,9 @@ def curve_order(table: pa.Table, order: int = DEFAULT_ORDER) -> np.ndarray:
     """Row order along the Hilbert curve of the chip centres (then by ``datetime``)."""
     import pyarrow.compute as pc
 
-    bbox = table.column("bbox")
-    parts = [pc.struct_field(bbox, name).to_numpy() for name in ("xmin", "ymin", "xmax", "ymax")]
-    lon, lat = bbox_centres(*parts)
+    from stacchip.index import bbox_array
+
+    lon, lat = bbox_centres(bbox_array(table))
     h = lonlat_hilbert(lon, lat, order)
     micros = pc.cast(table.column("datetime"), pa.int64()).to_numpy()
     return np.lexsort((micros, h))

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, IndexFileError
 from stacchip.grid import ChipGrid
-from stacchip.platforms import PlatformBands, is_nodata, platform_bands
+from stacchip.platforms import PlatformBands, asset_nodata, is_nodata, platform_bands
 from stacchip.reader import gdal_env
 from stacchip.utils import load_item_under
 
@@ -158,9 +158,9 @@ class _OpenItem:
         ]
 
     def _nodata(self, item: Any, key: str, band: int) -> float | None:
-        bands = item.assets[key].extra_fields.get("raster:bands") or []
-        if band < len(bands) and bands[band].get("nodata") is not None:
-            return float(bands[band]["nodata"])
+        declared = asset_nodata(item.assets[key], band)
+        if declared is not None:
+            return declared
         with gdal_env(), rasterio.open(self.chipper.path(key)) as ds:
             if band < len(ds.nodatavals) and ds.nodatavals[band] is not None:
                 return float(ds.nodatavals[band])

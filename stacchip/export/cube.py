@@ -46,6 +46,7 @@ import pyarrow as pa
 from stacchip import storage
 from stacchip.encodings import bbox_centres, latlon_norm, time_norm
 from stacchip.errors import ConfigError, StorageNotFoundError
+from stacchip.index import bbox_array
 
 if TYPE_CHECKING:
     from stacchip.export.selection import Selection
@@ -108,14 +109,7 @@ def check_manifest(config: Any, selection: Selection) -> None:
 
 def cube_arrays(rows: pa.Table, pixels: np.ndarray, mask: np.ndarray, bands: Sequence[str]) -> dict[str, np.ndarray]:
     """The arrays of one cube from its index rows and its pixels and mask."""
-    bbox = rows.column("bbox").combine_chunks() if rows.num_rows else None
-    if bbox is not None:
-        bounds = np.column_stack(
-            [bbox.field(f).to_numpy(zero_copy_only=False) for f in ("xmin", "ymin", "xmax", "ymax")]
-        )
-    else:
-        bounds = np.zeros((0, 4))
-    lon, lat = bbox_centres(bounds)
+    lon, lat = bbox_centres(bbox_array(rows))
     lat_n, lon_n = latlon_norm(lon, lat)
     times = rows.column("datetime").cast(pa.timestamp("us", tz="UTC")).to_numpy(zero_copy_only=False)
     times = np.asarray(times).astype("datetime64[us]")

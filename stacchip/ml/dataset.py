@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, Unpack
 
 import numpy as np
 import pyarrow as pa
@@ -40,9 +40,9 @@ from stacchip import storage
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
 from stacchip.export.chip_reader import CHIPPERS
-from stacchip.index import index_files, open_index, query
+from stacchip.index import QueryFilters, bbox_array, check_filters, index_files, open_index, query
 from stacchip.grid import ChipGrid
-from stacchip.ml.assets import check_assets, data_asset_keys
+from stacchip.ml.assets import band_count, check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
 from stacchip.platforms import PLATFORMS
@@ -77,30 +77,24 @@ def _describe(index: Any) -> str:
 def load_index(
     index: Any,
     *,
-    bbox: Sequence[float] | None = None,
-    start: Any = None,
-    end: Any = None,
-    max_cloud: float | None = None,
-    max_nodata: float | None = None,
-    platform: str | Sequence[str] | None = None,
-    item_id: str | Sequence[str] | None = None,
     split: str | Sequence[str] | None = None,
+    **filters: Unpack[QueryFilters],
 ) -> pa.Table:
     """Index rows passing the filters, from a table, dataset, files, dirs or prefixes.
 
-    Filters are those of :func:`stacchip.index.query` plus ``split`` (values of
-    the ``split`` column written by :func:`stacchip.ml.splits.assign_splits`).
+    Filters are those of :func:`stacchip.index.query` (:class:`~stacchip.index.QueryFilters`:
+    ``bbox``, ``start``, ``end``, ``max_cloud``, ``max_nodata``, ``platform``,
+    ``item_id``) plus ``split`` (values of the ``split`` column written by
+    :func:`stacchip.ml.splits.assign_splits`).
     """
+    check_filters(filters, "load_index")
     if isinstance(index, pa.Table):
         source: Any = pads.dataset(index)
     elif isinstance(index, pads.Dataset):
         source = index
     else:
         source = open_with_extra_columns(index)
-    table = query(
-        source, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
-        max_nodata=max_nodata, platform=platform, item_id=item_id,
-    )
+    table = query(source, **filters)
     if split is not None:
         if "split" not in table.column_names:
             raise IndexFileError("split filter given but the index has no 'split' column")
@@ -145,9 +139,10 @@ class ChipDataset:
     """Map-style dataset over the chips of an index.
 
     ``index``: a pyarrow Table, a ``pyarrow.dataset.Dataset``, or index files,
-    directories or ``s3://`` prefixes. Filters (``bbox`` in degrees, ``start``/
-    ``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``,
-    ``split``) select rows.
+    directories or ``s3://`` prefixes. Filters select rows: those of
+    :func:`stacchip.index.query` (:class:`~stacchip.index.QueryFilters`: ``bbox``
+    in degrees, ``start``/``end``, ``max_cloud``/``max_nodata`` fractions,
+    ``platform``, ``item_id``) and ``split``.
 
     Items come from ``items`` (an :class:`ItemSource`, or a mapping
     ``item_id -> item/dict/path``), ``root`` (the data root laid out as the
@@ -189,13 +184,6 @@ class ChipDataset:
         assets: Sequence[str] | None = None,
         bands: Mapping[str, Sequence[int]] | None = None,
         mountpath: str | os.PathLike[str] | None = None,
-        bbox: Sequence[float] | None = None,
-        start: Any = None,
-        end: Any = None,
-        max_cloud: float | None = None,
-        max_nodata: float | None = None,
-        platform: str | Sequence[str] | None = None,
-        item_id: str | Sequence[str] | None = None,
         split: str | Sequence[str] | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         normalize: Stats = None,
@@ -204,11 +192,10 @@ class ChipDataset:
         target_dtype: str | None = "int64",
         dtype: str = "float32",
         max_open_items: int = 32,
+        **filters: Unpack[QueryFilters],
     ) -> None:
-        table = load_index(
-            index, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
-            max_nodata=max_nodata, platform=platform, item_id=item_id, split=split,
-        )
+        check_filters(filters, "ChipDataset")
+        table = load_index(index, split=split, **filters)
         self._set_rows(table)
         hrefs: dict[str, str] = {}
         if root is None and items is None:
@@ -285,10 +272,7 @@ class ChipDataset:
         self.timestamp = pc.cast(ts, pa.int64()).to_numpy().astype(np.int64)
         self.cloud = table.column("cloud_cover_percentage").to_numpy().astype(np.float64)
         self.nodata = table.column("nodata_percentage").to_numpy().astype(np.float64)
-        bbox = table.column("bbox").combine_chunks()
-        self.bounds = np.stack(
-            [bbox.field(k).to_numpy().astype(np.float64) for k in ("xmin", "ymin", "xmax", "ymax")], axis=1
-        ) if len(bbox) else np.zeros((0, 4))
+        self.bounds = bbox_array(table)
         self.split = (
             np.asarray(table.column("split").to_pylist(), dtype=object)
             if "split" in table.column_names else None
@@ -348,8 +332,7 @@ class ChipDataset:
         chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
         names: list[str] = []
         for key in self.asset_keys(chipper):
-            asset = chipper.chip_grid.item.assets[key]
-            count = len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
+            count = band_count(chipper.chip_grid.item.assets[key]) or 1
             positions = self.bands.get(key, list(range(count)))
             if count == 1 and key not in self.bands:
                 names.append(key)
@@ -479,8 +462,7 @@ class ChipDataset:
     def _asset_channels(self, chipper: Chipper, key: str, all_bands: bool = False) -> int:
         if key in self.bands and not all_bands:
             return len(self.bands[key])
-        asset = chipper.chip_grid.item.assets[key]
-        return len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
+        return band_count(chipper.chip_grid.item.assets[key]) or 1
 
     def metadata(self, i: int) -> dict[str, Any]:
         """Metadata of row ``i`` (no pixels)."""

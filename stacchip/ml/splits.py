@@ -33,8 +33,9 @@ import pyarrow.compute as pc
 import pyproj
 import shapely
 
-from stacchip.errors import ConfigError, IndexFileError
 from stacchip.encodings import bbox_centres
+from stacchip.errors import ConfigError, IndexFileError
+from stacchip.index import bbox_array
 
 #: Equal-area CRS in metres used for metric blocks and areas.
 EQUAL_AREA_CRS = "EPSG:6933"
@@ -57,11 +58,6 @@ def tile_of(item_id: str) -> str:
 
 def _to_equal_area() -> pyproj.Transformer:
     return pyproj.Transformer.from_crs("OGC:CRS84", EQUAL_AREA_CRS, always_xy=True)
-
-
-def _bbox_arrays(table: pa.Table) -> np.ndarray:
-    bbox = table.column("bbox").combine_chunks()
-    return np.stack([bbox.field(k).to_numpy().astype(np.float64) for k in ("xmin", "ymin", "xmax", "ymax")], axis=1)
 
 
 def _project(x: np.ndarray, y: np.ndarray, units: str) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +90,7 @@ def block_ids(
     if by != "grid":
         raise ConfigError(f"split by={by!r}: choose 'grid', 'tile' or 'item'")
     size = _check_size(block_size, units)
-    b = _bbox_arrays(table)
+    b = bbox_array(table)
     # chip centres; a chip across the antimeridian (bbox wider than 180 degrees) has its
     # centre near +-180, not near 0
     lon, lat = bbox_centres(b)
