@@ -290,6 +290,25 @@ def asset_transform(ds: Any, item: Any, key: str, fine: Any) -> Any:
     return transform
 
 
+def check_fill(fill: Any, dtype: Any, what: str) -> Any:
+    """``fill`` (a nodata value for pixels outside a raster) if ``dtype`` can hold it,
+    else :class:`~stacchip.errors.ItemError` naming ``what`` (writing -9999 into
+    uint8 would wrap around silently)."""
+    from stacchip.errors import ItemError
+
+    dt = np.dtype(dtype)
+    try:
+        value = float(fill)
+    except (TypeError, ValueError) as exc:
+        raise ItemError(f"{what}nodata {fill!r} is not a number") from exc
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        if not (np.isfinite(value) and value == int(value) and info.min <= value <= info.max):
+            raise ItemError(f"{what}nodata {fill!r} does not fit the band's data type {dt.name}")
+        return int(value)
+    return value
+
+
 def _span(idx: np.ndarray) -> tuple[int, int]:
     return int(idx.min()), int(idx.max()) + 1
 
@@ -314,6 +333,7 @@ def read_indexed(
     count = ds.count if indexes is None else len(indexes)
     out_dtype = ds.dtypes[0]
     if cr0 >= cr1 or cc0 >= cc1:
+        fill = check_fill(fill, out_dtype, f"{what}(href {ds.name!r}) ")
         return np.full((count, len(rows), len(cols)), fill, dtype=out_dtype)
     try:
         data = ds.read(
@@ -325,6 +345,7 @@ def read_indexed(
     cc = cols - cc0
     if cr0 == r0 and cr1 == r1 and cc0 == c0 and cc1 == c1:
         return gather(data, rr, cc)
+    fill = check_fill(fill, out_dtype, f"{what}(href {ds.name!r}) ")  # pixels outside are filled
     inside_r = (rr >= 0) & (rr < data.shape[1])
     inside_c = (cc >= 0) & (cc < data.shape[2])
     out = gather(data, np.clip(rr, 0, data.shape[1] - 1), np.clip(cc, 0, data.shape[2] - 1))

@@ -78,9 +78,15 @@ def load_item_under(root: str | os.PathLike[str], platform: str, item_id: str) -
 def _load(url: str | os.PathLike[str], within: tuple[str, str, str] | None) -> pystac.Item:
     raw = storage.read_bytes(url)
     try:
-        item = pystac.Item.from_dict(json.loads(raw), migrate=False)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ItemError(f"{str(url)!r} is not a STAC item: {exc}") from exc
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ItemError(f"{str(url)!r} is not a STAC item: not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ItemError(f"{str(url)!r} is not a STAC item: a JSON {type(data).__name__}, not an object")
+    try:
+        item = pystac.Item.from_dict(data, migrate=False)
+    except Exception as exc:  # noqa: BLE001 - pystac raises many types for malformed dicts
+        raise ItemError(f"{str(url)!r} is not a STAC item: {type(exc).__name__}: {exc}") from exc
     base = str(url)
     if "://" not in base:
         base = str(storage.local_path(base).resolve())

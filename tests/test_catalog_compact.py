@@ -283,14 +283,14 @@ def test_stray_part_files_without_manifest_are_not_taken_over(compacted):
 
 
 def test_extra_columns_are_carried(tmp_path):
-    write_item(tmp_path, "X1", S2, dt.datetime(2022, 1, 1, tzinfo=UTC), 0, 0, extra={"collection": "c1"})
+    write_item(tmp_path, "X1", S2, dt.datetime(2022, 1, 1, tzinfo=UTC), 0, 0, extra={"split": "train"})
     write_item(tmp_path, "X2", S2, dt.datetime(2022, 2, 1, tzinfo=UTC), 1, 0)
     dest = tmp_path / "c"
     compact(tmp_path / "index", dest, row_group_rows=RG, file_rows=FILE_ROWS)
     table = open_index(dest).to_table()
-    assert table.schema.names == SCHEMA.names + ["collection"]
-    values = dict(zip(table.column("item_id").to_pylist(), table.column("collection").to_pylist()))
-    assert values == {"X1": "c1", "X2": None}
+    assert table.schema.names == SCHEMA.names + ["split"]
+    values = dict(zip(table.column("item_id").to_pylist(), table.column("split").to_pylist()))
+    assert values == {"X1": "train", "X2": None}
 
 
 def test_unsafe_manifest_paths_are_refused(compacted):
@@ -404,11 +404,18 @@ def test_chip_dataset_finds_items_through_the_manifest(compacted, monkeypatch):
     def no_footers(files):
         raise AssertionError("footers read")
 
+    import stacchip.ml.items as mli
+    from stacchip.errors import ItemError
+
     monkeypatch.setattr(mld, "hrefs_from_index", no_footers)
-    ds = mld.ChipDataset(dest, bbox=(-10.0, 36.0, -9.0, 40.0))
-    assert len(ds) > 0
-    assert ds.items.hrefs["T00-2021"] == f"/data/{LS}/T00-2021/stac_item.json"
-    assert ds.items.location(LS, "T00-2021") == f"/data/{LS}/T00-2021/stac_item.json"
+    monkeypatch.setattr(mli, "hrefs_from_index", no_footers)
+    items = mli.ItemSource.from_index(dest)
+    assert items.hrefs["T00-2021"] == f"/data/{LS}/T00-2021/stac_item.json"
+    assert items.location(LS, "T00-2021") == f"/data/{LS}/T00-2021/stac_item.json"
+    # ChipDataset checks its assets against the items at construction: it looks them up
+    # at the manifest's hrefs (these test items do not exist, so that lookup is what fails)
+    with pytest.raises(ItemError, match=f"/data/{LS}/T00-2021/stac_item.json"):
+        mld.ChipDataset(dest, bbox=(-10.0, 36.0, -9.0, 40.0))
 
 
 # --- other readers and the validator --------------------------------------------------------------

@@ -115,7 +115,8 @@ def _item(rows: int, cols: int):
     import pystac
 
     return pystac.Item.from_dict({
-        "type": "Feature", "stac_version": "1.0.0", "id": "g", "geometry": None, "links": [], "assets": {},
+        "type": "Feature", "stac_version": "1.0.0", "id": "g", "geometry": None, "links": [],
+        "assets": {"b": {"href": "b.tif"}},
         "properties": {"datetime": "2024-05-01T10:30:00Z", "proj:epsg": 32633, "proj:shape": [rows, cols],
                        "proj:transform": [10, 0, 500000, 0, -10, 4000000]},
     })

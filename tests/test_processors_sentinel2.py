@@ -159,3 +159,103 @@ def test_upstream_entry_point_still_works(s2_setup, monkeypatch):
         key for i in ids for key in (f"index/{PLATFORM}/{i}/index_{i}.parquet",
                                      f"index/{PLATFORM}/{i}/.index_{i}.parquet.sha256.json")
     )
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_sentinel2_aligned_layout_against_copy(s2_setup, tmp_path):
+    """The same task in both layouts: copy keeps the source bytes, aligned re-tiles them to the
+    chip grid (64 px tiles at 10 m, 32 px at 20 m, ZSTD) with identical pixels, index and chips."""
+    import boto3
+    import numpy as np
+    import rasterio
+
+    from stacchip.chipper import Chipper
+    from stacchip.indexer import Sentinel2Indexer
+    from stacchip.processors.layout import multihash_sha256
+    from stacchip.utils import load_indexer_s3
+
+    env, endpoint, tag = s2_setup["env"], s2_setup["endpoint"], s2_setup["tag"]
+    client = boto3.client("s3", endpoint_url=endpoint)
+    copy_bucket = s2_setup["bucket"]
+    aligned_bucket = new_bucket(endpoint, "aligned")
+    chip = 64
+    copy_run = run_script("stacchip-sentinel-2", {**env, "STACCHIP_CHIP_SIZE": str(chip)})
+    assert copy_run.returncode == 0, copy_run.stderr[-3000:]
+    aligned_run = run_script(
+        "stacchip-sentinel-2",
+        {**env, "STACCHIP_BUCKET": aligned_bucket, "STACCHIP_CHIP_SIZE": str(chip), "STACCHIP_LAYOUT": "aligned"},
+    )
+    assert aligned_run.returncode == 0, aligned_run.stderr[-3000:]
+    done = {f"S2A_{tag}_Q1_CLOUD10", f"S2A_{tag}_Q2_CLOUD40"}
+    for run in (copy_run, aligned_run):
+        assert {r["item_id"]: r["status"] for r in records(run)} == {i: "done" for i in done}
+
+    def strip(objects, bucket):
+        return {k for k in objects if not k.startswith("_claims/")}
+
+    copy_objects = bucket_objects(endpoint, copy_bucket)
+    aligned_objects = bucket_objects(endpoint, aligned_bucket)
+    assert strip(copy_objects, copy_bucket) == strip(aligned_objects, aligned_bucket)
+
+    def body(bucket, key):
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    source = {a["href"].rsplit("/", 1)[1]: a for a in s2_setup["items"][0]["assets"].values()}
+    for item_id in done:
+        prefix = f"{PLATFORM}/{item_id}/"
+        copy_item = json.loads(body(copy_bucket, prefix + "stac_item.json"))
+        aligned_item = json.loads(body(aligned_bucket, prefix + "stac_item.json"))
+        assert set(aligned_item["assets"]) == COPIED
+        for key, asset in aligned_item["assets"].items():
+            name = asset["href"].rsplit("/", 1)[1]
+            assert asset["href"] == f"s3://{aligned_bucket}/{prefix}{name}"
+            src_asset = source[name]
+            src_bytes = body(s2_setup["source"], src_asset["href"].removeprefix(f"s3://{s2_setup['source']}/"))
+            # the default layout copies byte for byte
+            assert _sha256(body(copy_bucket, prefix + name)) == _sha256(src_bytes)
+            assert copy_item["assets"][key]["href"] == f"s3://{copy_bucket}/{prefix}{name}"
+            # the grid is unchanged
+            assert asset["proj:shape"] == src_asset["proj:shape"]
+            assert asset["proj:transform"] == src_asset["proj:transform"]
+            local = tmp_path / f"{item_id}-{name}"
+            local.write_bytes(body(aligned_bucket, prefix + name))
+            assert asset["file:size"] == local.stat().st_size
+            assert asset["file:checksum"] == multihash_sha256(local)
+            src_local = tmp_path / f"src-{name}"
+            src_local.write_bytes(src_bytes)
+            with rasterio.open(local) as ds, rasterio.open(src_local) as sds:
+                fine = src_asset["proj:transform"][0] == 200.0  # 10 m bands, scaled by 20
+                assert ds.block_shapes[0] == ((chip, chip) if fine else (chip // 2, chip // 2)), key
+                assert sds.block_shapes[0] != ds.block_shapes[0]
+                assert ds.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "ZSTD"
+                assert (ds.crs, ds.transform, ds.nodata) == (sds.crs, sds.transform, sds.nodata)
+                np.testing.assert_array_equal(ds.read(), sds.read())
+
+    copy_index = read_index(f"s3://{copy_bucket}/index/{PLATFORM}/").sort_by("chipid")
+    aligned_index = read_index(f"s3://{aligned_bucket}/index/{PLATFORM}/").sort_by("chipid")
+    assert aligned_index.num_rows == copy_index.num_rows > 0
+    assert aligned_index.equals(copy_index)
+
+    item_id = f"S2A_{tag}_Q1_CLOUD10"
+    a = Chipper(load_indexer_s3(copy_bucket, PLATFORM, item_id, indexer=Sentinel2Indexer, chip_size=chip))
+    b = Chipper(load_indexer_s3(aligned_bucket, PLATFORM, item_id, indexer=Sentinel2Indexer, chip_size=chip))
+    with a, b:
+        assert a.path("red").startswith("/vsis3/" + copy_bucket) and b.path("red").startswith("/vsis3/" + aligned_bucket)
+        assert len(a) == len(b) > 20
+        for (xa, ya, ca), (xb, yb, cb) in zip(a, b):
+            assert (xa, ya) == (xb, yb) and set(ca) == set(cb) == COPIED
+            for key in ca:
+                np.testing.assert_array_equal(ca[key], cb[key])
+
+
+def test_sentinel2_aligned_layout_refuses_chip_sizes_it_cannot_tile(s2_setup):
+    env = {**s2_setup["env"], "STACCHIP_LAYOUT": "aligned", "STACCHIP_CHIP_SIZE": "100"}
+    proc = run_script("stacchip-sentinel-2", env)
+    assert proc.returncode == 2
+    assert "STACCHIP_CHIP_SIZE" in proc.stderr and "multiple of 16" in proc.stderr
+    assert bucket_objects(s2_setup["endpoint"], s2_setup["bucket"]) == {}

@@ -76,8 +76,12 @@ class ItemSource:
         :class:`ConfigError` when none of the files records an ``item_href``
         (indexes written by the processors do not: use a data root instead).
         """
+        from stacchip.compacted import hrefs_for
         from stacchip.index import index_files
 
+        found = hrefs_for(index)  # a compacted index: hrefs from its manifest, no footer reads
+        if found:
+            return cls(hrefs=found, max_cached=max_cached)
         files = index_files(index)
         hrefs = hrefs_from_index(files)
         if not hrefs:

@@ -152,6 +152,21 @@ class Processor:
             help="largest nodata fraction (0-1) of an indexed chip (env STACCHIP_CHIP_MAX_NODATA; "
             f"default {cls.default_chip_max_nodata:g})",
         )
+        from stacchip.processors import layout
+
+        parser.add_argument(
+            "--layout", default=None, choices=layout.LAYOUTS,
+            help=f"asset files in the bucket: copy (byte for byte) or aligned (re-tiled to the chip grid, ZSTD) "
+            f"(env {layout.LAYOUT_VAR}; default {layout.DEFAULT_LAYOUT})",
+        )
+        parser.add_argument(
+            "--zstd-level", type=int, default=None,
+            help=f"ZSTD level 1-22 of aligned files (env {layout.ZSTD_LEVEL_VAR}; default {layout.ZSTD_LEVEL})",
+        )
+        parser.add_argument(
+            "--overviews", action="store_true", default=None,
+            help=f"write overviews into aligned files (env {layout.OVERVIEWS_VAR}; default off)",
+        )
         cls.add_arguments(parser)
         jobs.add_job_arguments(parser)
         return parser
@@ -198,6 +213,7 @@ class Processor:
             flag="--chip-max-nodata", minimum=0, maximum=1,
         )
         s["dry_run"] = jobs.env_bool(args.dry_run, "STACCHIP_DRY_RUN", False)
+        _layout_settings(args, s)
         cls.configure(args, s)
         return s
 
@@ -223,8 +239,13 @@ class Processor:
         return self._catalog
 
     def publisher(self, index: int) -> Publisher:
-        """The publisher for task ``index``."""
-        return Publisher(Bucket(self.settings["bucket"]), f"{self.name}/{index}", self.settings["dry_run"])
+        """The publisher for task ``index`` (in the layout the settings ask for)."""
+        from stacchip.processors.layout import layout_from
+
+        return Publisher(
+            Bucket(self.settings["bucket"]), f"{self.name}/{index}", self.settings["dry_run"],
+            layout=layout_from(self.settings),
+        )
 
     def sample(self, index: int) -> Any:
         """Row ``index`` of the sample file."""
@@ -235,6 +256,20 @@ class Processor:
     def run_task(self, index: int) -> list[Outcome]:
         """Pick and publish the items of task ``index``."""
         raise NotImplementedError
+
+
+def _layout_settings(args: argparse.Namespace, s: dict[str, Any]) -> None:
+    """``layout``, ``zstd_level``, ``overviews`` into ``s``; checks the chip size for the aligned layout."""
+    from stacchip.processors import layout
+
+    s["layout"] = layout.check_layout(
+        jobs.env_str(getattr(args, "layout", None), layout.LAYOUT_VAR, layout.DEFAULT_LAYOUT)
+    )
+    s["zstd_level"] = jobs.env_int(
+        getattr(args, "zstd_level", None), layout.ZSTD_LEVEL_VAR, layout.ZSTD_LEVEL, flag="--zstd-level", minimum=1
+    )
+    s["overviews"] = jobs.env_bool(getattr(args, "overviews", None), layout.OVERVIEWS_VAR, False)
+    layout.layout_from(s)  # raises ConfigError for a chip size or level the layout cannot write
 
 
 @functools.lru_cache(maxsize=4)

@@ -28,6 +28,9 @@ Promises:
 * Two tasks never write the same key: before writing, a task creates the
   item's claim with a create-if-absent write; an item claimed by another task
   is left to that task (which finishes it when it is re-run).
+* Assets are copied byte for byte unless the publisher is given an
+  :class:`~stacchip.processors.layout.AlignedLayout`: GeoTIFF assets are then
+  re-tiled to the chip grid (see :mod:`stacchip.processors.layout`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from stacchip import storage
 from stacchip.errors import ConfigError, StorageNotFoundError
 from stacchip.index import index_bytes
 from stacchip.indexer import ChipIndexer
+from stacchip.processors.layout import AlignedLayout, AlignedWriter
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +188,19 @@ class Publisher:
 
     ``owner`` names the task (``"sentinel-2/17"``); it is stored in each claim.
     With ``dry_run`` nothing is written and :meth:`publish` returns the plan.
+    ``layout`` None copies assets byte for byte; an :class:`AlignedLayout`
+    re-tiles GeoTIFF assets to the chip grid.
     """
 
-    def __init__(self, bucket: Bucket, owner: str, dry_run: bool = False) -> None:
+    def __init__(
+        self, bucket: Bucket, owner: str, dry_run: bool = False, layout: AlignedLayout | None = None
+    ) -> None:
         self.bucket = bucket
         self.owner = owner
         self.dry_run = dry_run
         #: When this task started: temporary files older than this are left by killed runs.
         self.started = time.time()
+        self.layout = layout
 
     # --- ownership ---------------------------------------------------------------------------
 
@@ -288,10 +297,15 @@ class Publisher:
         for key in list(item.assets):
             if key not in plan:
                 del item.assets[key]
+        aligned = AlignedWriter(self.layout, item) if self.layout is not None else None
         for key, dst in dsts.items():
-            self._write_asset(plan[key], dst, f"{item_id} asset {key!r}")
+            fields = self._write_asset(plan[key], dst, f"{item_id} asset {key!r}", key, aligned)
             asset = item.assets[key]
             asset.href = dst
+            if fields is not None:  # a new file: the source's size and checksum no longer apply
+                asset.extra_fields.pop("file:size", None)
+                asset.extra_fields.pop("file:checksum", None)
+                asset.extra_fields.update(fields)
             asset.extra_fields.pop("alternate", None)
             asset.extra_fields.pop("alternate:name", None)
         item.clear_links()
@@ -324,10 +338,22 @@ class Publisher:
             storage.remove_stale_temps_in(str(folder), before=self.started)
         storage.remove_stale_temps(self.bucket.claim_url(platform, item_id), before=self.started)
 
-    def _write_asset(self, plan: AssetPlan, dst: str, what: str) -> None:
+    def _write_asset(
+        self, plan: AssetPlan, dst: str, what: str, key: str = "", aligned: AlignedWriter | None = None
+    ) -> dict[str, Any] | None:
+        """Write one asset at ``dst``; returns the asset fields of a re-encoded file
+        (aligned layout), None for a byte-for-byte copy."""
         if storage.exists_retry(dst):  # whole by construction: written atomically by an earlier run
             logger.info("%s: %s already there", what, dst)
-            return
+            return {} if aligned is not None and aligned.retiles(plan.filename) else None
+        if aligned is not None and aligned.retiles(plan.filename):
+            return aligned.write(key, plan.filename, lambda tmp: self._produce(plan, tmp, what), dst, what)
+        self._produce(plan, dst, what)
+        return None
+
+    @staticmethod
+    def _produce(plan: AssetPlan, dst: str, what: str) -> None:
+        """Copy (from the first source that exists) or render the asset's bytes to ``dst``."""
         if isinstance(plan, CopyAsset):
             last: Exception | None = None
             for src in plan.sources:
