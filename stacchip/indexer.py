@@ -51,6 +51,8 @@ def as_item(item: Any) -> pystac.Item:
         raise ItemError(f"expected a pystac.Item or STAC item dict, got {type(item).__name__}")
     if not isinstance(item.id, str) or not item.id:
         raise ItemError(f"item id {item.id!r} is not a non-empty string")
+    if item.collection_id is not None and not isinstance(item.collection_id, str):
+        raise ItemError(f"item {item.id!r}: collection {item.collection_id!r} is not a string")
     if not item.assets:
         raise ItemError(f"item {item.id!r} has no assets")
     for key, asset in item.assets.items():
