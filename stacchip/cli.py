@@ -151,7 +151,8 @@ def cmd_chip(args: argparse.Namespace) -> int:
     with Chipper(grid, assets=assets, native=args.native) as chipper:
         chip = chipper.chip(int(row["chip_index_x"]), int(row["chip_index_y"]))
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **chip)
+    save: Any = np.savez_compressed  # numpy's stub types **kwds as its allow_pickle flag
+    save(buffer, **chip)
     storage.write_bytes(args.out, buffer.getvalue())
     shapes = ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in chip.items())
     echo(f"{args.chipid}: {shapes} written to {args.out}")

@@ -79,6 +79,13 @@ class AssetReadError(StacchipError, OSError):
     exit_code = EXIT_RETRY
 
 
+class AssetNotRasterError(AssetReadError):
+    """An asset's href does not exist or is not a raster GDAL can read: bad input,
+    not worth retrying."""
+
+    exit_code = EXIT_INPUT
+
+
 # --- index files ---------------------------------------------------------------
 
 

@@ -221,7 +221,7 @@ class DatasetCache:
             try:
                 ds = rasterio.open(path)
             except (RasterioError, OSError) as exc:
-                raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
+                raise open_error(path, what, exc) from exc
             handles[path] = ds
         return ds
 
@@ -307,6 +307,26 @@ def check_fill(fill: Any, dtype: Any, what: str) -> Any:
             raise ItemError(f"{what}nodata {fill!r} does not fit the band's data type {dt.name}")
         return int(value)
     return value
+
+
+#: GDAL messages of a file that is missing or not a raster (not a transient failure).
+_NOT_RASTER = ("not recognized as being in a supported file format", "not recognized as a supported file format",
+               "no such file or directory", "does not exist in the file system", "not a tiff",
+               "http response code: 404", "http response code: 403")
+
+
+def open_error(path: str, what: str, exc: Exception) -> AssetReadError:
+    """The error for a dataset that cannot be opened: :class:`AssetNotRasterError`
+    (exit 2) for a local file (missing, or one GDAL cannot read as a raster) and
+    for remote objects GDAL reports missing or unreadable, else
+    :class:`AssetReadError` (exit 1, worth retrying: network, service)."""
+    from stacchip.errors import AssetNotRasterError
+
+    text = str(exc).lower()
+    local = not path.startswith("/vsi")
+    if local or any(token in text for token in _NOT_RASTER):
+        return AssetNotRasterError(f"cannot open {what}href {path!r}: not a readable raster: {exc}")
+    return AssetReadError(f"cannot open {what}href {path!r}: {exc}")
 
 
 def _span(idx: np.ndarray) -> tuple[int, int]:
@@ -486,7 +506,7 @@ class StripReader:
         try:
             self._ds = rasterio.open(self.path)
         except (RasterioError, OSError) as exc:
-            raise AssetReadError(f"cannot open {self.what}href {self.path!r}: {exc}") from exc
+            raise open_error(self.path, self.what, exc) from exc
 
     @property
     def dataset(self) -> Any:

@@ -191,3 +191,17 @@ def test_duplicate_chip_ids_stop_prechip_with_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "duplicate" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "not-a-raster"])
+def test_qa_file_missing_or_not_a_raster_exits_2(tmp_path: Path, what: str) -> None:
+    base = real_item("sentinel-2")
+    scl = tmp_path / "scl.tif"
+    if what == "not-a-raster":
+        scl.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    base["assets"] = {"scl": {**base["assets"]["scl"], "href": str(scl)}}
+    item = tmp_path / "item.json"
+    item.write_text(json.dumps(base))
+    line = _one_line_error(_run("index", str(item), "--out", str(tmp_path / "i.parquet")), "'scl'", "scl.tif")
+    assert "not a readable raster" in line
+    assert not (tmp_path / "i.parquet").exists()

@@ -216,7 +216,7 @@ def render_mosaic(
     for k, chip in enumerate(stack):
         arr = np.repeat(chip, 3, axis=0) if chip.shape[0] == 1 else chip
         img = Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), "RGB")
-        img = img.resize((tile, tile), Image.NEAREST)
+        img = img.resize((tile, tile), Image.Resampling.NEAREST)
         x0 = gap + (k % cols) * (tile + gap)
         y0 = gap + (k // cols) * (tile + gap)
         canvas.paste(img, (x0, y0))
