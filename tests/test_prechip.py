@@ -5,6 +5,7 @@ loopback S3 server. (Its parts: tests/test_export_*.py, tests/test_encodings.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -181,7 +182,7 @@ def test_existing_cubes_are_skipped(scenes: dict[str, Any], tmp_path: Path) -> N
     Path(first[2]).unlink()
     assert prechip.run_job(0, cfg) == [first[2]]
     assert Path(first[0]).stat().st_mtime_ns == stamps[first[0]]
-    cfg.overwrite = True
+    cfg = dataclasses.replace(cfg, overwrite=True)
     assert len(prechip.run_job(0, cfg)) == 3
     assert load_cube(first[1])["pixels"].shape[0] == 8
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
@@ -288,7 +289,7 @@ def test_items_lacking_a_band_are_left_out_up_front(scenes: dict[str, Any], tmp_
     del item["assets"]["swir22"]
     broken.write_text(json.dumps(item))
     cfg = config(scenes, tmp_path / "out", partial=True, cubes_per_job=100, cube_size=2)
-    cfg.data = str(data)
+    cfg = dataclasses.replace(cfg, data=str(data))
     everything = prechip.select_chips(cfg.index, PLATFORM, None, None)
     with caplog.at_level("WARNING", logger="stacchip.processors.prechip"):
         selection = prechip.prepare(cfg)

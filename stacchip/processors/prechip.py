@@ -50,7 +50,6 @@ import argparse
 import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,7 +113,7 @@ from stacchip.export.selection import (  # noqa: F401  (moved; importable from h
     prepare,
     select_chips,
 )
-from stacchip.processors import jobs
+from stacchip.processors import jobs, settings
 from stacchip.platforms import (  # noqa: F401  (upstream names)
     LINZ_BANDS,
     LS_BANDS,
@@ -138,32 +137,66 @@ DEFAULT_BATCH_BYTES = 1024**3
 # --- making cubes ----------------------------------------------------------------------------------
 
 
-@dataclass
+def _compress_level(text: str, label: str) -> int:
+    level = settings.Integer(minimum=0).read(text, label)
+    if level > 9:
+        raise ConfigError(f"compression level must be 0..9, got {level} ({label})")
+    return level
+
+
+@dataclass(frozen=True)
 class PrechipConfig:
-    """Everything a prechip job needs.
+    """Everything a prechip job needs; also the table of ``stacchip-prechip``'s settings (flag,
+    environment variable, type, default, unit, help: :mod:`stacchip.processors.settings`).
 
     ``data``: root holding ``{platform}/{item_id}/stac_item.json`` (local path,
     ``s3://`` URL); ``index``: index file(s), directory or prefix; ``output``:
     where ``{VERSION}/{platform}/cube_{k}.npz`` go. Fractions are 0-1.
     """
 
-    data: str
-    index: Any
-    output: str
-    platform: str | None = None
-    cube_size: int = CUBESIZE
-    cubes_per_job: int = 10
-    seed: int = DEFAULT_SEED
-    max_nodata: float | None = DEFAULT_MAX_NODATA
-    max_cloud: float | None = None
-    overwrite: bool = False
-    partial: bool = False
-    mountpath: str | None = None
+    data: str = settings.setting(
+        flag="--data", env="STACCHIP_DATA_BUCKET", kind=settings.Location(), required=True,
+        help="scenes root: bucket name, s3:// URL or path")
+    index: Any = settings.setting(
+        flag="--indexpath", env="STACCHIP_INDEXPATH", kind=settings.IndexPath(), required=True,
+        help="merged index, directory or s3:// prefix of index files")
+    output: str = settings.setting(
+        flag="--chips", env="STACCHIP_CHIP_BUCKET", kind=settings.Location(), required=True,
+        help="where cubes go: bucket name, s3:// URL or path")
+    platform: str | None = settings.setting(None, flag="--platform", env="STACCHIP_PLATFORM", help="platform to cube")
+    cube_size: int = settings.setting(
+        CUBESIZE, flag="--cube-size", env="STACCHIP_CUBE_SIZE", kind=settings.Integer(1), unit="chips",
+        help="chips per cube")
+    cubes_per_job: int = settings.setting(
+        10, flag="--cubes-per-job", env="STACCHIP_CUBES_PER_JOB", kind=settings.Integer(1), unit="cubes",
+        help="cubes per array task")
+    seed: int = settings.setting(
+        DEFAULT_SEED, flag="--seed", env="STACCHIP_SEED", kind=settings.Integer(0), help="shuffle seed")
+    max_nodata: float | None = settings.setting(
+        DEFAULT_MAX_NODATA, flag="--max-nodata", env="STACCHIP_MAX_NODATA", kind=settings.Fraction(optional=True),
+        unit="fraction 0-1 or 'none'", help="largest nodata fraction of a chip")
+    max_cloud: float | None = settings.setting(
+        None, flag="--max-cloud", env="STACCHIP_MAX_CLOUD", kind=settings.Fraction(optional=True),
+        unit="fraction 0-1 or 'none'", help="largest cloud fraction of a chip")
+    overwrite: bool = settings.setting(
+        False, flag="--overwrite", env="STACCHIP_OVERWRITE", kind=settings.Bool(), help="rewrite cubes that exist")
+    partial: bool = settings.setting(
+        False, flag="--partial", env="STACCHIP_PARTIAL_CUBES", kind=settings.Bool(),
+        help="also write the last, incomplete cube")
+    mountpath: str | None = settings.setting(
+        None, flag="--mountpath", env="STACCHIP_MOUNTPATH", help="re-root asset hrefs under this local directory")
+    #: Memory for the pixels of the cubes assembled at once (not a flag).
     batch_bytes: int = DEFAULT_BATCH_BYTES
-    dry_run: bool = False
-    compress_level: int = DEFAULT_COMPRESS_LEVEL
+    dry_run: bool = settings.setting(
+        False, flag="--dry-run", env="STACCHIP_DRY_RUN", kind=settings.Bool(), shared=True,
+        help="print what would be written; write nothing")
+    compress_level: int = settings.setting(
+        DEFAULT_COMPRESS_LEVEL, flag="--compress-level", env="STACCHIP_COMPRESS_LEVEL",
+        kind=settings.Custom(_compress_level, "integer"), unit="zlib level 0-9", help="compression of the npz")
     #: Accept a selection that makes no cube (else :class:`EmptySelectionError`).
-    allow_empty: bool = False
+    allow_empty: bool = settings.setting(
+        False, flag="--allow-empty", env="STACCHIP_ALLOW_EMPTY", kind=settings.Bool(),
+        help="exit 0 when the index and filters select no cube, or this job has none (else exit 2 saying why)")
 
 
 def job_cubes(job_index: int, cubes_per_job: int, n_cubes: int) -> list[int]:
@@ -282,66 +315,20 @@ fraction_setting = jobs.env_fraction
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of ``stacchip-prechip``."""
+    """Flags of ``stacchip-prechip`` (from the table :class:`PrechipConfig`)."""
     p = ArgumentParser(
         prog="stacchip-prechip",
         description="Write shuffled npz cubes of indexed chips (array job or local process pool).",
     )
-    p.add_argument("--data", help="scenes root: bucket name, s3:// URL or path (env STACCHIP_DATA_BUCKET)")
-    p.add_argument("--indexpath", help="merged index, directory or s3:// prefix of index files (env STACCHIP_INDEXPATH)")
-    p.add_argument("--chips", help="where cubes go: bucket name, s3:// URL or path (env STACCHIP_CHIP_BUCKET)")
-    p.add_argument("--platform", help="platform to cube (env STACCHIP_PLATFORM)")
-    p.add_argument("--cubes-per-job", type=int, help="cubes per array task (env STACCHIP_CUBES_PER_JOB, default 10)")
-    p.add_argument("--cube-size", type=int, help=f"chips per cube (env STACCHIP_CUBE_SIZE, default {CUBESIZE})")
-    p.add_argument("--max-nodata", help="largest nodata fraction, 0-1 or 'none' (env STACCHIP_MAX_NODATA, "
-                   f"default {DEFAULT_MAX_NODATA})")
-    p.add_argument("--max-cloud", help="largest cloud fraction, 0-1 or 'none' (env STACCHIP_MAX_CLOUD, default none)")
-    p.add_argument("--seed", type=int, help=f"shuffle seed (env STACCHIP_SEED, default {DEFAULT_SEED})")
-    p.add_argument("--mountpath", help="re-root asset hrefs under this local directory (env STACCHIP_MOUNTPATH)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="rewrite cubes that exist")
-    p.add_argument("--partial", action="store_true", default=None,
-                   help="also write the last, incomplete cube (env STACCHIP_PARTIAL_CUBES)")
-    p.add_argument("--compress-level", type=int, help="zlib level of the npz, 0-9 (env STACCHIP_COMPRESS_LEVEL, "
-                   f"default {DEFAULT_COMPRESS_LEVEL})")
+    settings.add_arguments(p, PrechipConfig)
     p.add_argument("--all", action="store_true", help="run every job of the array locally")
-    p.add_argument("--allow-empty", action="store_true", default=None,
-                   help="exit 0 when the index and filters select no cube, or this job has none "
-                   "(env STACCHIP_ALLOW_EMPTY; default: exit 2 saying why)")
     jobs.add_job_arguments(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> PrechipConfig:
     """A :class:`PrechipConfig` from parsed flags and the environment."""
-    data = jobs.env_str(args.data, "STACCHIP_DATA_BUCKET", required=True, flag="--data")
-    indexpath = jobs.env_str(args.indexpath, "STACCHIP_INDEXPATH", required=True, flag="--indexpath")
-    chips = jobs.env_str(args.chips, "STACCHIP_CHIP_BUCKET", required=True, flag="--chips")
-    return PrechipConfig(
-        data=jobs.output_root(str(data)),
-        index=str(indexpath) if "://" in str(indexpath) else os.path.expanduser(str(indexpath)),
-        output=jobs.output_root(str(chips)),
-        platform=jobs.env_str(args.platform, "STACCHIP_PLATFORM", None),
-        cube_size=jobs.env_int(args.cube_size, "STACCHIP_CUBE_SIZE", CUBESIZE, flag="--cube-size", minimum=1) or CUBESIZE,
-        cubes_per_job=jobs.env_int(args.cubes_per_job, "STACCHIP_CUBES_PER_JOB", 10, flag="--cubes-per-job",
-                                   minimum=1) or 10,
-        seed=jobs.env_int(args.seed, "STACCHIP_SEED", DEFAULT_SEED, flag="--seed", minimum=0) or 0,
-        max_nodata=jobs.env_fraction(args.max_nodata, "STACCHIP_MAX_NODATA", DEFAULT_MAX_NODATA, "--max-nodata"),
-        max_cloud=jobs.env_fraction(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
-        overwrite=jobs.env_bool(args.overwrite, "STACCHIP_OVERWRITE", False),
-        partial=jobs.env_bool(args.partial, "STACCHIP_PARTIAL_CUBES", False),
-        mountpath=jobs.env_str(args.mountpath, "STACCHIP_MOUNTPATH", None),
-        dry_run=jobs.env_bool(args.dry_run, "STACCHIP_DRY_RUN", False),
-        compress_level=_level(jobs.env_int(args.compress_level, "STACCHIP_COMPRESS_LEVEL", DEFAULT_COMPRESS_LEVEL,
-                                           flag="--compress-level", minimum=0)),
-        allow_empty=jobs.env_bool(args.allow_empty, "STACCHIP_ALLOW_EMPTY", False),
-    )
-
-
-def _level(value: int | None) -> int:
-    level = DEFAULT_COMPRESS_LEVEL if value is None else int(value)
-    if level > 9:
-        raise ConfigError(f"compression level must be 0..9, got {level}")
-    return level
+    return settings.resolve(PrechipConfig, args)
 
 
 def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
