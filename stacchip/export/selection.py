@@ -45,7 +45,7 @@ from stacchip.errors import (
     UnsafePathError,
 )
 from stacchip.export.cube import CUBESIZE
-from stacchip.index import open_index
+from stacchip.index import check_fraction, open_index
 from stacchip.platforms import canonical_platform, platform_aliases, platform_bands
 from stacchip.utils import load_item_under
 
@@ -144,7 +144,9 @@ def select_chips(
 
 def _limit_scalar(schema: pa.Schema, column: str, limit: float) -> pa.Scalar:
     """``limit`` in the column's own float type: the fractions are float32, and a float64
-    0.05 is below float32(0.05), so a chip stored with exactly the limit would be dropped."""
+    0.05 is below float32(0.05), so a chip stored with exactly the limit would be dropped.
+    A limit that is no fraction 0-1 (``20`` for 20 %) is a :class:`ConfigError`."""
+    limit = check_fraction(limit, {"nodata_percentage": "max_nodata"}.get(column, "max_cloud"))
     index = schema.get_field_index(column)
     typ = schema.field(index).type if index >= 0 else pa.float64()
     if not pa.types.is_floating(typ):

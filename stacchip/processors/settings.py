@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from stacchip import index
 from stacchip.errors import ConfigError
 
 T = TypeVar("T")
@@ -167,16 +168,11 @@ class Fraction(Kind):
 
 
 def check_fraction(value: float, label: str, text: Any = None) -> float:
-    """``value`` if it is a fraction 0-1, else :class:`ConfigError` (which says so when the value
-    looks like a percentage)."""
-    shown = repr(text) if text is not None else f"{value:g}"
-    if math.isfinite(value) and 1.0 < value <= 100.0:
-        raise ConfigError(
-            f"{label}={shown} looks like a percentage; it is a fraction between 0 and 1 "
-            f"(write {value / 100:g} for {value:g} %)"
-        )
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ConfigError(f"{label}={shown} is not a fraction between 0 and 1")
+    """``value`` if it is a fraction 0-1, else :class:`ConfigError` naming ``label`` (which says so
+    when the value looks like a percentage: :func:`stacchip.index.fraction_problem`)."""
+    problem = index.fraction_problem(value)
+    if problem:
+        raise ConfigError(f"{label}={text if text is not None else value!r} {problem}")
     return value
 
 
@@ -324,13 +320,21 @@ class Setting:
     #: The flag is one of the array-job flags every command shares
     #: (:func:`stacchip.processors.jobs.add_job_arguments`; its value in ``args.{name}``).
     shared: bool = False
+    #: Environment variables that depend on the context (a processor class), instead of ``env``.
+    env_for: Callable[[Any], Sequence[str | Env]] | None = None
 
     def exists(self, context: Any) -> bool:
         return self.when is None or bool(self.when(context))
 
+    def variables(self, context: Any) -> tuple[Env, ...]:
+        """The environment variables of this setting (for ``context``), first set wins."""
+        if self.env_for is None:
+            return self.env
+        return tuple(e if isinstance(e, Env) else Env(e) for e in self.env_for(context))
+
 
 def setting(
-    default: Any = None,
+    default: Any = dataclasses.MISSING,
     *,
     flag: str | None = None,
     env: str | Env | Sequence[str | Env] = (),
@@ -343,18 +347,17 @@ def setting(
     when: Callable[[Any], bool] | None = None,
     metavar: str | None = None,
     shared: bool = False,
+    env_for: Callable[[Any], Sequence[str | Env]] | None = None,
 ) -> Any:
     """A dataclass field that is a setting (see :class:`Setting`); ``default`` is its value when
-    neither the flag nor a variable gives one (a required setting has none: the field comes
-    first and must be given)."""
+    neither the flag nor a variable gives one (none: the field must be given, as a required
+    setting's)."""
     names = [env] if isinstance(env, (str, Env)) else list(env)
     row = Setting(
         flag=flag, env=tuple(e if isinstance(e, Env) else Env(e) for e in names), kind=kind or Text(),
         unit=unit, help=help, required=required, shown=shown, default_for=default_for, when=when,
-        metavar=metavar, shared=shared,
+        metavar=metavar, shared=shared, env_for=env_for,
     )
-    if required:
-        return dataclasses.field(metadata={"setting": row})
     return dataclasses.field(default=default, metadata={"setting": row})
 
 
@@ -384,10 +387,11 @@ def _help(f: dataclasses.Field[Any], row: Setting, context: Any) -> str:
     parts = [row.help]
     if row.unit:
         parts.append(row.unit)
-    if row.env:
+    variables = row.variables(context)
+    if variables:
         parts.append("env " + " or ".join(
             e.name + (f" ({e.kind.name})" if e.kind is not None and e.kind.name != row.kind.name else "")
-            for e in row.env
+            for e in variables
         ))
     default = row.shown
     if default is None and not row.required:
@@ -447,13 +451,14 @@ def resolve(
         if given is not None and given != "":
             values[f.name] = given if isinstance(row.kind, Bool) else row.kind.read(str(given), row.flag or f.name)
             continue
-        source = next((e for e in row.env if env.get(e.name, "") != ""), None)
+        variables = row.variables(context)
+        source = next((e for e in variables if env.get(e.name, "") != ""), None)
         if source is not None:
             values[f.name] = (source.kind or row.kind).read(env[source.name], source.name)
             continue
         if row.required:
             names = " or ".join(
-                n for n in (row.flag, "environment variable " + " or ".join(e.name for e in row.env) if row.env
+                n for n in (row.flag, "environment variable " + " or ".join(e.name for e in variables) if variables
                             else None) if n
             )
             raise ConfigError(f"missing setting: set {names}")
@@ -469,7 +474,7 @@ def table(cls: type, context: Any = None) -> list[dict[str, Any]]:
             None if row.required else _default(f, row, context, {}) if row.default_for is None or context else None
         )
         out.append({
-            "name": f.name, "flag": row.flag, "env": [e.name for e in row.env], "type": row.kind.name,
+            "name": f.name, "flag": row.flag, "env": [e.name for e in row.variables(context)], "type": row.kind.name,
             "default": default, "unit": row.unit, "help": row.help, "required": row.required,
         })
     return out
