@@ -250,12 +250,7 @@ def plan(manifest: Mapping[str, Any], **filters: Unpack[QueryFilters]) -> list[t
     cloud_limit = _limit(active.get("max_cloud"))
     nodata_limit = _limit(active.get("max_nodata"))
 
-    partition_items: dict[str, set[str]] | None = None
-    if wanted_items is not None:
-        partition_items = {}
-        for source in manifest.get("sources", {}).values():
-            for key in source.get("partitions", []):
-                partition_items.setdefault(key, set()).update(source.get("items", {}))
+    partition_items = _partition_items(manifest) if wanted_items is not None else None
 
     def time_ok(extent: Sequence[str] | None) -> bool:
         if not extent or (lo is None and hi is None):
@@ -295,6 +290,15 @@ def plan(manifest: Mapping[str, Any], **filters: Unpack[QueryFilters]) -> list[t
             if groups:
                 selection.append((entry["path"], groups))
     return selection
+
+
+def _partition_items(manifest: Mapping[str, Any]) -> dict[str, set[str]]:
+    """``{partition key: ids of the items of its sources}``."""
+    items: dict[str, set[str]] = {}
+    for source in manifest.get("sources", {}).values():
+        for key in source.get("partitions", []):
+            items.setdefault(key, set()).update(source.get("items", {}))
+    return items
 
 
 def _limit(value: Any) -> float | None:

@@ -164,7 +164,9 @@ def safe_segment(name: Any, what: str = "path segment") -> str:
     except UnicodeEncodeError:
         raise UnsafePathError(f"{what} {name!r} is not valid Unicode text") from None
     if size > MAX_SEGMENT_BYTES:
-        raise UnsafePathError(f"{what} {name[:40]!r}... is {size} bytes long; at most {MAX_SEGMENT_BYTES} fit a path segment")
+        raise UnsafePathError(
+            f"{what} {name[:40]!r}... is {size} bytes long; at most {MAX_SEGMENT_BYTES} fit a path segment"
+        )
     for form in _decodings(name):
         problem = _segment_problem(form)
         if problem is not None:

@@ -563,8 +563,8 @@ def compact(
                 raise IndexFileError(f"item {item!r} is in two sources: {new_items[item]} and {s.url}")
             new_items[item] = s.url
     missing_href = [(s, i) for s in scanned for i, h in s.items.items() if h is None]
-    for (s, item), href in zip(missing_href, _map(lambda p: _layout_href(p[0].url, p[1]), missing_href, threads,
-                                                   "finding items")):
+    layout_hrefs = _map(lambda p: _layout_href(p[0].url, p[1]), missing_href, threads, "finding items")
+    for (s, item), href in zip(missing_href, layout_hrefs, strict=True):
         s.items[item] = href
 
     # Rows that go: those of re-read sources as recorded before, and earlier rows of new items.

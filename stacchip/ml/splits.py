@@ -219,7 +219,8 @@ def split_report(table: pa.Table, class_column: str | None = None) -> dict[str, 
     if "split" not in table.column_names:
         raise IndexFileError("index has no 'split' column; run assign_splits first")
     split = np.array(["none" if s is None else s for s in table.column("split").to_pylist()], dtype=object)
-    blocks = np.asarray(table.column("split_block").to_pylist(), dtype=object) if "split_block" in table.column_names else None
+    blocks = (np.asarray(table.column("split_block").to_pylist(), dtype=object)
+              if "split_block" in table.column_names else None)
     area = chip_areas_km2(table) if table.num_rows else np.zeros(0)
     cloud = table.column("cloud_cover_percentage").to_numpy().astype(np.float64)
     nodata = table.column("nodata_percentage").to_numpy().astype(np.float64)
@@ -245,7 +246,7 @@ def split_report(table: pa.Table, class_column: str | None = None) -> dict[str, 
         if classes is not None:
             values, counts = np.unique(classes[sel].astype(str), return_counts=True)
             entry["classes"] = {
-                str(v): {"chips": int(c), "fraction": float(c / sel.sum())} for v, c in zip(values, counts)
+                str(v): {"chips": int(c), "fraction": float(c / sel.sum())} for v, c in zip(values, counts, strict=True)
             }
         report[name] = entry
     return report
@@ -253,10 +254,12 @@ def split_report(table: pa.Table, class_column: str | None = None) -> dict[str, 
 
 def format_report(report: Mapping[str, Mapping[str, Any]]) -> str:
     """A plain-text table of :func:`split_report` for people."""
-    lines = [f"{'split':<8} {'chips':>7} {'chip%':>6} {'blocks':>6} {'km2':>10} {'area%':>6} {'cloud':>6} {'nodata':>6}"]
+    lines = [f"{'split':<8} {'chips':>7} {'chip%':>6} {'blocks':>6} {'km2':>10} {'area%':>6} {'cloud':>6} "
+             f"{'nodata':>6}"]
     for name, e in report.items():
         lines.append(
-            f"{name:<8} {e['chips']:>7} {100 * e['chip_fraction']:>6.1f} {e['blocks'] if e['blocks'] is not None else '-':>6} "
+            f"{name:<8} {e['chips']:>7} {100 * e['chip_fraction']:>6.1f} "
+            f"{e['blocks'] if e['blocks'] is not None else '-':>6} "
             f"{e['area_km2']:>10.1f} {100 * e['area_fraction']:>6.1f} {e['mean_cloud']:>6.3f} {e['mean_nodata']:>6.3f}"
         )
         for cls, c in (e.get("classes") or {}).items():
@@ -293,7 +296,7 @@ def label_class_report(dataset: Any, classes: Sequence[int] | None = None) -> di
         target = np.asarray(dataset.read_target(i))
         values, n = np.unique(target, return_counts=True)
         bucket = counts.setdefault(name, {})
-        for v, c in zip(values.tolist(), n.tolist()):
+        for v, c in zip(values.tolist(), n.tolist(), strict=True):
             bucket[int(v)] = bucket.get(int(v), 0) + int(c)
         totals[name] = totals.get(name, 0) + int(target.size)
     report: dict[str, dict[str, Any]] = {}

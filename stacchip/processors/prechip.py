@@ -209,14 +209,9 @@ def job_count(n_cubes: int, cubes_per_job: int) -> int:
     return math.ceil(n_cubes / cubes_per_job)
 
 
-def make_cubes(
-    config: PrechipConfig,
-    cube_ids: Sequence[int],
-    workers: int = 1,
-    selection: Selection | None = None,
-) -> list[str]:
-    """Make cubes ``cube_ids`` (skipping existing ones unless ``overwrite``); returns written URLs."""
-    selection = selection or prepare(config)
+def _cubes_to_make(config: PrechipConfig, selection: Selection, cube_ids: Sequence[int]) -> list[int]:
+    """The cubes of ``cube_ids`` to write: those the selection makes, less the existing whole ones
+    (unless ``overwrite``); removes a killed job's leftovers and checks the manifest first."""
     platform = selection.platform
     ids = [k for k in cube_ids if 0 <= k < selection.n_cubes]
     if len(ids) < len(cube_ids):
@@ -237,6 +232,19 @@ def make_cubes(
         todo.append(k)
     if ids and not config.dry_run:
         check_manifest(config, selection)
+    return todo
+
+
+def make_cubes(
+    config: PrechipConfig,
+    cube_ids: Sequence[int],
+    workers: int = 1,
+    selection: Selection | None = None,
+) -> list[str]:
+    """Make cubes ``cube_ids`` (skipping existing ones unless ``overwrite``); returns written URLs."""
+    selection = selection or prepare(config)
+    platform = selection.platform
+    todo = _cubes_to_make(config, selection, cube_ids)
     if not todo:
         return []
     spec = platform_bands(platform)

@@ -348,7 +348,8 @@ class StatsConfig:
         1280, flag="--chips-per-job", env="STACCHIP_CHIPS_PER_JOB", kind=settings.Integer(1), unit="chips",
         help="chips per array task for --source index")
     max_cubes: int | None = settings.setting(
-        None, flag="--max-cubes", env="STACCHIP_MAX_CUBES", kind=settings.Integer(1), help="use at most this many cubes")
+        None, flag="--max-cubes", env="STACCHIP_MAX_CUBES", kind=settings.Integer(1),
+        help="use at most this many cubes")
     max_chips: int | None = settings.setting(
         None, flag="--max-chips", env="STACCHIP_MAX_CHIPS", kind=settings.Integer(1),
         help="use at most this many chips of the shuffle")
@@ -653,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
         "array jobs write partial JSON, --merge combines them.",
     )
     settings.add_arguments(p, StatsConfig)
-    p.add_argument("--merge", action="store_true", help="merge the partial results and write stats.json + metadata.yaml")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the partial results and write stats.json + metadata.yaml")
     p.add_argument("--all", action="store_true", help="run every job locally, then merge")
     jobs.add_job_arguments(p)
     return p
