@@ -357,12 +357,20 @@ class S3rver:
 
 
 class DelayProxy:
-    """TCP proxy on loopback delaying every client request by ``delay`` seconds."""
+    """TCP proxy on loopback delaying every client request by ``delay`` seconds.
+
+    It counts the HTTP requests it relays (client chunks that start with a
+    request line); ``counter_port`` answers every connection with that count,
+    so a worker process can read it before and after what it times."""
+
+    METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ", b"OPTIONS ")
 
     def __init__(self, upstream_port: int, delay: float) -> None:
         self.upstream_port = upstream_port
         self.delay = delay
+        self.requests = 0
         self.port = _free_port()
+        self.counter_port = _free_port()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -373,9 +381,12 @@ class DelayProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
 
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+                       count: bool = False) -> None:
             try:
                 while data := await reader.read(65536):
+                    if count and data.startswith(self.METHODS):
+                        self.requests += 1
                     if delay:
                         await asyncio.sleep(delay)  # one chunk from the client = one request
                     writer.write(data)
@@ -391,9 +402,15 @@ class DelayProxy:
             except OSError:
                 cw.close()
                 return
-            await asyncio.gather(pipe(cr, uw, self.delay), pipe(ur, cw, 0.0))
+            await asyncio.gather(pipe(cr, uw, self.delay, count=True), pipe(ur, cw, 0.0))
+
+        async def report(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(str(self.requests).encode())
+            await w.drain()
+            w.close()
 
         async def main() -> None:
+            self.counter = await asyncio.start_server(report, "127.0.0.1", self.counter_port)
             self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
             self.ready.set()
             async with self.server:
@@ -407,11 +424,20 @@ class DelayProxy:
     def stop(self) -> None:
         def _close() -> None:
             self.server.close()
+            self.counter.close()
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
 
         self.loop.call_soon_threadsafe(_close)
         self.thread.join(timeout=10)
+
+
+def proxy_requests(counter_port: int | None) -> int:
+    """Requests a :class:`DelayProxy` relayed so far (``counter_port`` from its owner), or 0."""
+    if not counter_port:
+        return 0
+    with socket.create_connection(("127.0.0.1", int(counter_port)), timeout=10) as s:
+        return int(s.recv(64).decode() or 0)
 
 
 # --------------------------------------------------------------------------- driver

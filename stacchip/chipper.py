@@ -6,6 +6,13 @@ fine pixel's centre (also for bands whose resolution does not divide the chip,
 such as Sentinel-2's 60 m bands). With ``native=True`` each asset is returned at
 its own resolution instead: the asset pixels under the chip's fine pixel centres.
 Datasets are opened once per process and thread (see ``stacchip.reader``).
+
+Reads go through the tile read path (:mod:`stacchip.tiles`: cached COG layouts,
+the tiles of every asset fetched together, decoded on all cores, a bounded tile
+cache) wherever it reads the file exactly as GDAL does, and through GDAL
+otherwise (the reason logged once per reason: internal JPEG-YCbCr, codecs or
+layouts the tile path lacks, hrefs only GDAL opens). ``reader="gdal"`` (or the
+environment variable ``STACCHIP_READER=gdal``) reads everything through GDAL.
 """
 
 from __future__ import annotations
@@ -21,7 +28,20 @@ from stacchip import grid as gridmath
 from stacchip.errors import AssetNotFoundError, ChipOutOfRangeError, ConfigError
 from stacchip.platforms import asset_nodata
 from stacchip.indexer import ChipIndexer
-from stacchip.reader import DatasetCache, LanePool, asset_transform, gdal_env, read_indexed, resolve_href
+from stacchip.reader import (
+    DatasetCache,
+    LanePool,
+    asset_transform,
+    checked_transform,
+    gdal_env,
+    read_indexed,
+    resolve_href,
+)
+from stacchip.tiles.layouts import DEFAULT_STORE, LayoutStore
+from stacchip.tiles.reader import REMOTE_IO_THREADS, PendingRead, TileFile, TileFiles, shared_cache
+from stacchip.tiles.reader import engine as tile_engine
+from stacchip.tiles.sources import ForkedRuntimeError, tile_href
+from stacchip.tiles.tiff import TiffError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +52,40 @@ NON_RASTER_TYPES = ("json", "xml", "html", "text/", "jpeg", "png", "hdf", "netcd
 NON_DATA_ROLES = {"thumbnail", "overview", "metadata", "tiles", "visual-preview"}
 #: Parallel reads for remote (S3/HTTP) hrefs, where threads wait on latency.
 REMOTE_THREADS = 16
+#: Read paths: ``auto`` (tiles where exact, GDAL elsewhere), ``tiles`` (the same),
+#: ``gdal`` (GDAL only). Default from the environment variable ``STACCHIP_READER``.
+READERS = ("auto", "tiles", "gdal")
+READER_ENV = "STACCHIP_READER"
+
+_fallback_logged: set[str] = set()
+
+
+def _log_fallback(reason: str, path: str) -> None:
+    """Say once per reason (per process) that files are read through GDAL."""
+    if reason in _fallback_logged:
+        return
+    _fallback_logged.add(reason)
+    logger.info("reading through GDAL (%s), e.g. %s; logged once per reason", reason, path)
+
+
+def reader_setting(reader: str | None) -> str:
+    """The read path for a ``reader=`` argument (``None``: ``STACCHIP_READER``, else auto)."""
+    value = reader if reader is not None else os.environ.get(READER_ENV) or "auto"
+    value = str(value).strip().lower()
+    if value not in READERS:
+        where = "reader" if reader is not None else READER_ENV
+        raise ConfigError(f"{where} must be one of {', '.join(READERS)}; got {value!r}")
+    return value
+
+
+def _layout_store(layouts: Any) -> LayoutStore:
+    if layouts is None:
+        return DEFAULT_STORE
+    if isinstance(layouts, LayoutStore):
+        return layouts
+    if isinstance(layouts, (str, os.PathLike)):
+        return LayoutStore(path=layouts)
+    raise ConfigError(f"layouts must be a LayoutStore or the path of a layout file, got {type(layouts).__name__}")
 
 
 def is_raster_asset(asset: Any) -> bool:
@@ -58,6 +112,13 @@ class Chipper:
     ``asset_blacklist`` drops some. ``native=True`` returns assets at their own
     resolution. ``len()``, iteration and ``[i]`` cover the chips the index keeps
     (after the nodata filter), in index row order; ``[i]`` gives ``(x, y, chip)``.
+
+    ``reader`` picks the read path (``"auto"``/``"tiles"``: the tile reader where
+    it is exact, GDAL elsewhere; ``"gdal"``: GDAL only; default from
+    ``STACCHIP_READER``). ``layouts`` is where file layouts (COG headers) are
+    kept: a :class:`~stacchip.tiles.LayoutStore`, or the path of a layout JSON
+    file (e.g. an index's ``index_{item}.layouts.json``) to load; default: one
+    store shared by the process.
     """
 
     def __init__(
@@ -69,6 +130,8 @@ class Chipper:
         *,
         native: bool = False,
         threads: int | None = None,
+        reader: str | None = None,
+        layouts: Any = None,
     ) -> None:
         self.chip_grid = gridmath.as_chip_grid(indexer)
         self.indexer: Any = indexer
@@ -84,6 +147,11 @@ class Chipper:
                     + ", ".join(sorted(item.assets))
                 )
         self._datasets = DatasetCache()
+        self.reader = reader_setting(reader)
+        self._layouts = _layout_store(layouts)
+        self._tiles = TileFiles()
+        #: href -> why it is read through GDAL (files the tile path does not read)
+        self._gdal_only: dict[str, str] = {}
         #: checked transform of each asset file (see :func:`stacchip.reader.asset_transform`)
         self._transforms: dict[str, Any] = {}
         self.threads = self._auto_threads() if threads is None else max(1, int(threads))
@@ -137,6 +205,94 @@ class Chipper:
         xs, ys = self.indexer.kept_chips
         yield from self.chips(zip(xs.tolist(), ys.tolist(), strict=False))
 
+    def tile_file(self, key: str) -> TileFile | None:
+        """The open :class:`~stacchip.tiles.reader.TileFile` of asset ``key``, or
+        ``None`` when it is read through GDAL (``reader="gdal"``, or a file the
+        tile path does not read exactly; the reason is logged once)."""
+        if self.reader == "gdal":
+            return None
+        by_key = self._tiles.by_key()  # per process, like the files
+        known = by_key.get(key, self)
+        if known is not self:
+            return known  # type: ignore[return-value]
+        f = self._open_tile_file(key)
+        by_key[key] = f
+        return f
+
+    def _open_tile_file(self, key: str) -> TileFile | None:
+        href = tile_href(self.indexer.item.assets[key].href, self.mountpath)
+        if href is None:
+            _log_fallback("an href only GDAL opens", self.indexer.item.assets[key].href)
+            return None
+        if href in self._gdal_only:
+            return None
+        what = f"item {self.indexer.item.id!r} asset {key!r} "
+        try:
+            f = self._tiles.get(href, what, self._layouts)
+        except TiffError as exc:
+            self._gdal_only[href] = reason = f"not a TIFF the tile reader parses: {exc}"
+            _log_fallback(reason.split(":")[0], href)
+            return None
+        except ForkedRuntimeError:
+            reason = "remote file in a child forked after its parent made remote requests"
+            self._gdal_only[href] = reason
+            _log_fallback(reason, href)
+            return None
+        reason = f.layout.unsupported
+        if reason is not None:
+            self._gdal_only[href] = reason
+            for part in reason.split("; "):
+                _log_fallback(part, href)
+            return None
+        return f
+
+    def open(self) -> "Chipper":
+        """Open every asset's file now (read its layout, or open it with GDAL) and
+        check it against the item's grid, without reading pixels. Returns self."""
+        for key in self.asset_keys:
+            f = self.tile_file(key)
+            if f is not None:
+                self._tile_transform(key, f)
+            else:
+                with gdal_env():
+                    ds = self._datasets.get(self.path(key), f"item {self.indexer.item.id!r} asset {key!r} ")
+                    self.transform_of(key, self.path(key), ds)
+        return self
+
+    def _engine(self) -> Any:
+        decode = min(self.threads, os.cpu_count() or 1)
+        return tile_engine(decode, REMOTE_IO_THREADS if self.threads > 1 else 1)
+
+    def _tile_transform(self, key: str, f: TileFile) -> Any:
+        """The checked transform of asset ``key`` read by tiles: from the layout's
+        GeoTIFF keys when they are plain (EPSG code, scale and tie point), else
+        from GDAL's reading of the file (opened once for that)."""
+        transform = self._transforms.get(f.href)
+        if transform is not None:
+            return transform
+        layout = f.layout
+        if layout.geo_exact:
+            import pyproj
+            from affine import Affine
+
+            transform = checked_transform(
+                f.href, layout.bands, pyproj.CRS.from_epsg(layout.epsg), (layout.height, layout.width),
+                Affine(*layout.geotransform), self.indexer.item, key, self.indexer.grid,
+            )
+        else:
+            with gdal_env():
+                ds = self._datasets.get(self.path(key), f"item {self.indexer.item.id!r} asset {key!r} ")
+                transform = asset_transform(ds, self.indexer.item, key, self.indexer.grid)
+        self._transforms[f.href] = transform
+        return transform
+
+    def _start_tiles(self, key: str, f: TileFile, x: int, y: int) -> Any:
+        ix = self.indexer
+        rows, cols = gridmath.chip_asset_indices(ix.affine, self._tile_transform(key, f), x, y, ix.chip_size)
+        if self.native:
+            rows, cols = np.unique(rows), np.unique(cols)
+        return f.read(rows, cols, self.fill_value(key, f.layout.nodata), self._engine())
+
     def path(self, key: str) -> str:
         """The path GDAL opens for asset ``key``."""
         return resolve_href(self.indexer.item.assets[key].href, self.mountpath)
@@ -156,6 +312,9 @@ class Chipper:
             return self._read(key, self.path(key), x, y)
 
     def _read(self, key: str, path: str, x: int, y: int) -> np.ndarray:
+        f = self.tile_file(key)
+        if f is not None:
+            return self._start_tiles(key, f, x, y).result()
         ix = self.indexer
         what = f"item {ix.item.id!r} asset {key!r} "
         ds = self._datasets.get(path, what)
@@ -195,17 +354,26 @@ class Chipper:
         """Start reading every asset of chip ``(x, y)``; values are futures (or arrays)."""
         self.indexer.check_chip(x, y)
         keys = self.asset_keys
-        if self._lanes is None or len(keys) == 0:
+        pending: dict[str, Any] = {}
+        gdal_keys = []
+        for key in keys:  # tile reads first: every asset's tiles are requested together
+            f = self.tile_file(key)
+            if f is not None:
+                pending[key] = self._start_tiles(key, f, x, y)
+            else:
+                gdal_keys.append(key)
+        if gdal_keys and self._lanes is None:
             with gdal_env():
-                return {key: self._read(key, self.path(key), x, y) for key in keys}
-        if not hasattr(self, "_costs"):
-            self._costs = {key: self._cost(key) for key in keys}
-        return {
-            key: self._lanes.submit(
-                self.path(key), self._costs.get(key, 1.0), self._read_in_lane, key, self.path(key), x, y
-            )
-            for key in keys
-        }
+                for key in gdal_keys:
+                    pending[key] = self._read(key, self.path(key), x, y)
+        elif gdal_keys:
+            if not hasattr(self, "_costs"):
+                self._costs = {key: self._cost(key) for key in keys}
+            for key in gdal_keys:
+                pending[key] = self._lanes.submit(
+                    self.path(key), self._costs.get(key, 1.0), self._read_in_lane, key, self.path(key), x, y
+                )
+        return {key: pending[key] for key in keys}
 
     @staticmethod
     def _collect(pending: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -228,7 +396,12 @@ class Chipper:
         pos = [(int(x), int(y)) for x, y in positions]
         keys = self.asset_keys
         per_block = 1
-        if keys:
+        f = self.tile_file(keys[0]) if keys else None
+        if f is not None:
+            fine_per_asset = self._tile_transform(keys[0], f).a / self.indexer.affine.a
+            block_fine = f.layout.tile_width * fine_per_asset
+            per_block = max(1, int(block_fine // self.indexer.chip_size))
+        elif keys:
             with gdal_env():
                 ds = self._datasets.get(self.path(keys[0]), f"asset {keys[0]!r} ")
             fine_per_asset = self.transform_of(keys[0], self.path(keys[0]), ds).a / self.indexer.affine.a
@@ -246,30 +419,66 @@ class Chipper:
 
         ``order="given"`` yields in the order given; ``order="block"`` reorders
         by block locality first (see :meth:`block_order`; what an export of many
-        chips of one scene wants). Up to ``prefetch`` chips (default: 4 per
-        lane) are read ahead in parallel, which keeps every lane busy for random
-        access and bounds memory.
+        chips of one scene wants). Up to ``prefetch`` chips are read ahead in
+        parallel, which keeps every lane busy for random access and bounds
+        memory. By default that is 4 per lane (at least 32 when tiles are read),
+        and no more than keeps the distinct decoded tiles they hold within half
+        the tile cache budget: deep in a scan, where chips share tiles, shallow
+        for random chips, whose tiles are all their own.
         """
         if order == "block":
             positions = self.block_order(positions)
         elif order != "given":
             raise ConfigError(f"order must be 'given' or 'block', got {order!r}")
-        ahead = max(1, prefetch if prefetch is not None else 4 * self.threads)
-        queue: deque[tuple[int, int, dict[str, Any]]] = deque()
+        if prefetch is not None:
+            ahead, byte_limit = max(1, prefetch), None
+        else:
+            ahead = 4 * self.threads
+            if any(self.tile_file(k) is not None for k in self.asset_keys):
+                ahead = max(ahead, 32)
+            byte_limit = shared_cache().budget // 2
+        held: dict[Any, int] = {}  # tile -> chips in the queue that use it
+        held_bytes = 0
+
+        def tiles_of(pending: dict[str, Any]) -> Iterator[tuple[Any, int]]:
+            for value in pending.values():
+                if isinstance(value, PendingRead):
+                    nbytes = value.f.layout.tile_nbytes
+                    for tile in value.futures:
+                        yield (value.f.cache_key, tile), nbytes
+
+        queue: deque[tuple[int, int, dict[str, Any], list[tuple[Any, int]]]] = deque()
+
+        def pop() -> tuple[int, int, dict[str, np.ndarray]]:
+            nonlocal held_bytes
+            qx, qy, pending, tiles = queue.popleft()
+            for tile, nbytes in tiles:
+                held[tile] -= 1
+                if not held[tile]:
+                    del held[tile]
+                    held_bytes -= nbytes
+            return qx, qy, self._collect(pending)
+
         for x, y in positions:
-            queue.append((int(x), int(y), self._submit(int(x), int(y))))
-            if len(queue) >= ahead:
-                qx, qy, pending = queue.popleft()
-                yield qx, qy, self._collect(pending)
+            pending = self._submit(int(x), int(y))
+            tiles = list(tiles_of(pending))
+            queue.append((int(x), int(y), pending, tiles))
+            for tile, nbytes in tiles:
+                if tile not in held:
+                    held[tile] = 0
+                    held_bytes += nbytes
+                held[tile] += 1
+            while len(queue) >= ahead or (byte_limit is not None and held_bytes > byte_limit and len(queue) > 2):
+                yield pop()
         while queue:
-            qx, qy, pending = queue.popleft()
-            yield qx, qy, self._collect(pending)
+            yield pop()
 
     def close(self) -> None:
         """Stop the read threads and close the datasets this chipper opened."""
         if self._lanes is not None:
             self._lanes.shutdown()
         self._datasets.close()
+        self._tiles.close()
 
     def __enter__(self) -> "Chipper":
         return self

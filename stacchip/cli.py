@@ -94,6 +94,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         "indexer": cls.__name__,
         "chip_size": indexer.chip_size,
     }
+    from stacchip.tiles.layouts import INDEX_METADATA_KEY, index_layouts
+
+    meta[INDEX_METADATA_KEY] = index_layouts(item)  # COG headers: chip reads need not read them again
     write_index(table, args.out, extra_metadata=meta)
     echo(
         f"{item.id}: {table.num_rows}/{indexer.size} chips of {indexer.chip_size} px "
@@ -148,7 +151,7 @@ def cmd_chip(args: argparse.Namespace) -> int:
     # whole chips read the same under either edge rule.
     grid = ChipGrid.of(item, int(row["chip_size"]), edge="keep")
     assets = args.assets.split(",") if args.assets else None
-    with Chipper(grid, assets=assets, native=args.native) as chipper:
+    with Chipper(grid, assets=assets, native=args.native, layouts=str(source)) as chipper:
         chip = chipper.chip(int(row["chip_index_x"]), int(row["chip_index_y"]))
     buffer = io.BytesIO()
     save: Any = np.savez_compressed  # numpy's stub types **kwds as its allow_pickle flag

@@ -273,18 +273,23 @@ def asset_transform(ds: Any, item: Any, key: str, fine: Any) -> Any:
     """
     import pyproj
 
+    crs = pyproj.CRS.from_wkt(ds.crs.to_wkt()) if ds.crs else None
+    return checked_transform(ds.name, ds.count, crs, (ds.height, ds.width), ds.transform, item, key, fine)
+
+
+def checked_transform(name: str, count: int, crs: Any, shape: tuple[int, int], transform: Any,
+                      item: Any, key: str, fine: Any) -> Any:
+    """:func:`asset_transform` from what a file states (``crs`` a pyproj CRS or
+    ``None``), however it was read (GDAL, or a cached TIFF layout)."""
     from stacchip.projection import file_transform
 
-    if ds.count < 1:
-        raise AssetReadError(f"item {item.id!r} asset {key!r}: {ds.name!r} has no raster bands")
-    crs = pyproj.CRS.from_wkt(ds.crs.to_wkt()) if ds.crs else None
-    transform, warning = file_transform(
-        item, key, fine, crs=crs, shape=(ds.height, ds.width), transform=ds.transform
-    )
+    if count < 1:
+        raise AssetReadError(f"item {item.id!r} asset {key!r}: {name!r} has no raster bands")
+    transform, warning = file_transform(item, key, fine, crs=crs, shape=shape, transform=transform)
     if warning:
         with _warned_lock:
-            first = ds.name not in _warned
-            _warned.add(ds.name)
+            first = name not in _warned
+            _warned.add(name)
         if first:
             logger.warning(warning)
     return transform

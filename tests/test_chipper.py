@@ -173,13 +173,30 @@ def test_len_iter_getitem_cover_kept_chips(s2_item):
 
 def test_datasets_opened_once(s2_item, monkeypatch):
     item = pystac.Item.from_dict(s2_item)
-    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "green", "coastal"])
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "green", "coastal"], reader="gdal")
     opened = []
     real_open = rasterio.open
     monkeypatch.setattr(rasterio, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
     for x in range(5):
         chipper.chip(x, 0)
     assert len(opened) == 3
+
+
+def test_tile_reader_opens_each_file_once_without_gdal(s2_item, monkeypatch):
+    from stacchip.tiles import LayoutStore
+    from stacchip.tiles import layouts as layouts_module
+
+    item = pystac.Item.from_dict(s2_item)
+    store = LayoutStore()
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "green", "coastal"], layouts=store)
+    opened, parsed = [], []
+    real_open, real_read = rasterio.open, layouts_module.read_layout
+    monkeypatch.setattr(rasterio, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    monkeypatch.setattr(layouts_module, "read_layout", lambda href, *a: parsed.append(href) or real_read(href, *a))
+    for x in range(5):
+        chipper.chip(x, 0)
+    assert opened == []  # georeferencing checked from the cached header, not by opening with GDAL
+    assert len(parsed) == 3 and chipper._tiles.open_count() == 3 and len(store) == 3
 
 
 def _child_read(chipper, x, y, queue):
@@ -194,7 +211,7 @@ def _child_read(chipper, x, y, queue):
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_fork_and_spawn_workers_open_their_own(s2_item, method):
     item = pystac.Item.from_dict(s2_item)
-    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16"])
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16"], reader="gdal")
     expected = chipper.chip(2, 3)  # parent opens handles first
     assert chipper._datasets.open_count() == 2
     ctx = mp.get_context(method)
@@ -210,6 +227,35 @@ def test_fork_and_spawn_workers_open_their_own(s2_item, method):
     # Pickling drops handles too.
     clone = pickle.loads(pickle.dumps(chipper))
     assert clone._datasets.open_count() == 0
+
+
+def _child_tile_read(chipper, x, y, queue):
+    try:
+        before = chipper._tiles.open_count()
+        chip = chipper.chip(x, y)
+        queue.put((before, chipper._tiles.open_count(), {k: v.tolist() for k, v in chip.items()}))
+    except Exception as exc:  # pragma: no cover - reported to the parent
+        queue.put(("error", repr(exc), None))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_tile_reader_in_fork_and_spawn_workers(s2_item, method):
+    item = pystac.Item.from_dict(s2_item)
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "swir16"], threads=2)
+    expected = chipper.chip(2, 3)
+    list(chipper.chips([(0, 0), (1, 0), (2, 0)]))  # tiles in flight / cached in the parent
+    assert chipper._tiles.open_count() == 2
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_tile_read, args=(chipper, 2, 3, queue))
+    proc.start()
+    before, after, chip = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert (before, after) == (0, 2)  # the child opens its own files
+    for key in expected:
+        np.testing.assert_array_equal(np.array(chip[key]), expected[key])
+    chipper.close()
 
 
 def test_mountpath_and_file_urls(s2_item, tmp_path):
@@ -300,14 +346,19 @@ def test_https_style_hrefs_over_loopback(s2_item, http_root):
     got = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red", "coastal"]).chip(2, 1)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
-    # A single remote asset gets several lanes: read-ahead overlaps its requests, same pixels.
-    single = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"])
+    # A single remote asset gets several GDAL lanes: read-ahead overlaps its requests, same pixels.
+    single = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"], reader="gdal")
     assert single._lanes is not None and single._lanes.spread > 1
     positions = [(x, y) for y in range(2) for x in range(5)]
     for x, y, chip in single.chips(positions):
         np.testing.assert_array_equal(chip["red"], plain_red[(x, y)])
     assert len(single._lanes._lanes_of[single.path("red")]) == single._lanes.spread
     single.close()
+    tiles = Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"])  # the tile path: same pixels
+    for x, y, chip in tiles.chips(positions):
+        np.testing.assert_array_equal(chip["red"], plain_red[(x, y)])
+    assert tiles.tile_file("red") is not None and tiles.tile_file("red").source.remote
+    tiles.close()
     item.assets["red"].href = f"{url}/missing.tif"
     with pytest.raises(AssetReadError, match="missing.tif"):
         Chipper(NoStatsChipIndexer(item, chip_size=64), assets=["red"]).chip(0, 0)

@@ -1,0 +1,310 @@
+"""Reads at the floor (issue 11): the tile read path next to cold floors measured in the same run.
+
+``python -m benchmarks.tiles_bench --cache DIR [--quick]`` builds (once) the
+Earth-Search-shaped scene of :mod:`benchmarks.scene` (16 copies), then runs every
+case in a fresh subprocess (caches and peak RSS its own) and prints:
+
+* **cold floor**: bare rasterio, 2 threads, datasets opened once per thread
+  before timing, chips chosen so that no two share a tile of any band (every
+  tile decoded fresh: 10 tiles per 10-band chip), local and over ``s3://``;
+* **row-order scan** of one scene (``Chipper.chips`` in row order and in block
+  order), local;
+* **16-scene random** chips (the cold floor's picks: no shared tiles), one
+  ``chip()`` at a time and with ``chips()`` read-ahead per scene, local and
+  over ``s3://`` (``s3rver`` from ``benchmarks/package.json`` on loopback,
+  behind a counting :class:`benchmarks.run.DelayProxy` with no delay);
+* per case: chips/s, client CPU per chip (``time.process_time`` of the client
+  process: every thread, the server not included), requests per chip (timed
+  part only: headers are read when files are opened, before timing) and peak RSS.
+
+The machine may be shared with other work: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+logger = logging.getLogger("benchmarks.tiles_bench")
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _counter() -> int:
+    from benchmarks.run import proxy_requests
+
+    port = os.environ.get("STACCHIP_BENCH_COUNTER")
+    return proxy_requests(int(port)) if port else 0
+
+
+def cold_picks(n_scenes: int, grid: int, per_tile20: int, n: int, seed: int) -> list[tuple[int, int, int]]:
+    """``n`` chips ``(scene, x, y)`` of which no two share a tile of any band:
+    one chip per (scene, 20 m tile); ``per_tile20`` chips per 20 m tile side
+    (8 for 256-px chips and 1024-px tiles: a 20 m tile spans 2 x 2 10 m tiles)."""
+    rng = random.Random(seed)
+    cells = [(s, tx, ty) for s in range(n_scenes) for ty in range(-(-grid // per_tile20))
+             for tx in range(-(-grid // per_tile20))]
+    rng.shuffle(cells)
+    out = []
+    for s, tx, ty in cells[:n]:
+        x = min(grid - 1, tx * per_tile20 + rng.randrange(per_tile20))
+        y = min(grid - 1, ty * per_tile20 + rng.randrange(per_tile20))
+        out.append((s, x, y))
+    return out
+
+
+def _measure(fn: Any, n: int) -> dict[str, float]:
+    r0 = _counter()
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    req = _counter() - r0
+    return {"chips_per_s": n / dt, "cpu_ms_per_chip": 1000 * cpu / n, "requests_per_chip": req / n,
+            "seconds": dt, "rss_mb": _rss_mb(), "chips": n}
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def w_floor(items: list[str], picks: list[list[int]], threads: int = 2) -> dict[str, float]:
+    """Bare rasterio, ``threads`` threads, datasets opened per thread before timing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from rasterio.env import set_gdal_config
+
+    from benchmarks.run import _bare_read, _floor_env, _load_items
+    from benchmarks.scene import CHIP_BANDS
+
+    for k, v in _floor_env().items():
+        set_gdal_config(k, v)
+    hrefs = [[it.assets[k].href.replace("s3://", "/vsis3/", 1) for k in CHIP_BANDS] for it in _load_items(items)]
+    local = threading.local()
+    barrier = threading.Barrier(threads)
+
+    def datasets(s: int) -> list[Any]:
+        cache = getattr(local, "ds", None)
+        if cache is None:
+            cache = local.ds = {}
+        if s not in cache:
+            cache[s] = [rasterio.open(h) for h in hrefs[s]]
+        return cache[s]
+
+    def open_all(_: int) -> None:
+        for s in range(len(hrefs)):
+            datasets(s)
+        barrier.wait()  # every thread opens its own, all before timing
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(open_all, range(threads)))
+        res = _measure(lambda: list(pool.map(lambda p: _bare_read(datasets(p[0]), p[1], p[2]), picks)), len(picks))
+    res["threads"] = threads
+    return res
+
+
+def _chippers(items: list[str], reader: str | None = None) -> list[Any]:
+    from benchmarks.run import _load_items
+    from benchmarks.scene import CHIP_BANDS
+    from stacchip.chipper import Chipper
+    from stacchip.indexer import NoStatsChipIndexer
+
+    return [Chipper(NoStatsChipIndexer(it), assets=CHIP_BANDS, reader=reader) for it in _load_items(items)]
+
+
+def _opened(chippers: list[Any]) -> None:
+    """Open every file (layouts read, grids checked) and start with an empty tile cache."""
+    from stacchip.tiles.reader import shared_cache
+
+    for c in chippers:
+        c.open()
+    shared_cache().clear()
+
+
+def w_random(items: list[str], picks: list[list[int]], batch: bool = False,
+             reader: str | None = None) -> dict[str, float]:
+    chippers = _chippers(items, reader)
+    _opened(chippers)
+
+    def run() -> None:
+        if batch:
+            by_scene: dict[int, list[tuple[int, int]]] = {}
+            for s, x, y in picks:
+                by_scene.setdefault(s, []).append((x, y))
+            for s, pos in by_scene.items():
+                for _ in chippers[s].chips(pos):
+                    pass
+        else:
+            for s, x, y in picks:
+                chippers[s].chip(x, y)
+
+    res = _measure(run, len(picks))
+    res["threads"] = chippers[0].threads
+    res["tile_path"] = all(chippers[0].tile_file(k) is not None for k in chippers[0].asset_keys)
+    for c in chippers:
+        c.close()
+    return res
+
+
+def w_row(item: str, n: int, order: str = "given", reader: str | None = None) -> dict[str, float]:
+    (chipper,) = _chippers([item], reader)
+    _opened([chipper])
+    grid = chipper.indexer.x_size
+    positions = [(x, y) for y in range(grid) for x in range(grid)][:n]
+
+    def run() -> None:
+        for _ in chipper.chips(positions, order=order):
+            pass
+
+    res = _measure(run, len(positions))
+    res["threads"] = chipper.threads
+    chipper.close()
+    return res
+
+
+WORKERS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("w_") and callable(fn)}
+
+
+def run_worker(name: str, env: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [sys.executable, "-W", "ignore", "-m", "benchmarks.tiles_bench", "--worker", name,
+           "--args", json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=HERE.parent, check=False,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {name} failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=str(HERE / ".cache" / "scene"), help="scene cache directory")
+    parser.add_argument("--quick", action="store_true", help="fewer chips per case")
+    parser.add_argument("--only", default="local,s3", help="sections: local, s3")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (medians)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from benchmarks.run import S3_KEY, DelayProxy, S3rver, s3_items, warm_page_cache
+    from benchmarks.scene import build_scene
+
+    scene = build_scene(args.cache)
+    items = [str(p) for p in scene.item_paths]
+    warm_page_cache(sorted(Path(args.cache).rglob("*.tif")))
+    grid = scene.spec.size10 // 256
+    per20 = max(1, scene.spec.blocksize * 2 // 256)
+    n_rand = 64 if args.quick else 200
+    n_row = 300 if args.quick else grid * grid
+    sections = set(args.only.split(","))
+    results: dict[str, Any] = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
+                               "n_random": n_rand, "n_row": n_row, "repeats": args.repeats}
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def record(name: str, worker: str, **kw: Any) -> None:
+        logger.info("  %s", name)
+        runs.setdefault(name, []).append(run_worker(worker, **kw))
+
+    server = proxy = None
+    env: dict[str, str] = {}
+    try:
+        if "s3" in sections:
+            tmp = Path(args.cache) / ".s3"
+            tmp.mkdir(parents=True, exist_ok=True)
+            server = S3rver(scene, tmp / "store")
+            proxy = DelayProxy(server.port, 0.0)
+            s3 = s3_items(scene, server, tmp)
+            env = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}",
+                   "STACCHIP_BENCH_COUNTER": str(proxy.counter_port)}
+            # the first GET of each object makes s3rver write its metadata: once, untimed
+            run_worker("floor", env=env, items=s3, picks=[[k, 0, 0] for k in range(len(s3))], threads=2)
+        # Repeats interleave the cases (local and s3 side by side), so a busy moment of
+        # the shared machine does not fall on one case only; figures are medians.
+        for r in range(args.repeats):
+            logger.info("repeat %d of %d", r + 1, args.repeats)
+            picks = [list(p) for p in cold_picks(len(items), grid, per20, n_rand, seed=11 + r)]
+            if "local" in sections:
+                record("floor_local", "floor", items=items, picks=picks, threads=2)
+                record("random_local", "random", items=items, picks=picks)
+                record("random_local_batch", "random", items=items, picks=picks, batch=True)
+            if "s3" in sections:
+                record("floor_s3", "floor", env=env, items=s3, picks=picks, threads=2)
+                record("random_s3", "random", env=env, items=s3, picks=picks)
+                record("random_s3_batch", "random", env=env, items=s3, picks=picks, batch=True)
+            if "local" in sections:
+                record("row_local", "row", item=items[r % len(items)], n=n_row)
+                record("row_local_block", "row", item=items[r % len(items)], n=n_row, order="block")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if server is not None:
+            server.stop()
+    import statistics
+
+    results["runs"] = runs
+    for name, rs in runs.items():
+        med = {k: statistics.median([r[k] for r in rs]) for k in rs[0]
+               if isinstance(rs[0][k], (int, float)) and not isinstance(rs[0][k], bool)}
+        med["runs_chips_per_s"] = [round(r["chips_per_s"], 2) for r in rs]
+        results[name] = med
+    results["load_average_after"] = os.getloadavg()
+
+    def row(label: str, key: str, floor: str | None) -> str:
+        r = results.get(key)
+        if r is None:
+            return ""
+        f = results.get(floor) if floor else None
+        ratio = f" = {r['chips_per_s'] / f['chips_per_s']:.2f}x floor ({f['chips_per_s']:.1f}/s)" if f else ""
+        return (f"{label:<34} {r['chips_per_s']:8.1f} chips/s{ratio:<26} {r['cpu_ms_per_chip']:7.1f} ms CPU/chip"
+                f" {r['requests_per_chip']:6.2f} req/chip {r['rss_mb']:7.0f} MB peak RSS")
+
+    lines = [
+        row("cold floor, local (2 thr)", "floor_local", None),
+        row("row-order scan, local", "row_local", "floor_local"),
+        row("block-order scan, local", "row_local_block", "floor_local"),
+        row("16-scene random chip(), local", "random_local", "floor_local"),
+        row("16-scene random chips(), local", "random_local_batch", "floor_local"),
+        row("cold floor, s3 (2 thr)", "floor_s3", None),
+        row("16-scene random chip(), s3", "random_s3", "floor_s3"),
+        row("16-scene random chips(), s3", "random_s3_batch", "floor_s3"),
+    ]
+    print("\n".join(line for line in lines if line))
+    for name in ("random_local", "random_s3", "row_local"):
+        if name in results:
+            print(f"  {name} chips/s per run: {results[name]['runs_chips_per_s']}")
+    if "random_s3" in results and "random_local" in results:
+        print(f"client CPU per chip, s3 / local: "
+              f"{results['random_s3']['cpu_ms_per_chip'] / results['random_local']['cpu_ms_per_chip']:.2f}x (chip()), "
+              f"{results['random_s3_batch']['cpu_ms_per_chip'] / results['random_local_batch']['cpu_ms_per_chip']:.2f}x"
+              " (chips())")
+    print(f"tiles per chip in the random cases: 10 (no two chips share a tile); "
+          f"load average before/after: {results['load_average_before']} / {results['load_average_after']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

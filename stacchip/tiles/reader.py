@@ -1,0 +1,567 @@
+"""The tile read path: the tiles a read needs, fetched together and decoded in a
+thread pool, gathered into exactly the pixels :func:`stacchip.reader.read_indexed`
+returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
+
+* :class:`TileFile` is one open raster: its layout and byte source.
+* :class:`TileEngine` owns the decode pool (one worker per core by default,
+  ``STACCHIP_DECODE_THREADS``), the I/O for remote files (coalesced ranged GETs,
+  up to 16 in flight, on one event-loop thread with obstore's async API) and
+  the shared :class:`TileCache`. With one thread (``Chipper(threads=1)``)
+  everything runs in the caller's thread.
+* :class:`TileCache` keeps decoded tiles keyed by file (href + size/ETag/mtime)
+  and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
+  :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
+  read are shared, never read twice). A scan in tile order therefore decodes
+  every tile once as long as one row of tiles of every band fits (10 Sentinel-2
+  bands of 1024 px tiles: ~160 MB).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from stacchip.tiles.decode import decode_tile
+from stacchip.tiles.layouts import DEFAULT_STORE, LayoutStore, open_layout, read_layout
+from stacchip.tiles.sources import (  # noqa: F401
+    LocalSource,
+    RemoteSource,
+    StaleLayoutError,
+    open_source,
+    tile_href,
+)
+from stacchip.tiles.tiff import Layout
+
+logger = logging.getLogger(__name__)
+
+#: Default tile cache budget, MB (``STACCHIP_TILE_CACHE_MB`` overrides).
+DEFAULT_CACHE_MB = 256
+#: I/O workers for remote files (requests wait on the network, not the CPU).
+REMOTE_IO_THREADS = 16
+
+TileKey = tuple[int, int, int]  # (plane, tile row, tile col)
+
+
+# --- cache -------------------------------------------------------------------------------
+
+
+class TileCache:
+    """Decoded tiles (futures) by key, bounded by ``budget`` bytes of finished tiles."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = int(budget)
+        self._entries: OrderedDict[Any, Future] = OrderedDict()
+        self._sizes: dict[Any, int] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def claim(self, key: Any) -> tuple[Future, bool]:
+        """The future of ``key`` and whether the caller must fill it (a miss)."""
+        with self._lock:
+            fut = self._entries.get(key)
+            if fut is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return fut, False
+            fut = Future()
+            self._entries[key] = fut
+            self.misses += 1
+        fut.add_done_callback(lambda f, key=key: self._finished(key, f))
+        return fut, True
+
+    def _finished(self, key: Any, fut: Future) -> None:
+        with self._lock:
+            if self._entries.get(key) is not fut:
+                return
+            if fut.cancelled() or fut.exception() is not None:
+                del self._entries[key]  # failed reads are tried again next time
+                return
+            value = fut.result()
+            size = int(value.nbytes) if value is not None else 0
+            self._sizes[key] = size
+            self._bytes += size
+            self._evict()
+
+    def _evict(self) -> None:
+        if self._bytes <= self.budget:
+            return
+        for key in list(self._entries):
+            if self._bytes <= self.budget:
+                break
+            if key not in self._sizes:
+                continue  # still being read
+            del self._entries[key]
+            self._bytes -= self._sizes.pop(key)
+
+    def drop_file(self, file_key: Any) -> None:
+        """Forget every tile of one file version."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == file_key]:
+                del self._entries[key]
+                self._bytes -= self._sizes.pop(key, 0)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._sizes.clear()
+            self._bytes = 0
+
+
+def _cache_budget() -> int:
+    try:
+        mb = float(os.environ.get("STACCHIP_TILE_CACHE_MB", DEFAULT_CACHE_MB))
+    except ValueError:
+        mb = DEFAULT_CACHE_MB
+    return int(max(0.0, mb) * 2**20)
+
+
+def _name_thread(name: str) -> None:
+    """Give the OS thread a name (``top -H``, ``/proc/*/task/*/comm``); best effort, Linux."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - a name is a nicety
+        pass
+
+
+class _AsyncIO:
+    """One event-loop thread running remote fetches (obstore's async API), at most
+    ``limit`` requests in flight: no thread per request waits on the network."""
+
+    def __init__(self, limit: int) -> None:
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self._limit = limit
+        self._sem: Any = None
+        self._thread = threading.Thread(target=self._run, name="stacchip-io", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import asyncio
+
+        _name_thread("stacchip-io")
+        asyncio.set_event_loop(self.loop)
+        self._sem = asyncio.Semaphore(self._limit)
+        self.loop.run_forever()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        import asyncio
+
+        async def run() -> Any:
+            while self._sem is None:
+                await asyncio.sleep(0)
+            async with self._sem:
+                return await fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if wait:
+            self._thread.join(timeout=30)
+
+
+class _Inline:
+    """An executor that runs each job in the caller's thread (``threads=1``)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the future
+            fut.set_exception(exc)
+        return fut
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+# --- engine ------------------------------------------------------------------------------
+
+
+class TileEngine:
+    """Decode and I/O pools plus the tile cache (created lazily, reset after a fork)."""
+
+    def __init__(self, decode_threads: int, io_threads: int, cache: TileCache) -> None:
+        self.decode_threads = max(1, int(decode_threads))
+        self.io_threads = max(1, int(io_threads))
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._decode: Any = None
+        self._io: Any = None
+        self._pid = os.getpid()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._decode = None
+        self._io = None
+        self._pid = os.getpid()
+
+    def _pools(self) -> tuple[Any, Any]:
+        if os.getpid() != self._pid:
+            self._after_fork()
+        if self._decode is None:
+            with self._lock:
+                if self._decode is None:
+                    self._io = _Inline() if self.io_threads == 1 else _AsyncIO(self.io_threads)
+                    self._decode = (_Inline() if self.decode_threads == 1 else
+                                    ThreadPoolExecutor(self.decode_threads, thread_name_prefix="stacchip-decode",
+                                                       initializer=_name_thread, initargs=("stacchip-decode",)))
+        return self._decode, self._io
+
+    def tiles(self, f: TileFile, keys: list[TileKey]) -> dict[TileKey, Future]:
+        """Futures of the decoded tiles ``keys`` of ``f`` (``None`` for sparse tiles);
+        missing ones are fetched together (remote: coalesced ranges, in parallel)."""
+        decode, io = self._pools()
+        layout = f.layout
+        out: dict[TileKey, Future] = {}
+        todo: list[tuple[TileKey, Future, int, int]] = []
+        for key in keys:
+            idx = layout.tile_index(*key)
+            offset, count = int(layout.offsets[idx]), int(layout.counts[idx])
+            if count == 0:
+                fut: Future = Future()
+                fut.set_result(None)  # sparse: filled, no bytes read
+                out[key] = fut
+                continue
+            fut, claimed = self.cache.claim((f.cache_key, key))
+            out[key] = fut
+            if claimed:
+                todo.append((key, fut, offset, count))
+        if not todo:
+            return out
+        if not f.source.remote:
+            for key, fut, offset, count in todo:
+                decode.submit(_local_job, f, fut, offset, count)
+            return out
+        from stacchip.tiles.sources import coalesce
+
+        ranges = [(offset, offset + count) for _, _, offset, count in todo]
+        job = _remote_job if isinstance(io, _Inline) else _remote_job_async
+        for start, end, members in coalesce(ranges):
+            group = [todo[i] for i in members]
+            io.submit(job, f, group, start, end, decode)
+        return out
+
+    def shutdown(self) -> None:
+        for pool in (self._decode, self._io):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._decode = self._io = None
+
+
+def _settle(fut: Future, fn: Callable[[], Any]) -> None:
+    if fut.done():
+        return
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:  # noqa: BLE001 - handed to the future
+        fut.set_exception(exc)
+
+
+def _local_job(f: TileFile, fut: Future, offset: int, count: int) -> None:
+    def work() -> np.ndarray:
+        data = f.source.read(offset, count)
+        return f.decode(data)
+
+    _settle(fut, work)
+
+
+def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
+                decode: Any) -> None:
+    try:
+        (data,) = f.source.read_ranges([(start, end)], expect=f.expect)
+    except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
+        for _, fut, _, _ in group:
+            if not fut.done():
+                fut.set_exception(exc)
+        return
+    view = memoryview(data)
+    for _, fut, offset, count in group:
+        chunk = view[offset - start:offset - start + count]
+        decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+
+
+async def _remote_job_async(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
+                            decode: Any) -> None:
+    try:
+        data = await f.source.read_async(start, end, expect=f.expect)
+    except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
+        for _, fut, _, _ in group:
+            if not fut.done():
+                fut.set_exception(exc)
+        return
+    view = memoryview(data)
+    for _, fut, offset, count in group:
+        chunk = view[offset - start:offset - start + count]
+        decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+
+
+_engines: dict[tuple[int, int], TileEngine] = {}
+_engines_lock = threading.Lock()
+_cache: TileCache | None = None
+
+
+def shared_cache() -> TileCache:
+    """The process-wide tile cache."""
+    global _cache
+    if _cache is None:
+        with _engines_lock:
+            if _cache is None:
+                _cache = TileCache(_cache_budget())
+    return _cache
+
+
+def engine(decode_threads: int | None = None, io_threads: int | None = None) -> TileEngine:
+    """The shared engine for a pool size (decode defaults: one per core, or
+    ``STACCHIP_DECODE_THREADS``)."""
+    from stacchip.reader import _fork_aware
+
+    if decode_threads is None:
+        env = os.environ.get("STACCHIP_DECODE_THREADS")
+        decode_threads = int(env) if env and env.isdigit() else (os.cpu_count() or 1)
+    io_threads = REMOTE_IO_THREADS if io_threads is None else io_threads
+    key = (max(1, decode_threads), max(1, io_threads))
+    eng = _engines.get(key)
+    if eng is None:
+        cache = shared_cache()
+        with _engines_lock:
+            eng = _engines.get(key)
+            if eng is None:
+                eng = TileEngine(key[0], key[1], cache)
+                _engines[key] = eng
+                _fork_aware.add(eng)
+    return eng
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+class TileFile:
+    """One raster opened for tile reads: its :class:`Layout` and byte source."""
+
+    def __init__(self, href: str, what: str = "", store: LayoutStore | None = None) -> None:
+        self.href = href
+        self.what = what
+        self.store = store if store is not None else DEFAULT_STORE
+        self.source: LocalSource | RemoteSource = open_source(href, what)
+        self._set_layout(open_layout(href, self.source, self.store))
+
+    def _set_layout(self, layout: Layout) -> None:
+        from stacchip.tiles.sources import Identity
+
+        self.layout = layout
+        self.cache_key = (self.href, layout.identity())
+        self.expect = Identity(layout.size, layout.etag, None) if self.source.remote else None
+        self._sparse_value = 0 if layout.nodata is None else layout.nodata
+
+    def refresh(self) -> None:
+        """Read the header again (the file changed) and forget its cached tiles."""
+        shared_cache().drop_file(self.cache_key)
+        self._set_layout(read_layout(self.href, self.source, self.store))
+
+    def decode(self, data: Any) -> np.ndarray:
+        try:
+            return decode_tile(self.layout, data)
+        except Exception as exc:
+            from stacchip.errors import AssetReadError
+
+            raise AssetReadError(f"cannot decode a tile of {self.what}href {self.href!r}: {exc}") from exc
+
+    def read(self, rows: np.ndarray, cols: np.ndarray, fill: float,
+             eng: TileEngine | None = None) -> PendingRead:
+        """Start reading pixels ``[:, rows][:, :, cols]``; ``.result()`` gives them."""
+        return PendingRead(self, np.asarray(rows), np.asarray(cols), fill, eng or engine())
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class PendingRead:
+    """A read in flight; :meth:`result` waits for its tiles and gathers the pixels."""
+
+    def __init__(self, f: TileFile, rows: np.ndarray, cols: np.ndarray, fill: float,
+                 eng: TileEngine) -> None:
+        self.f, self.rows, self.cols, self.fill, self.eng = f, rows, cols, fill, eng
+        self._start()
+
+    def _start(self) -> None:
+        self.plan = _plan(self.f.layout, self.rows, self.cols)
+        keys = [k for k in self.plan.keys] if self.plan is not None else []
+        self.futures = self.eng.tiles(self.f, keys) if keys else {}
+
+    def result(self) -> np.ndarray:
+        try:
+            tiles = {k: fut.result() for k, fut in self.futures.items()}
+        except StaleLayoutError:
+            logger.info("%s changed since its layout was read; reading its header again", self.f.href)
+            self.f.refresh()
+            self._start()
+            tiles = {k: fut.result() for k, fut in self.futures.items()}
+        return _assemble(self.f.layout, self.plan, tiles, self.rows, self.cols, self.fill,
+                         self.f._sparse_value)
+
+
+class _Plan:
+    """Which tiles a read needs and where their pixels go."""
+
+    def __init__(self, row_runs: list[tuple[int, Any, Any]], col_runs: list[tuple[int, Any, Any]],
+                 planes: int) -> None:
+        self.row_runs = row_runs  # (tile row, output positions, local indices)
+        self.col_runs = col_runs
+        self.keys = [(p, tr, tc) for p in range(planes) for tr, _, _ in row_runs for tc, _, _ in col_runs]
+
+
+def _as_slice(idx: np.ndarray) -> Any:
+    """A slice when ``idx`` is a run of consecutive integers, else ``idx``."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and (len(idx) < 3 or bool(np.all(np.diff(idx) == 1))):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _runs(idx: np.ndarray, n: int, tile: int) -> list[tuple[int, Any, Any]]:
+    inside = np.nonzero((idx >= 0) & (idx < n))[0]
+    if len(inside) == 0:
+        return []
+    vals = idx[inside]
+    tiles = vals // tile
+    out = []
+    for t in np.unique(tiles).tolist():
+        sel = tiles == t
+        pos = inside[sel]
+        out.append((int(t), _as_slice(pos), _as_slice(vals[sel] - t * tile)))
+    return out
+
+
+def _plan(layout: Layout, rows: np.ndarray, cols: np.ndarray) -> _Plan | None:
+    row_runs = _runs(rows, layout.height, layout.tile_height)
+    col_runs = _runs(cols, layout.width, layout.tile_width)
+    if not row_runs or not col_runs:
+        return None
+    return _Plan(row_runs, col_runs, layout.planes)
+
+
+def _take(a: np.ndarray, idx: Any, axis: int) -> np.ndarray:
+    if isinstance(idx, slice):
+        return a[(slice(None),) * axis + (idx,)]
+    return a.take(idx, axis=axis)
+
+
+def _assemble(layout: Layout, plan: _Plan | None, tiles: dict[TileKey, Any], rows: np.ndarray,
+              cols: np.ndarray, fill: float, sparse: float) -> np.ndarray:
+    bands = layout.bands
+    shape = (bands, len(rows), len(cols))
+    dtype = np.dtype(layout.dtype)
+    if plan is None:
+        return np.full(shape, fill, dtype=dtype)
+    covered = (len(plan.row_runs) and sum(_len(p) for _, p, _ in plan.row_runs) == len(rows)
+               and sum(_len(p) for _, p, _ in plan.col_runs) == len(cols))
+    out = np.empty(shape, dtype=dtype) if covered else np.full(shape, fill, dtype=dtype)
+    for tr, rpos, rloc in plan.row_runs:
+        for tc, cpos, cloc in plan.col_runs:
+            for p in range(layout.planes):
+                tile = tiles[(p, tr, tc)]
+                dest = slice(None) if layout.planar == 1 else slice(p, p + 1)
+                if tile is None:
+                    block: Any = sparse
+                else:
+                    block = _take(_take(tile, rloc, 1), cloc, 2)
+                if isinstance(rpos, slice) and isinstance(cpos, slice):
+                    out[dest, rpos, cpos] = block
+                else:
+                    r = np.arange(len(rows))[rpos] if isinstance(rpos, slice) else rpos
+                    c = np.arange(len(cols))[cpos] if isinstance(cpos, slice) else cpos
+                    out[dest, r[:, None], c[None, :]] = block
+    return out
+
+
+def _len(pos: Any) -> int:
+    return pos.stop - pos.start if isinstance(pos, slice) else len(pos)
+
+
+class TileFiles:
+    """Open :class:`TileFile` per href for one owner (a Chipper), per process:
+    a forked or spawned child opens its own (handles never cross processes)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._files: dict[str, TileFile] = {}
+        self._by_key: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def get(self, href: str, what: str, store: LayoutStore) -> TileFile:
+        if os.getpid() != self._pid:
+            self._reset()
+        f = self._files.get(href)
+        if f is None:
+            with self._lock:
+                f = self._files.get(href)
+                if f is None:
+                    f = TileFile(href, what, store)
+                    self._files[href] = f
+        return f
+
+    def by_key(self) -> dict[str, Any]:
+        """A per-process memo for the owner (asset key -> TileFile or None)."""
+        if os.getpid() != self._pid:
+            self._reset()
+        return self._by_key
+
+    def open_count(self) -> int:
+        if os.getpid() != self._pid:
+            self._reset()
+        return len(self._files)
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            self._reset()
+            return
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            self._by_key.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._reset()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no pools, an empty tile cache (the parent's
+    reads in flight never finish here) and fresh locks."""
+    global _cache, _engines_lock
+    _engines.clear()
+    _cache = None
+    _engines_lock = threading.Lock()
+    DEFAULT_STORE._lock = threading.Lock()
+    from stacchip.tiles import sources
+
+    sources._stores_lock = threading.Lock()
+    sources._stores.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

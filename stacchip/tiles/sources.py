@@ -1,0 +1,346 @@
+"""Byte sources for the tile reader: local files (``pread``) and objects over
+``s3://`` and ``http(s)://`` (obstore: one connection pool per bucket or origin,
+shared by every file and thread of the process).
+
+Every source tells the file's identity (size plus ETag or modification time)
+so a cached layout is checked against the file it describes: a local file at
+open, a remote one with every response (``Content-Range`` size and ``ETag``),
+which costs no request of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from stacchip.errors import AssetReadError
+
+#: Largest gap (bytes) between two tiles fetched with one request, and the most
+#: bytes one coalesced request may carry (beyond it, requests run in parallel).
+COALESCE_GAP = 64 * 1024
+COALESCE_MAX = 16 * 2**20
+
+
+class StaleLayoutError(AssetReadError):
+    """The file changed since its layout was read (size or ETag differ)."""
+
+
+class ForkedRuntimeError(AssetReadError):
+    """obstore's I/O runtime was started by a parent process: its threads do not
+    exist in this forked child, so remote reads here must go another way (GDAL)."""
+
+
+#: pid of the process that started obstore's runtime (its first request).
+_runtime_pid: int | None = None
+
+
+def remote_usable() -> bool:
+    """False in a child forked after its parent made remote requests with obstore."""
+    return _runtime_pid is None or _runtime_pid == os.getpid()
+
+
+def _runtime_started() -> None:
+    global _runtime_pid
+    if _runtime_pid is None:
+        _runtime_pid = os.getpid()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What identifies one version of a file: bytes, ETag (remote), mtime in ns (local)."""
+
+    size: int | None
+    etag: str | None = None
+    mtime: int | None = None
+
+    def matches(self, size: int | None, etag: str | None, mtime: int | None) -> bool:
+        if self.size is not None and size is not None and self.size != size:
+            return False
+        if self.etag and etag and self.etag.strip('"') != etag.strip('"'):
+            return False
+        return not (self.mtime is not None and mtime is not None and self.mtime != mtime)
+
+
+def coalesce(ranges: list[tuple[int, int]], gap: int = COALESCE_GAP,
+             limit: int = COALESCE_MAX) -> list[tuple[int, int, list[int]]]:
+    """Merge byte ranges ``(start, end)`` closer than ``gap`` into requests.
+
+    Returns ``(start, end, members)`` per request, ``members`` indexing ``ranges``.
+    """
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
+    out: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        s, e = ranges[i]
+        if out and s - out[-1][1] <= gap and max(e, out[-1][1]) - out[-1][0] <= limit:
+            ps, pe, members = out[-1]
+            out[-1] = (ps, max(pe, e), members + [i])
+        else:
+            out.append((s, e, [i]))
+    return out
+
+
+class LocalSource:
+    """A local file read with ``os.pread`` (thread-safe, no shared offset)."""
+
+    remote = False
+
+    def __init__(self, path: str, what: str = "") -> None:
+        self.path = path
+        self.what = what
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+            st = os.fstat(self._fd)
+        except OSError as exc:
+            raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
+        self.identity = Identity(st.st_size, None, st.st_mtime_ns)
+
+    def read(self, start: int, length: int) -> bytes:
+        try:
+            return os.pread(self._fd, length, start)
+        except OSError as exc:
+            raise AssetReadError(f"cannot read {self.what}href {self.path!r}: {exc}") from exc
+
+    def read_ranges(self, ranges: list[tuple[int, int]], expect: Identity | None = None) -> list[bytes]:
+        return [self.read(s, e - s) for s, e in ranges]
+
+    def head(self) -> tuple[bytes, Identity]:
+        from stacchip.tiles.tiff import HEADER_BYTES
+
+        return self.read(0, HEADER_BYTES), self.identity
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# --- remote ------------------------------------------------------------------------------
+
+_stores: dict[tuple[str, str, str], Any] = {}
+_stores_lock = threading.Lock()
+_stores_pid = os.getpid()
+
+
+def _retry() -> dict[str, Any]:
+    from datetime import timedelta
+
+    return {"max_retries": 5, "retry_timeout": timedelta(seconds=120),
+            "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=10),
+                        "base": 2}}
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("YES", "TRUE", "1", "ON")
+
+
+def _s3_store(bucket: str) -> Any:
+    from obstore.store import S3Store
+
+    from stacchip.reader import s3_endpoint
+
+    kwargs: dict[str, Any] = {}
+    client: dict[str, Any] = {"timeout": "60s", "connect_timeout": "10s"}
+    endpoint = s3_endpoint()
+    if endpoint:
+        if "://" not in endpoint:
+            endpoint = f"https://{endpoint}"
+        kwargs["endpoint"] = endpoint.rstrip("/")
+        kwargs["virtual_hosted_style_request"] = False
+        if endpoint.startswith("http://"):
+            client["allow_http"] = True
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs["region"] = region or "us-east-1"
+    if _truthy(os.environ.get("AWS_NO_SIGN_REQUEST")):
+        kwargs["skip_signature"] = True
+    if os.environ.get("AWS_REQUEST_PAYER", "").lower() == "requester":
+        kwargs["request_payer"] = True
+    provider = None
+    if not kwargs.get("skip_signature") and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        provider = _boto3_credentials()
+    return S3Store(bucket, client_options=client, credential_provider=provider,
+                   retry_config=_retry(), **kwargs)
+
+
+def _boto3_credentials() -> Any:
+    """Credentials from boto3's chain (``~/.aws``, SSO, ...), as GDAL would find them;
+    ``None`` lets obstore look itself (instance metadata, web identity)."""
+    try:
+        import boto3
+
+        creds = boto3.session.Session().get_credentials()
+    except Exception:  # noqa: BLE001 - no boto3 session: obstore's own chain
+        return None
+    if creds is None:
+        return None
+
+    def provide() -> dict[str, Any]:
+        frozen = creds.get_frozen_credentials()
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
+                "token": frozen.token, "expires_at": None}
+
+    return provide
+
+
+def _http_store(origin: str) -> Any:
+    from obstore.store import HTTPStore
+
+    client: dict[str, Any] = {"timeout": "60s", "connect_timeout": "10s"}
+    if origin.startswith("http://"):
+        client["allow_http"] = True
+    return HTTPStore.from_url(origin, client_options=client,
+                              retry_config=_retry())
+
+
+def store_for(href: str) -> tuple[Any, str]:
+    """``(obstore store, object path)`` for an ``s3://`` or ``http(s)://`` href;
+    stores are shared per bucket / origin (one connection pool each)."""
+    global _stores_pid
+    url = urlparse(href)
+    scheme = url.scheme.lower()
+    if scheme == "s3":
+        from stacchip.reader import s3_endpoint
+
+        key = ("s3", url.netloc, s3_endpoint() or "")
+        path = url.path.lstrip("/")
+    elif scheme in ("http", "https"):
+        key = ("http", f"{scheme}://{url.netloc}", "")
+        path = url.path.lstrip("/")
+    else:
+        raise ValueError(f"not a remote href: {href!r}")
+    with _stores_lock:
+        if os.getpid() != _stores_pid:  # forked child: the parent's clients are not ours
+            _stores.clear()
+            _stores_pid = os.getpid()
+        store = _stores.get(key)
+        if store is None:
+            store = _s3_store(key[1]) if scheme == "s3" else _http_store(key[1])
+            _stores[key] = store
+    return store, path
+
+
+def reset_stores() -> None:
+    """Forget every store (new connection pools on next use)."""
+    with _stores_lock:
+        _stores.clear()
+
+
+class RemoteSource:
+    """An object over S3 or HTTP, read with ranged GETs through obstore."""
+
+    remote = True
+
+    def __init__(self, href: str, what: str = "") -> None:
+        if not remote_usable():
+            raise ForkedRuntimeError(
+                f"{what}href {href!r}: this process was forked after its parent read remote files "
+                "with obstore, whose runtime does not survive a fork"
+            )
+        _runtime_started()
+        self.href = href
+        self.path = href
+        self.what = what
+        self.store, self.key = store_for(href)
+        self.identity: Identity | None = None
+        self.requests = 0
+
+    def _get(self, start: int, end: int) -> tuple[Any, Identity]:
+        import obstore
+
+        try:
+            result = obstore.get(self.store, self.key, options={"range": (start, end)})
+            data = result.bytes()
+        except FileNotFoundError as exc:
+            raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
+        except Exception as exc:
+            raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
+        finally:
+            self.requests += 1
+        meta = result.meta
+        return data, Identity(meta.get("size"), meta.get("e_tag"), None)
+
+    def read(self, start: int, length: int) -> bytes:
+        data, _ident = self._get(start, start + length)
+        return bytes(data)
+
+    async def read_async(self, start: int, end: int, expect: Identity | None = None) -> Any:
+        """Bytes ``start:end`` with one GET on obstore's own runtime (no thread of ours
+        waits); raises :class:`StaleLayoutError` when the response contradicts ``expect``."""
+        import obstore
+
+        try:
+            result = await obstore.get_async(self.store, self.key, options={"range": (start, end)})
+            data = await result.bytes_async()
+        except FileNotFoundError as exc:
+            raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
+        except Exception as exc:
+            raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
+        finally:
+            self.requests += 1
+        meta = result.meta
+        if expect is not None and not expect.matches(meta.get("size"), meta.get("e_tag"), None):
+            raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+        return data
+
+    def head(self) -> tuple[bytes, Identity]:
+        """The first bytes of the file (one request) and its identity."""
+        from stacchip.tiles.tiff import HEADER_BYTES
+
+        data, ident = self._get(0, HEADER_BYTES)
+        self.identity = ident
+        return bytes(data), ident
+
+    def read_ranges(self, ranges: list[tuple[int, int]], expect: Identity | None = None) -> list[Any]:
+        """Bytes of each range, one GET per coalesced group (callers run groups in parallel)."""
+        out: list[Any] = [None] * len(ranges)
+        for start, end, members in coalesce(ranges):
+            data, ident = self._get(start, end)
+            if expect is not None and not expect.matches(ident.size, ident.etag, None):
+                raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+            view = memoryview(data)
+            for i in members:
+                s, e = ranges[i]
+                out[i] = view[s - start:e - start]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def tile_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> str | None:
+    """What the tile reader opens for an asset href: a local path, or an
+    ``s3://`` / ``http(s)://`` URL; ``None`` for what only GDAL opens
+    (``/vsi...`` paths, other schemes, URLs with a query string)."""
+    if mountpath is not None and str(mountpath) != "":
+        from stacchip.reader import resolve_href
+
+        return resolve_href(href, mountpath)
+    url = urlparse(href)
+    scheme = url.scheme.lower()
+    if scheme == "file":
+        return url.path
+    if scheme in ("s3", "http", "https"):
+        if url.query or url.fragment or not url.path.strip("/"):
+            return None
+        return href
+    if scheme and len(scheme) > 1:
+        return None  # gs://, az://, ... : GDAL's
+    if href.startswith("/vsi"):
+        return None
+    return href
+
+
+def open_source(path: str, what: str = "") -> LocalSource | RemoteSource:
+    """The byte source for a resolved href (local path, ``file://``, ``s3://``, ``http(s)://``)."""
+    url = urlparse(path)
+    scheme = url.scheme.lower()
+    if scheme in ("s3", "http", "https"):
+        return RemoteSource(path, what)
+    if scheme == "file":
+        return LocalSource(url.path, what)
+    return LocalSource(path, what)
