@@ -26,6 +26,7 @@ import numpy as np
 
 from stacchip import grid as gridmath
 from stacchip.errors import AssetNotFoundError, ChipOutOfRangeError, ConfigError
+from stacchip.platforms import asset_nodata
 from stacchip.indexer import ChipIndexer
 from stacchip.reader import (
     DatasetCache,
@@ -100,8 +101,13 @@ def is_raster_asset(asset: Any) -> bool:
 
 
 class Chipper:
-    """Read chips of an indexed item.
+    """Read chips of an item, from its chip grid: a :class:`~stacchip.grid.ChipGrid`
+    (``ChipGrid.of(item, chip_size)``) or an indexer (upstream's ``Chipper(indexer)``).
 
+    ``chip_grid`` is the grid read; ``indexer`` is the indexer given, or, for a
+    grid, the grid itself (it answers the same grid attributes: ``item``,
+    ``grid``, ``affine``, ``chip_size``, ``check_chip``, and ``kept_chips``:
+    every chip of a grid, those an indexer's nodata filter keeps).
     ``mountpath`` re-roots hrefs under a local directory (upstream semantics);
     ``assets`` chooses the assets (default: every raster data asset);
     ``asset_blacklist`` drops some. ``native=True`` returns assets at their own
@@ -118,7 +124,7 @@ class Chipper:
 
     def __init__(
         self,
-        indexer: ChipIndexer,
+        indexer: ChipIndexer | gridmath.ChipGrid,
         mountpath: str | os.PathLike[str] | None = None,
         assets: Sequence[str] | None = None,
         asset_blacklist: Sequence[str] | None = None,
@@ -128,7 +134,8 @@ class Chipper:
         reader: str | None = None,
         layouts: Any = None,
     ) -> None:
-        self.indexer = indexer
+        self.chip_grid = gridmath.as_chip_grid(indexer)
+        self.indexer: Any = indexer
         self.mountpath = None if mountpath in (None, "") else mountpath
         self.assets = list(assets) if assets is not None else None
         self.asset_blacklist = list(asset_blacklist) if asset_blacklist is not None else None
@@ -298,9 +305,9 @@ class Chipper:
 
     def fill_value(self, key: str, file_nodata: float | None) -> float | int:
         """Value for pixels outside an asset: its nodata, else 0."""
-        bands = self.indexer.item.assets[key].extra_fields.get("raster:bands") or []
-        if bands and bands[0].get("nodata") is not None:
-            return bands[0]["nodata"]
+        declared = asset_nodata(self.indexer.item.assets[key])
+        if declared is not None:
+            return declared
         return 0 if file_nodata is None else file_nodata
 
     def get_pixels_for_asset(self, key: str, x: int, y: int) -> np.ndarray:

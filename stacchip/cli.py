@@ -146,8 +146,8 @@ def cmd_chip(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from stacchip.chipper import Chipper
+    from stacchip.grid import ChipGrid
     from stacchip.index import index_files, open_index
-    from stacchip.indexer import ChipIndexer
     from stacchip.utils import load_item
 
     files = index_files(args.index)
@@ -164,9 +164,9 @@ def cmd_chip(args: argparse.Namespace) -> int:
     item = item or load_item(_find_item_for_chip(source, row, args.item))
     # "keep" covers every chip an index can hold (also those of `--edge keep`);
     # whole chips read the same under either edge rule.
-    indexer = ChipIndexer(item, chip_size=int(row["chip_size"]), edge="keep")
+    grid = ChipGrid.of(item, int(row["chip_size"]), edge="keep")
     assets = args.assets.split(",") if args.assets else None
-    with Chipper(indexer, assets=assets, native=args.native, layouts=str(source)) as chipper:
+    with Chipper(grid, assets=assets, native=args.native, layouts=str(source)) as chipper:
         chip = chipper.chip(int(row["chip_index_x"]), int(row["chip_index_y"]))
     buffer = io.BytesIO()
     save: Any = np.savez_compressed  # numpy's stub types **kwds as its allow_pickle flag

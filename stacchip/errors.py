@@ -133,6 +133,22 @@ class UnsafePathError(StacchipError, ValueError):
     """
 
 
+# --- batch tasks ------------------------------------------------------------------
+
+
+class TaskFailed(StacchipError):
+    """A batch task did part of its work and failed the rest; ``result`` is what it did.
+
+    Exit status 1: the scheduler re-runs the task, which skips what is done.
+    """
+
+    exit_code = EXIT_RETRY
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 # --- configuration ---------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Chip grid math: pure, vectorised, no I/O.
+"""Chip grid math: pure, vectorised, no I/O; and :class:`ChipGrid`, the chip grid of one item.
 
 A chip grid cuts the finest-resolution grid of an item into square chips of
 ``chip_size`` pixels. Chip ``(x, y)`` covers fine pixels
@@ -12,10 +12,18 @@ belonging to the pixel to their right/below (half-open intervals).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
 import numpy as np
 import pyproj
 import shapely
 from affine import Affine
+
+from stacchip.errors import ChipOutOfRangeError, ConfigError
+
+if TYPE_CHECKING:
+    from stacchip.projection import Grid
 
 # A fine pixel centre that lies within this many asset pixels of an asset pixel
 # boundary is treated as lying exactly on it: guards floor() against float
@@ -39,6 +47,105 @@ def chip_counts(shape: tuple[int, int], chip_size: int, edge: str = "drop") -> t
     if edge == "keep":
         return -(-cols // size), -(-rows // size)
     return cols // size, rows // size
+
+
+def check_chip_size(chip_size: Any, what: str = "") -> int:
+    """``chip_size`` as a positive int of pixels, else :class:`ConfigError` (``what`` names the item)."""
+    if isinstance(chip_size, bool) or not isinstance(chip_size, (int, np.integer)) or chip_size <= 0:
+        raise ConfigError(f"{what}chip_size must be a positive integer, got {chip_size!r}")
+    return int(chip_size)
+
+
+def check_edge(edge: str) -> str:
+    """``edge`` if it is one of :data:`EDGE_RULES`, else :class:`ConfigError`."""
+    if edge not in EDGE_RULES:
+        raise ConfigError(f"edge must be one of {EDGE_RULES}, got {edge!r}")
+    return edge
+
+
+@dataclass(frozen=True, eq=False)
+class ChipGrid:
+    """The chip grid of one item: all a :class:`~stacchip.chipper.Chipper` needs to read chips.
+
+    ``item`` is the :class:`pystac.Item`, ``grid`` its finest grid
+    (:class:`stacchip.projection.Grid`), ``chip_size`` in pixels of that grid,
+    ``edge`` ``"drop"`` (whole chips only, upstream's rule) or ``"keep"`` (also
+    the partial chips at the right and bottom edges). A value: no statistics,
+    no I/O. Build one with :meth:`of`; every indexer gives its own as
+    ``indexer.chip_grid``.
+    """
+
+    item: Any
+    grid: Grid
+    chip_size: int
+    edge: str = "drop"
+
+    @classmethod
+    def of(
+        cls, item: Any, chip_size: int = 256, *, edge: str = "drop", shape: Sequence[int] | None = None
+    ) -> ChipGrid:
+        """The chip grid of ``item`` (a :class:`pystac.Item` or STAC dict) from its projection
+        metadata (:func:`stacchip.projection.item_grid`; ``shape`` overrides ``(rows, cols)``)."""
+        from stacchip.indexer import as_item
+        from stacchip.projection import item_grid
+
+        item = as_item(item)
+        size = check_chip_size(chip_size, f"item {item.id!r}: ")
+        return cls(item, item_grid(item, shape), size, check_edge(edge))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the finest grid, in pixels."""
+        return int(self.grid.shape[0]), int(self.grid.shape[1])
+
+    @property
+    def affine(self) -> Affine:
+        """The finest grid's transform (metres)."""
+        return self.grid.transform
+
+    @property
+    def x_size(self) -> int:
+        """Number of chips in x (whole chips only unless ``edge="keep"``)."""
+        return chip_counts(self.grid.shape, self.chip_size, self.edge)[0]
+
+    @property
+    def y_size(self) -> int:
+        """Number of chips in y (whole chips only unless ``edge="keep"``)."""
+        return chip_counts(self.grid.shape, self.chip_size, self.edge)[1]
+
+    @property
+    def size(self) -> int:
+        """Number of chips in the grid."""
+        return self.x_size * self.y_size
+
+    @property
+    def kept_chips(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(xs, ys)`` of every chip, in row order (a grid keeps them all; an indexer's
+        ``kept_chips`` leaves out the chips its nodata filter drops)."""
+        return chip_positions(self.x_size, self.y_size)
+
+    def check_chip(self, x: int, y: int) -> None:
+        """Raise :class:`ChipOutOfRangeError` unless chip ``(x, y)`` is on the grid."""
+        if not (0 <= int(x) < self.x_size and 0 <= int(y) < self.y_size):
+            raise ChipOutOfRangeError(
+                f"item {self.item.id!r}: chip ({x}, {y}) is outside the "
+                f"{self.x_size} x {self.y_size} chip grid"
+            )
+
+
+def as_chip_grid(source: Any) -> ChipGrid:
+    """The :class:`ChipGrid` of ``source``: a grid itself, an indexer's ``chip_grid``, or
+    the grid attributes (``item``, ``grid``, ``chip_size``, ``edge``) of an indexer-like
+    object; else :class:`ConfigError`."""
+    if isinstance(source, ChipGrid):
+        return source
+    grid = getattr(source, "chip_grid", None)
+    if isinstance(grid, ChipGrid):
+        return grid
+    try:
+        return ChipGrid(source.item, source.grid, int(source.chip_size), getattr(source, "edge", "drop"))
+    except AttributeError:
+        raise ConfigError(f"expected a ChipGrid or an indexer, got {type(source).__name__}") from None
 
 
 def chip_positions(x_size: int, y_size: int) -> tuple[np.ndarray, np.ndarray]:

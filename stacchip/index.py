@@ -41,10 +41,11 @@ import datetime as dt
 import io
 import json
 import logging
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypedDict, Unpack
 
 import numpy as np
 import pyarrow as pa
@@ -263,6 +264,19 @@ def geometry_wkb(column: pa.Array | pa.ChunkedArray, where: str = "index") -> pa
 
 _LAYOUT_FILE = re.compile(r"^index_(?P<item>.+)\.parquet$")
 _CHIPID_SUFFIX = r"-[0-9]+-[0-9]+$"
+
+
+def bbox_array(rows: pa.Table | pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """``(N, 4)`` float64 ``xmin, ymin, xmax, ymax`` (degrees) of index rows: a table with a
+    ``bbox`` column, or that struct column itself."""
+    column = rows.column("bbox") if isinstance(rows, pa.Table) else rows
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], BBOX_TYPE)
+    if len(column) == 0:
+        return np.zeros((0, 4))
+    return np.column_stack(
+        [np.asarray(column.field(name).to_numpy(zero_copy_only=False), dtype=np.float64) for name in BBOX_FIELDS]
+    )
 
 
 def layout_ids(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
@@ -498,18 +512,8 @@ def _filesystem(paths: Sequence[str]) -> tuple[Any, list[str]]:
     if not paths:
         raise IndexFileError("no index files given")
     if all(storage.is_s3(p) for p in paths):
-        from pyarrow import fs
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            scheme, _, rest = endpoint.partition("://")
-            kwargs["endpoint_override"] = rest or scheme
-            kwargs["scheme"] = scheme if rest else "https"
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return fs.S3FileSystem(**kwargs), [p[len("s3://"):] for p in paths]
+        filesystem, _ = storage.arrow_filesystem(paths[0])
+        return filesystem, [p[len("s3://"):] for p in paths]
     if any(storage.is_s3(p) for p in paths):
         raise IndexFileError("cannot mix s3:// and local index files in one dataset")
     return None, [str(storage.local_path(p)) for p in paths]
@@ -577,7 +581,7 @@ def open_index(
     """
     import pyarrow.dataset as pads
 
-    from stacchip.catalog.manifest import open_compacted
+    from stacchip.compacted import open_compacted
 
     compacted = open_compacted(sources)
     if compacted is not None:
@@ -680,96 +684,150 @@ def _timestamp(value: dt.datetime | dt.date) -> pa.Scalar:
     return pa.scalar(value, pa.timestamp("us", tz="UTC"))
 
 
-def _fraction(value: Any, field: str) -> float:
+def fraction_problem(number: float) -> str | None:
+    """Why ``number`` is not a fraction 0-1 (cloud and nodata limits), or None when it is one.
+    A number that looks like a percentage (above 1, at most 100) is told so."""
+    if math.isfinite(number) and 1.0 < number <= 100.0:
+        return f"looks like a percentage; it is a fraction between 0 and 1 (write {number / 100:g} for {number:g} %)"
+    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+        return "is not a fraction between 0 and 1"
+    return None
+
+
+def check_fraction(value: Any, field: str) -> float:
+    """``value`` as a fraction 0-1, else :class:`ConfigError` naming ``field`` (see :func:`fraction_problem`)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{field} = {value!r} is not a fraction (0-1)") from exc
+    problem = fraction_problem(number)
+    if problem:
+        raise ConfigError(f"{field} = {value!r} {problem}")
+    return number
+
+
+
+class QueryFilters(TypedDict, total=False):
+    """The filters that select index rows, declared once: those of :func:`query`, also taken
+    by :func:`stacchip.ml.load_index`, :class:`~stacchip.ml.ChipDataset` and the
+    compacted-index planner (:func:`stacchip.compacted.plan`). Each is optional; ``None``
+    is no filter.
+
+    ``bbox``: ``(minx, miny, maxx, maxy)`` in degrees, chips intersecting it
+    (``minx > maxx`` crosses the antimeridian). ``start``/``end``: inclusive
+    bounds of ``datetime`` (ISO strings, dates or datetimes, naive meaning UTC;
+    a date ``end`` includes that whole UTC day). ``max_cloud``/``max_nodata``:
+    largest cloud and nodata fractions, 0-1. ``platform``: names of platforms,
+    any alias (:func:`stacchip.platforms.platform_aliases`). ``item_id``: item ids.
+    """
+
+    bbox: Sequence[float] | None
+    start: Any
+    end: Any
+    max_cloud: float | None
+    max_nodata: float | None
+    platform: str | Sequence[str] | None
+    item_id: str | Sequence[str] | None
+
+
+#: Names of the :class:`QueryFilters`.
+FILTERS: tuple[str, ...] = tuple(QueryFilters.__annotations__)
+
+
+def check_filters(filters: Mapping[str, Any], where: str = "query") -> dict[str, Any]:
+    """The filters of ``filters`` that are set (not None); a name that is no filter raises
+    ``TypeError`` as an unknown keyword argument of ``where`` would."""
+    unknown = [name for name in filters if name not in FILTERS]
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(filters: {', '.join(FILTERS)})")
+    return {name: value for name, value in filters.items() if value is not None}
+
+
+def _bbox_filter(bbox: Sequence[float]) -> tuple[Any, Any]:
+    """The row-group filter (the ``bbox`` covering) and the exact query area of a ``bbox`` filter
+    (degrees; ``minx > maxx`` crosses the antimeridian: two boxes, STAC's convention)."""
+    import pyarrow.compute as pc
+
+    try:
+        minx, miny, maxx, maxy = (float(v) for v in bbox)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bbox = {bbox!r} is not (minx, miny, maxx, maxy) in degrees") from exc
+    if miny > maxy:
+        raise ConfigError(f"bbox = {bbox!r} has miny above maxy")
+    boxes = [(minx, maxx)] if minx <= maxx else [(minx, 180.0), (-180.0, maxx)]
+    in_x = [(pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0) for x0, x1 in boxes]
+    expr = ((in_x[0] if len(in_x) == 1 else in_x[0] | in_x[1])
+            & (pc.field("bbox", "ymin") <= maxy) & (pc.field("bbox", "ymax") >= miny))
+    return expr, shapely.union_all([shapely.box(x0, miny, x1, maxy) for x0, x1 in boxes])
+
+
+def _filter_expressions(active: Mapping[str, Any]) -> list[Any]:
+    """Dataset expressions of the filters other than ``bbox``, checked before anything is read."""
+    import pyarrow.compute as pc
+
+    out = []
+    if "start" in active:
+        out.append(pc.field("datetime") >= _timestamp(_as_datetime(active["start"], "start")))
+    if "end" in active:
+        last = _as_datetime(active["end"], "end")
+        if isinstance(last, dt.datetime):
+            out.append(pc.field("datetime") <= _timestamp(last))
+        else:  # a date ends with its last instant (UTC)
+            out.append(pc.field("datetime") < _timestamp(last + dt.timedelta(days=1)))
+    # Limits compared in the columns' float32: float32(0.05) > 0.05, so a float64
+    # comparison would drop a chip stored at exactly the limit; 20 for 20 % is refused.
+    for name, column in (("max_cloud", "cloud_cover_percentage"), ("max_nodata", "nodata_percentage")):
+        if name in active:
+            out.append(pc.field(column) <= pa.scalar(check_fraction(active[name], name), pa.float32()))
+    if "platform" in active:
+        from stacchip.platforms import platform_aliases
+
+        platform = active["platform"]
+        given = [platform] if isinstance(platform, str) else list(platform)
+        out.append(pc.field("platform").isin(sorted({a for name in given for a in platform_aliases(str(name))})))
+    if "item_id" in active:
+        item_id = active["item_id"]
+        out.append(pc.field("item_id").isin([item_id] if isinstance(item_id, str) else list(item_id)))
+    return out
 
 
 def query(
     sources: Any,
     *,
-    bbox: Sequence[float] | None = None,
-    start: Any = None,
-    end: Any = None,
-    max_cloud: float | None = None,
-    max_nodata: float | None = None,
-    platform: str | Sequence[str] | None = None,
-    item_id: str | Sequence[str] | None = None,
     columns: Sequence[str] | None = None,
+    **filters: Unpack[QueryFilters],
 ) -> pa.Table:
-    """Chips matching every given filter.
+    """Chips matching every given filter (:class:`QueryFilters`: ``bbox`` in degrees,
+    ``start``/``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``).
 
-    ``sources`` is a dataset from :func:`open_index` or anything it accepts.
-    ``bbox`` is ``(minx, miny, maxx, maxy)`` in degrees (chips intersecting it;
-    ``minx > maxx`` crosses the antimeridian);
-    ``start``/``end`` bound ``datetime`` inclusively (ISO strings, dates or
-    datetimes, naive meaning UTC; a date ``end`` includes that whole UTC
-    day); ``max_cloud``/``max_nodata`` are fractions; ``platform`` matches
-    any alias of the platform (:func:`stacchip.platforms.platform_aliases`).
+    ``sources`` is a dataset from :func:`open_index` or anything it accepts;
+    ``columns`` picks the columns returned. Filter values are checked before
+    anything is read.
     """
-    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    active = check_filters(filters)
+    expressions = _filter_expressions(active)
+    query_area = None
+    if "bbox" in active:
+        box_expr, query_area = _bbox_filter(active["bbox"])
+        expressions.insert(0, box_expr)
     dataset = sources if isinstance(sources, pads.Dataset) else None
     if dataset is None:  # a compacted index: only the files and row groups the filters may hit
-        from stacchip.catalog.manifest import open_compacted
+        from stacchip.compacted import open_compacted
 
-        dataset = open_compacted(sources, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
-                                 max_nodata=max_nodata, platform=platform, item_id=item_id)
+        dataset = open_compacted(sources, **active)
     if dataset is None:
         dataset = open_index(sources)
     expr = None
-
-    def add(e: pc.Expression) -> None:
-        nonlocal expr
+    for e in expressions:
         expr = e if expr is None else expr & e
-
-    if bbox is not None:
-        try:
-            minx, miny, maxx, maxy = (float(v) for v in bbox)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bbox = {bbox!r} is not (minx, miny, maxx, maxy) in degrees") from exc
-        if miny > maxy:
-            raise ConfigError(f"bbox = {bbox!r} has miny above maxy")
-        # minx > maxx is a box crossing the antimeridian (STAC convention): two boxes.
-        boxes = [(minx, maxx)] if minx <= maxx else [(minx, 180.0), (-180.0, maxx)]
-        in_x = [(pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0) for x0, x1 in boxes]
-        add(
-            (in_x[0] if len(in_x) == 1 else in_x[0] | in_x[1])
-            & (pc.field("bbox", "ymin") <= maxy)
-            & (pc.field("bbox", "ymax") >= miny)
-        )
-        query_area = shapely.union_all([shapely.box(x0, miny, x1, maxy) for x0, x1 in boxes])
-    if start is not None:
-        add(pc.field("datetime") >= _timestamp(_as_datetime(start, "start")))
-    if end is not None:
-        last = _as_datetime(end, "end")
-        if isinstance(last, dt.datetime):
-            add(pc.field("datetime") <= _timestamp(last))
-        else:  # a date ends with its last instant (UTC)
-            add(pc.field("datetime") < _timestamp(last + dt.timedelta(days=1)))
-    # Limits compared in the columns' float32: float32(0.05) > 0.05, so a float64
-    # comparison would drop a chip stored at exactly the limit.
-    if max_cloud is not None:
-        add(pc.field("cloud_cover_percentage") <= pa.scalar(_fraction(max_cloud, "max_cloud"), pa.float32()))
-    if max_nodata is not None:
-        add(pc.field("nodata_percentage") <= pa.scalar(_fraction(max_nodata, "max_nodata"), pa.float32()))
-    if platform is not None:
-        from stacchip.platforms import platform_aliases
-
-        given = [platform] if isinstance(platform, str) else list(platform)
-        values = sorted({alias for name in given for alias in platform_aliases(str(name))})
-        add(pc.field("platform").isin(values))
-    if item_id is not None:
-        values = [item_id] if isinstance(item_id, str) else list(item_id)
-        add(pc.field("item_id").isin(values))
     try:
         table = dataset.to_table(filter=expr)
     except (pa.ArrowException, OSError) as exc:
         raise IndexFileError(f"cannot read index: {exc}") from exc
-    if bbox is not None and table.num_rows:
+    if query_area is not None and table.num_rows:
         geoms = shapely.from_wkb(table.column(GEOMETRY_COLUMN).to_numpy(zero_copy_only=False))
         hit = shapely.intersects(geoms, query_area)
         table = table.filter(pa.array(hit))

@@ -25,13 +25,12 @@ from stacchip import grid as gridmath
 from stacchip import qa as qamod
 from stacchip.errors import (
     AssetNotFoundError,
-    ChipOutOfRangeError,
     ConfigError,
     DatetimeError,
     ItemError,
 )
 from stacchip.index import index_table, upstream_table
-from stacchip.platforms import canonical_platform
+from stacchip.platforms import asset_nodata, canonical_platform
 from stacchip.projection import Grid, item_grid
 from stacchip.reader import StripReader, asset_transform, gdal_env, resolve_href
 
@@ -52,6 +51,8 @@ def as_item(item: Any) -> pystac.Item:
         raise ItemError(f"expected a pystac.Item or STAC item dict, got {type(item).__name__}")
     if not isinstance(item.id, str) or not item.id:
         raise ItemError(f"item id {item.id!r} is not a non-empty string")
+    if item.collection_id is not None and not isinstance(item.collection_id, str):
+        raise ItemError(f"item {item.id!r}: collection {item.collection_id!r} is not a string")
     if not item.assets:
         raise ItemError(f"item {item.id!r} has no assets")
     for key, asset in item.assets.items():
@@ -111,11 +112,8 @@ class ChipIndexer:
         edge: str = "drop",
     ) -> None:
         self.item = as_item(item)
-        if edge not in gridmath.EDGE_RULES:
-            raise ConfigError(f"edge must be one of {gridmath.EDGE_RULES}, got {edge!r}")
-        self.edge = edge
-        if isinstance(chip_size, bool) or not isinstance(chip_size, (int, np.integer)) or chip_size <= 0:
-            raise ConfigError(f"item {self.item.id!r}: chip_size must be a positive integer, got {chip_size!r}")
+        self.edge = gridmath.check_edge(edge)
+        chip_size = gridmath.check_chip_size(chip_size, f"item {self.item.id!r}: ")
         try:
             max_nodata = float(chip_max_nodata)
         except (TypeError, ValueError) as exc:
@@ -155,14 +153,20 @@ class ChipIndexer:
         return self.grid.transform
 
     @property
+    def chip_grid(self) -> gridmath.ChipGrid:
+        """This indexer's chip grid (item, finest grid, chip size, edge rule) as a
+        :class:`~stacchip.grid.ChipGrid` value: what a chipper needs to read chips."""
+        return gridmath.ChipGrid(self.item, self.grid, self.chip_size, self.edge)
+
+    @property
     def x_size(self) -> int:
         """Number of chips in x (whole chips only unless ``edge="keep"``)."""
-        return gridmath.chip_counts(self.grid.shape, self.chip_size, self.edge)[0]
+        return self.chip_grid.x_size
 
     @property
     def y_size(self) -> int:
         """Number of chips in y (whole chips only unless ``edge="keep"``)."""
-        return gridmath.chip_counts(self.grid.shape, self.chip_size, self.edge)[1]
+        return self.chip_grid.y_size
 
     @property
     def size(self) -> int:
@@ -180,11 +184,7 @@ class ChipIndexer:
 
     def check_chip(self, x: int, y: int) -> None:
         """Raise :class:`ChipOutOfRangeError` unless ``(x, y)`` is on the grid."""
-        if not (0 <= int(x) < self.x_size and 0 <= int(y) < self.y_size):
-            raise ChipOutOfRangeError(
-                f"item {self.item.id!r}: chip ({x}, {y}) is outside the "
-                f"{self.x_size} x {self.y_size} chip grid"
-            )
+        self.chip_grid.check_chip(x, y)
 
     def get_chip_bbox(self, x: int, y: int) -> Any:
         """Polygon of chip ``(x, y)`` in lon/lat (a shapely Polygon)."""
@@ -551,10 +551,8 @@ class Sentinel1Indexer(ChipIndexer):
     backscatter_assets = ("vv", "vh", "hh", "hv")
 
     def nodata_of(self, key: str, file_nodata: float | None) -> float | None:
-        bands = self.item.assets[key].extra_fields.get("raster:bands") or []
-        if bands and bands[0].get("nodata") is not None:
-            return float(bands[0]["nodata"])
-        return file_nodata
+        declared = asset_nodata(self.item.assets[key])
+        return file_nodata if declared is None else declared
 
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
         keys = [k for k in self.backscatter_assets if k in self.item.assets]

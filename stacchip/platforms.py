@@ -23,14 +23,14 @@ the file declares one.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from stacchip.errors import AssetNotFoundError, ConfigError
+from stacchip.qa import nodata_value
 
 #: Upstream's band lists (names kept for code that imported them from ``prechip``).
 S2_BANDS = ["blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir", "nir08", "swir16", "swir22"]
@@ -188,14 +188,19 @@ def platform_bands(platform: str) -> PlatformBands:
         ) from None
 
 
+def asset_nodata(asset: Any, band: int = 0) -> float | None:
+    """The nodata value a STAC asset declares for band ``band`` (0-based) in
+    ``raster:bands[].nodata``, else None. The one place this field is read."""
+    bands = asset.extra_fields.get("raster:bands") or []
+    if 0 <= band < len(bands) and isinstance(bands[band], Mapping) and bands[band].get("nodata") is not None:
+        return float(bands[band]["nodata"])
+    return None
+
+
 def is_nodata(data: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Boolean mask of ``data`` equal to ``nodata`` (and NaN for float data)."""
-    mask = np.zeros(data.shape, dtype=bool)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-        mask |= data == nodata
-    if np.issubdtype(data.dtype, np.floating):
-        mask |= np.isnan(data)
-    return mask
+    """Boolean mask of ``data`` equal to ``nodata`` (and NaN for float data);
+    :func:`stacchip.qa.nodata_value`."""
+    return nodata_value(data, nodata)
 
 
 __all__ = [
@@ -208,6 +213,7 @@ __all__ = [
     "S1_BANDS",
     "S2_BANDS",
     "PlatformBands",
+    "asset_nodata",
     "canonical_platform",
     "is_nodata",
     "platform_aliases",

@@ -19,7 +19,6 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
@@ -31,6 +30,7 @@ from rasterio.session import DummySession
 from rasterio.windows import Window
 
 from stacchip.errors import AssetReadError
+from stacchip.storage import s3_endpoint  # (one place for the endpoint; importable here as before)
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,6 @@ CLOUD_COG_OPTIONS: dict[str, str] = {
     "GDAL_HTTP_MAX_RETRY": "5",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
 }
-
-
-def s3_endpoint() -> str | None:
-    """The S3 endpoint URL from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def gdal_options() -> dict[str, str]:

@@ -164,7 +164,9 @@ def safe_segment(name: Any, what: str = "path segment") -> str:
     except UnicodeEncodeError:
         raise UnsafePathError(f"{what} {name!r} is not valid Unicode text") from None
     if size > MAX_SEGMENT_BYTES:
-        raise UnsafePathError(f"{what} {name[:40]!r}... is {size} bytes long; at most {MAX_SEGMENT_BYTES} fit a path segment")
+        raise UnsafePathError(
+            f"{what} {name[:40]!r}... is {size} bytes long; at most {MAX_SEGMENT_BYTES} fit a path segment"
+        )
     for form in _decodings(name):
         problem = _segment_problem(form)
         if problem is not None:
@@ -242,10 +244,54 @@ def _s3_retries() -> dict[str, Any]:
     return {k: v for k, v in S3_RETRIES.items() if not os.environ.get(env.get(k, ""), "").strip()}
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL from ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (the variables
+    boto3 reads), else None (AWS). The one place stacchip reads them: boto3 clients, pyarrow
+    filesystems and GDAL's ``/vsis3/`` (:func:`stacchip.reader.gdal_options`) all follow it."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region() -> str | None:
+    """The AWS region from ``AWS_REGION``, else ``AWS_DEFAULT_REGION``, else None."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
 def s3_client() -> object:
     """A boto3 S3 client for the configured endpoint (one per process)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return _client(endpoint, os.getpid())
+    return _client(s3_endpoint(), os.getpid())
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(endpoint: str | None, region: str | None, pid: int) -> Any:
+    from pyarrow import fs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs["endpoint_override"] = rest or scheme
+        kwargs["scheme"] = scheme if rest else "https"
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def arrow_path(url: str | os.PathLike[str]) -> str:
+    """The path a pyarrow filesystem takes for ``url``: ``bucket/key`` on S3, an absolute local path."""
+    text = str(url)
+    if is_s3(text):
+        return text[len("s3://"):]
+    return os.path.abspath(local_path(text))
+
+
+def arrow_filesystem(url: str | os.PathLike[str]) -> tuple[Any, str]:
+    """A pyarrow filesystem for ``url`` and :func:`arrow_path` of it: for ``s3://`` one
+    ``S3FileSystem`` per endpoint (:func:`s3_endpoint`), region and process; locally the
+    local filesystem."""
+    from pyarrow import fs
+
+    if is_s3(url):
+        return _arrow_s3(s3_endpoint(), s3_region(), os.getpid()), arrow_path(url)
+    return fs.LocalFileSystem(), arrow_path(url)
 
 
 def _s3_error(exc: Exception, url: str, action: str) -> StorageError:

@@ -1,9 +1,12 @@
-"""Test data builders: real STAC items from tests/data with COGs written
-to match them (scaled down), and small synthetic rasters."""
+"""Test data builders, shared by every test module: real STAC items from tests/data with
+COGs written to match them (scaled down), small synthetic rasters, and the small
+Sentinel-2 bucket prechip and stats run on. (Scenes of the training side are built by
+``tests/ml_scenes.py``; running processors and looking into buckets, ``tests/processors_support.py``.)"""
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from pathlib import Path
@@ -12,6 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import rasterio
 from affine import Affine
+
+from stacchip.platforms import S2_BANDS
 
 SHARED_ITEMS = Path(__file__).resolve().parent / "data"
 
@@ -78,6 +83,11 @@ def coded_pixels(shape: tuple[int, int], bands: int, dtype: str, salt: int) -> n
     return out
 
 
+def band_count(asset: dict[str, Any]) -> int:
+    """Bands a STAC asset dict declares (``eo:bands`` or ``raster:bands``), 1 when it declares none."""
+    return len(asset.get("eo:bands") or asset.get("raster:bands") or [None])
+
+
 def _is_raster(asset: dict[str, Any]) -> bool:
     media = (asset.get("type") or "").lower()
     roles = set(asset.get("roles") or [])
@@ -139,7 +149,7 @@ def materialize(
         if grid is None:
             continue
         shape, transform = grid
-        bands = len(asset.get("eo:bands") or asset.get("raster:bands") or [None])
+        bands = band_count(asset)
         rb = (asset.get("raster:bands") or [{}])[0]
         dtype = rb.get("data_type") or "uint16"
         if pixels is not None:
@@ -152,3 +162,104 @@ def materialize(
         assets[key] = asset
     item["assets"] = assets
     return item
+
+
+# --- the prechip / stats bucket ------------------------------------------------------------
+
+#: Platform and chip size (pixels) of the prechip/stats scenes.
+PRECHIP_PLATFORM = "sentinel-2-l2a"
+PRECHIP_CHIP = 32
+#: 10980 / 60 = 183 px at "10 m" -> 5 x 5 chips of 32 px; the 20 m grid is 91 px.
+PRECHIP_FACTOR = 60
+PRECHIP_DATETIMES = ["2024-03-11T14:11:54.463Z", "2020-12-31T23:30:00Z", "2021-06-15T03:05:00Z"]
+
+
+def prechip_scl(shape: tuple[int, int], salt: int) -> np.ndarray:
+    """Scene classes per 20 m pixel of a prechip scene: vegetation, whole cloudy chips, nodata in row 4.
+
+    Chip (0, 4) is half nodata, chip (1, 4) all nodata; chips with
+    ``(x + 2 y + salt) % 4 == 0`` are all cloud (class 9); chip (2, 0) is a
+    quarter cloud shadow (class 3).
+    """
+    scl = np.full(shape, 4, dtype=np.uint8)
+    for cy in range(5):
+        for cx in range(5):
+            if (cx + 2 * cy + salt) % 4 == 0:
+                scl[cy * 16:(cy + 1) * 16, cx * 16:(cx + 1) * 16] = 9
+    scl[0:8, 2 * 16:2 * 16 + 8] = 3
+    scl[4 * 16:5 * 16, 0:8] = 0
+    scl[4 * 16:5 * 16, 16:32] = 0
+    return scl
+
+
+def prechip_band(shape: tuple[int, int], band: int, salt: int, scl: np.ndarray) -> np.ndarray:
+    """Known uint16 values (1..60000) with 0 (the declared nodata) under SCL class 0."""
+    rows, cols = shape
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    values = (1 + (r * 7 + c * 3 + band * 101 + salt * 1000) % 60000).astype(np.uint16)
+    step = 2 if rows > scl.shape[0] else 1  # 10 m pixel r lies in 20 m pixel r // 2
+    rr = np.minimum(np.arange(rows) // step, scl.shape[0] - 1)
+    cc = np.minimum(np.arange(cols) // step, scl.shape[1] - 1)
+    under = scl[np.ix_(rr, cc)]
+    values[under == 0] = 0
+    return values[None]
+
+
+def build_prechip_scenes(root: Path, n_items: int = 3) -> dict[str, Any]:
+    """Sentinel-2 scenes with known pixels for prechip and stats (the real item scaled by 60:
+    183 px at "10 m", 5 x 5 chips of 32 px) in the bucket layout under ``root/data``, and
+    their indexes under ``root/index``; ``{"root", "data", "index", "items"}``."""
+    from stacchip.index import write_index
+    from stacchip.indexer import Sentinel2Indexer
+
+    data = root / "data"
+    index_dir = root / "index" / PRECHIP_PLATFORM
+    base = real_item("sentinel-2")
+    keep = set(S2_BANDS) | {"scl"}
+    base["assets"] = {k: v for k, v in base["assets"].items() if k in keep}
+    items = []
+    for i in range(n_items):
+        item = copy.deepcopy(base)
+        item["id"] = f"S2TEST_{i}"
+        item["collection"] = PRECHIP_PLATFORM
+        item["properties"]["datetime"] = PRECHIP_DATETIMES[i % len(PRECHIP_DATETIMES)]
+        scene = data / PRECHIP_PLATFORM / item["id"]
+        scl_shape = [
+            max(1, math.floor(v / PRECHIP_FACTOR)) for v in base["assets"]["scl"]["proj:shape"]
+        ]
+        scl = prechip_scl(tuple(scl_shape), i)
+
+        def pixels(key: str, asset: dict[str, Any], shape: tuple[int, int], scl=scl, i=i) -> np.ndarray:
+            if key == "scl":
+                return scl[None]
+            if key in S2_BANDS:
+                return prechip_band(shape, S2_BANDS.index(key), i, scl)
+            return coded_pixels(shape, 1, "uint16", i)
+
+        item = materialize(item, scene, factor=PRECHIP_FACTOR, pixels=pixels)
+        (scene / "stac_item.json").write_text(json.dumps(item))
+        indexer = Sentinel2Indexer(item, chip_size=PRECHIP_CHIP, chip_max_nodata=1.0, platform=PRECHIP_PLATFORM)
+        table = indexer.create_full_index()
+        write_index(table, index_dir / item["id"] / f"index_{item['id']}.parquet")
+        items.append(item)
+    return {"root": root, "data": str(data), "index": str(root / "index"), "items": items}
+
+
+def load_cube(url: str) -> dict[str, np.ndarray]:
+    """The arrays of one cube (local path or ``s3://``)."""
+    from stacchip import storage
+
+    with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def run_all_jobs(cfg: Any, workers: int = 1) -> list[str]:
+    """Run every prechip array job of ``cfg`` (a ``PrechipConfig``) in turn; the cube URLs written."""
+    from stacchip.processors import prechip
+
+    selection = prechip.prepare(cfg)
+    written = []
+    for job in range(prechip.job_count(selection.n_cubes, cfg.cubes_per_job)):
+        written += prechip.run_job(job, cfg, workers=workers)
+    return written

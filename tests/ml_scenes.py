@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from tests.builders import coded_pixels, materialize, real_item
 
@@ -142,4 +144,20 @@ def build_scene(
         scene.items[item["id"]] = item
         scene.index_files.append(dest)
         scene.platform = platform
+    return scene
+
+
+def scene_fixture(name: str, **kwargs: Any) -> Any:
+    """A module-scoped fixture ``scene``: :func:`build_scene` (``kwargs``) once per test module,
+    in a temp dir named ``name``, with pystac's storage-extension migration warnings silenced.
+
+    Use as ``scene = scene_fixture("ml_stacks", dates_a=5, dates_b=2)`` in a test module.
+    """
+
+    @pytest.fixture(scope="module")
+    def scene(tmp_path_factory: pytest.TempPathFactory) -> Scene:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pystac storage-extension migration notes
+            return build_scene(tmp_path_factory.mktemp(name), **kwargs)
+
     return scene

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tests.builders import materialize, real_item
+from tests.builders import band_count, materialize, real_item
 from tests.services import read_request_body
 
 #: Seconds a console-script run may take in a test before it is killed.
@@ -108,7 +108,7 @@ def scl_pixels(key: str, asset: dict[str, Any], shape: tuple[int, int]) -> np.nd
         scl[0, : rows // 4, : cols // 4] = 9
         scl[0, rows - rows // 8:, :] = 0
         return scl
-    bands = len(asset.get("eo:bands") or asset.get("raster:bands") or [None])
+    bands = band_count(asset)
     value = (np.arange(rows * cols, dtype=np.int64).reshape(rows, cols) % 5000 + 1).astype("uint16")
     return np.broadcast_to(value, (bands, rows, cols)).copy()
 

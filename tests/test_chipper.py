@@ -422,3 +422,25 @@ def test_block_order_groups_chips_by_block(tmp_path):
     with pytest.raises(ValueError, match="order"):
         list(chipper.chips(positions, order="random"))
     chipper.close()
+
+
+def test_a_chipper_reads_from_a_chip_grid_as_from_an_indexer(s2_item):
+    from stacchip.grid import ChipGrid
+
+    item = pystac.Item.from_dict(s2_item)
+    indexer = Sentinel2Indexer(item, chip_size=64, chip_max_nodata=0.0)
+    grid = ChipGrid.of(item, 64)
+    assets = ["red", "swir16", "coastal"]  # 10, 20 and 60 m
+    by_grid = Chipper(grid, assets=assets)
+    by_indexer = Chipper(indexer, assets=assets)
+    assert by_indexer.indexer is indexer and by_indexer.chip_grid.grid == indexer.grid
+    assert by_grid.chip_grid is grid and by_grid.indexer is grid
+    for x, y in [(0, 0), (2, 3), (grid.x_size - 1, grid.y_size - 1)]:
+        a, b = by_grid.chip(x, y), by_indexer.chip(x, y)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(by_grid) == grid.size == indexer.size  # a grid keeps every chip
+    assert len(by_indexer) == indexer.size - 4  # the indexer's nodata filter keeps fewer
+    with pytest.raises(ChipOutOfRangeError):
+        by_grid.chip(grid.x_size, 0)
+    by_grid.close()
+    by_indexer.close()

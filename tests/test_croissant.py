@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,12 @@ from stacchip.index import read_index, write_index
 from stacchip.ml.croissant import GEOCROISSANT_1_0, RAI_FIELDS, croissant_metadata, write_croissant
 from stacchip.ml.items import ItemSource
 from stacchip.ml.splits import assign_splits
-from tests.ml_scenes import FACTOR, build_scene
+from tests.ml_scenes import FACTOR, scene_fixture
 
 mlc = pytest.importorskip("mlcroissant")
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return build_scene(tmp_path_factory.mktemp("croissant"), dates_a=2, dates_b=1)
+scene = scene_fixture("croissant", dates_a=2, dates_b=1)
 
 
 def _load(path: Path):

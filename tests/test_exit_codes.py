@@ -33,7 +33,8 @@ from stacchip.errors import (
 from stacchip.processors import prechip
 from tests.processors_support import write_samples
 from tests.services import free_port
-from tests.test_prechip import PLATFORM, build_scenes
+from tests.builders import PRECHIP_PLATFORM as PLATFORM
+from tests.builders import build_prechip_scenes as build_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300

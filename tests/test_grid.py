@@ -109,3 +109,45 @@ def test_chip_polygons_lonlat_match_pyproj():
         want = np.array([tr.transform(cx, cy) for cx, cy in corners])
         got = np.array(poly.exterior.coords)[:4]
         assert np.allclose(got, want, atol=1e-9)
+
+
+def _item(rows: int, cols: int):
+    import pystac
+
+    return pystac.Item.from_dict({
+        "type": "Feature", "stac_version": "1.0.0", "id": "g", "geometry": None, "links": [],
+        "assets": {"b": {"href": "b.tif"}},
+        "properties": {"datetime": "2024-05-01T10:30:00Z", "proj:epsg": 32633, "proj:shape": [rows, cols],
+                       "proj:transform": [10, 0, 500000, 0, -10, 4000000]},
+    })
+
+
+def test_chip_grid_is_the_indexers_grid_as_a_value():
+    import pickle
+
+    import pytest
+
+    from stacchip.errors import ChipOutOfRangeError, ConfigError
+    from stacchip.indexer import NoStatsChipIndexer
+
+    item = _item(250, 330)
+    for edge in grid.EDGE_RULES:
+        value = grid.ChipGrid.of(item, 64, edge=edge)
+        indexer = NoStatsChipIndexer(item, chip_size=64, edge=edge)
+        assert (value.x_size, value.y_size, value.size) == (indexer.x_size, indexer.y_size, indexer.size)
+        assert value.shape == tuple(indexer.shape) == (250, 330) and value.affine == indexer.affine
+        assert indexer.chip_grid.grid == value.grid and indexer.chip_grid.edge == edge
+        xs, ys = value.kept_chips
+        assert len(xs) == value.size and (xs[-1], ys[-1]) == (value.x_size - 1, value.y_size - 1)
+        assert grid.as_chip_grid(indexer).grid == value.grid and grid.as_chip_grid(value) is value
+        clone = pickle.loads(pickle.dumps(value))
+        assert (clone.chip_size, clone.edge, clone.grid) == (64, edge, value.grid)
+    assert grid.ChipGrid.of(item, 64).x_size == 5 and grid.ChipGrid.of(item, 64, edge="keep").x_size == 6
+    with pytest.raises(ChipOutOfRangeError, match="outside the 5 x 3 chip grid"):
+        grid.ChipGrid.of(item, 64).check_chip(5, 0)
+    with pytest.raises(ConfigError, match="chip_size"):
+        grid.ChipGrid.of(item, 0)
+    with pytest.raises(ConfigError, match="edge"):
+        grid.ChipGrid.of(item, 64, edge="pad")
+    with pytest.raises(ConfigError, match="ChipGrid or an indexer"):
+        grid.as_chip_grid(object())

@@ -42,7 +42,9 @@ from tests.processors_support import (
     variant,
     write_samples,
 )
-from tests.test_prechip import PLATFORM, build_scenes, load_cube
+from tests.builders import PRECHIP_PLATFORM as PLATFORM
+from tests.builders import build_prechip_scenes as build_scenes
+from tests.builders import load_cube
 
 pytestmark = pytest.mark.filterwarnings("ignore:Could not parse bucket:UserWarning")
 

@@ -227,3 +227,13 @@ def test_limits_keep_chips_exactly_at_the_limit(tmp_path):
     assert np.float64(np.float32(0.05)) > 0.05
     assert query(out, max_cloud=0.05).num_rows == 4
     assert query(out, max_cloud=0.0499).num_rows == 3
+
+
+def test_filters_are_declared_once_and_unknown_ones_refused(tmp_path):
+    from stacchip.index import FILTERS, bbox_array, check_filters
+
+    assert FILTERS == ("bbox", "start", "end", "max_cloud", "max_nodata", "platform", "item_id")
+    assert check_filters({"bbox": None, "max_cloud": 0.1}) == {"max_cloud": 0.1}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_clouds'"):
+        query(tmp_path, max_clouds=0.1)
+    assert bbox_array(SCHEMA.empty_table()).shape == (0, 4)

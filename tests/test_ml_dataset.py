@@ -6,7 +6,6 @@ import json
 import pickle
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,12 @@ from stacchip.ml.items import ItemSource
 from stacchip.ml.labels import LabelRaster
 from stacchip.ml.samplers import ItemBlockBatchSampler
 from tests.builders import write_cog
-from tests.ml_scenes import CHIP_SIZE, LABEL_CLASSES, build_scene
+from tests.ml_scenes import CHIP_SIZE, LABEL_CLASSES, scene_fixture
 
 RGBN = ["red", "green", "blue", "nir", "swir16"]
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # pystac storage-extension migration notes
-        return build_scene(tmp_path_factory.mktemp("ml_dataset"))
+scene = scene_fixture("ml_dataset")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
@@ -23,18 +22,14 @@ import pytest
 from stacchip.errors import ConfigError
 from stacchip.index import read_index
 from stacchip.ml.samplers import DistributedChipSampler, ItemBlockBatchSampler, replicas
-from tests.ml_scenes import CHIP_SIZE, build_scene
+from tests.ml_scenes import CHIP_SIZE, scene_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 2
 RANK_TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return build_scene(tmp_path_factory.mktemp("ml_ddp"), dates_a=1, dates_b=1, label=False)
+scene = scene_fixture("ml_ddp", dates_a=1, dates_b=1, label=False)
 
 
 @pytest.fixture(scope="module")

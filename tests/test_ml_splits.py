@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from stacchip.ml.dataset import ChipDataset
 from stacchip.ml.splits import (
     assign_splits, block_ids, format_report, label_class_report, split_report, tile_of,
 )
-from tests.ml_scenes import build_scene
+from tests.ml_scenes import scene_fixture
 
 
 def grid_table(n: int = 60, step: float = 0.02, x0: float = 10.0, y0: float = 0.0, item: str = "synthetic") -> pa.Table:
@@ -35,11 +34,7 @@ def grid_table(n: int = 60, step: float = 0.02, x0: float = 10.0, y0: float = 0.
     )
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return build_scene(tmp_path_factory.mktemp("ml_splits"))
+scene = scene_fixture("ml_splits")
 
 
 def _split_of_block(table: pa.Table) -> dict[str, set[str]]:

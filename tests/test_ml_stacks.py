@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -14,14 +13,10 @@ from stacchip.index import read_index
 from stacchip.ml.dataset import ChipDataset
 from stacchip.ml.items import ItemSource
 from stacchip.ml.stacks import TimeStackDataset, build_stacks, select
-from tests.ml_scenes import CHIP_SIZE, build_scene
+from tests.ml_scenes import CHIP_SIZE, scene_fixture
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return build_scene(tmp_path_factory.mktemp("ml_stacks"), dates_a=5, dates_b=2)
+scene = scene_fixture("ml_stacks", dates_a=5, dates_b=2)
 
 
 @pytest.fixture(scope="module")

@@ -95,3 +95,13 @@ def test_indexer_resolves_a_platform_given_by_alias() -> None:
     item = copy.deepcopy(real_item("landsat"))
     ix = NoStatsChipIndexer(item, chip_size=2048, platform="landsat-c2-l2")
     assert ix.platform == "landsat-c2l2-sr"
+
+
+def test_asset_nodata_reads_raster_bands_only():
+    from stacchip.platforms import asset_nodata, is_nodata
+
+    asset = pystac.Asset("x.tif", extra_fields={"raster:bands": [{"nodata": 0}, {"nodata": "nan"}, {}]})
+    assert asset_nodata(asset) == 0.0 and np.isnan(asset_nodata(asset, 1))
+    assert asset_nodata(asset, 2) is None and asset_nodata(asset, 5) is None
+    assert asset_nodata(pystac.Asset("y.tif")) is None
+    np.testing.assert_array_equal(is_nodata(np.array([0.0, 1.0, np.nan]), 0), [True, False, True])

@@ -1,11 +1,12 @@
 """stacchip-prechip on scenes with known pixels: membership, contents, encodings,
-filters, determinism, skip-existing; locally and on the loopback S3 server."""
+filters, determinism, skip-existing, re-runs, partial edge chips; locally and on the
+loopback S3 server. (Its parts: tests/test_export_*.py, tests/test_encodings.py.)"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
-import io
 import json
 import math
 from pathlib import Path
@@ -22,80 +23,10 @@ from stacchip.indexer import ChipIndexer, Sentinel2Indexer
 from stacchip.processors import prechip
 from stacchip.processors.bands import S2_BANDS, platform_bands
 from stacchip.utils import load_item
-from tests.builders import coded_pixels, materialize, real_item
-
-PLATFORM = "sentinel-2-l2a"
-CHIP = 32
-#: 10980 / 60 = 183 px at "10 m" -> 5 x 5 chips of 32 px; the 20 m grid is 91 px.
-FACTOR = 60
-SCL_PER_CHIP = CHIP // 2
-DATETIMES = ["2024-03-11T14:11:54.463Z", "2020-12-31T23:30:00Z", "2021-06-15T03:05:00Z"]
-
-
-def scl_map(shape: tuple[int, int], salt: int) -> np.ndarray:
-    """Scene classes per 20 m pixel: vegetation, whole cloudy chips, nodata in row 4.
-
-    Chip (0, 4) is half nodata, chip (1, 4) all nodata; chips with
-    ``(x + 2 y + salt) % 4 == 0`` are all cloud (class 9); chip (2, 0) is a
-    quarter cloud shadow (class 3).
-    """
-    scl = np.full(shape, 4, dtype=np.uint8)
-    for cy in range(5):
-        for cx in range(5):
-            if (cx + 2 * cy + salt) % 4 == 0:
-                scl[cy * 16:(cy + 1) * 16, cx * 16:(cx + 1) * 16] = 9
-    scl[0:8, 2 * 16:2 * 16 + 8] = 3
-    scl[4 * 16:5 * 16, 0:8] = 0
-    scl[4 * 16:5 * 16, 16:32] = 0
-    return scl
-
-
-def band_pixels(shape: tuple[int, int], band: int, salt: int, scl: np.ndarray) -> np.ndarray:
-    """Known uint16 values (1..60000) with 0 (the declared nodata) under SCL class 0."""
-    rows, cols = shape
-    r = np.arange(rows)[:, None]
-    c = np.arange(cols)[None, :]
-    values = (1 + (r * 7 + c * 3 + band * 101 + salt * 1000) % 60000).astype(np.uint16)
-    step = 2 if rows > scl.shape[0] else 1  # 10 m pixel r lies in 20 m pixel r // 2
-    rr = np.minimum(np.arange(rows) // step, scl.shape[0] - 1)
-    cc = np.minimum(np.arange(cols) // step, scl.shape[1] - 1)
-    under = scl[np.ix_(rr, cc)]
-    values[under == 0] = 0
-    return values[None]
-
-
-def build_scenes(root: Path, n_items: int = 3) -> dict[str, Any]:
-    """Scenes in the bucket layout under ``root/data`` and their indexes under ``root/index``."""
-    data = root / "data"
-    index_dir = root / "index" / PLATFORM
-    base = real_item("sentinel-2")
-    keep = set(S2_BANDS) | {"scl"}
-    base["assets"] = {k: v for k, v in base["assets"].items() if k in keep}
-    items = []
-    for i in range(n_items):
-        item = copy.deepcopy(base)
-        item["id"] = f"S2TEST_{i}"
-        item["collection"] = PLATFORM
-        item["properties"]["datetime"] = DATETIMES[i % len(DATETIMES)]
-        scene = data / PLATFORM / item["id"]
-        scl_shape = [
-            max(1, math.floor(v / FACTOR)) for v in base["assets"]["scl"]["proj:shape"]
-        ]
-        scl = scl_map(tuple(scl_shape), i)
-
-        def pixels(key: str, asset: dict[str, Any], shape: tuple[int, int], scl=scl, i=i) -> np.ndarray:
-            if key == "scl":
-                return scl[None]
-            if key in S2_BANDS:
-                return band_pixels(shape, S2_BANDS.index(key), i, scl)
-            return coded_pixels(shape, 1, "uint16", i)
-
-        item = materialize(item, scene, factor=FACTOR, pixels=pixels)
-        (scene / "stac_item.json").write_text(json.dumps(item))
-        table = Sentinel2Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform=PLATFORM).create_full_index()
-        write_index(table, index_dir / item["id"] / f"index_{item['id']}.parquet")
-        items.append(item)
-    return {"root": root, "data": str(data), "index": str(root / "index"), "items": items}
+from tests.builders import PRECHIP_CHIP as CHIP
+from tests.builders import PRECHIP_PLATFORM as PLATFORM
+from tests.builders import build_prechip_scenes as build_scenes
+from tests.builders import coded_pixels, load_cube, materialize, real_item, run_all_jobs
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +39,6 @@ def config(scenes: dict[str, Any], out: Path | str, **kw: Any) -> prechip.Prechi
     kw.setdefault("cubes_per_job", 3)
     kw.setdefault("max_nodata", None)
     return prechip.PrechipConfig(data=scenes["data"], index=scenes["index"], output=str(out), platform=PLATFORM, **kw)
-
-
-def load_cube(url: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
-
-
-def run_all_jobs(cfg: prechip.PrechipConfig, workers: int = 1) -> list[str]:
-    selection = prechip.prepare(cfg)
-    written = []
-    for job in range(prechip.job_count(selection.n_cubes, cfg.cubes_per_job)):
-        written += prechip.run_job(job, cfg, workers=workers)
-    return written
 
 
 def chipper_stack(item_json: str, x: int, y: int) -> np.ndarray:
@@ -204,30 +122,6 @@ def test_latlon_and_time_encodings_by_hand(scenes: dict[str, Any], all_cubes: di
             assert str(cube["datetimes"][k].astype("datetime64[ms]")) == t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23]
 
 
-def test_week_53_does_not_collide_with_week_1() -> None:
-    week53 = dt.datetime(2020, 12, 31, 12)  # ISO week 53 of 2020
-    week1 = dt.datetime(2020, 1, 1, 12)  # ISO week 1 of 2020
-    assert week53.isocalendar().week == 53 and week1.isocalendar().week == 1
-    # upstream: 2*pi*week/52 gives the same angle for both
-    assert math.isclose(math.sin(53 * 2 * math.pi / 52), math.sin(1 * 2 * math.pi / 52))
-    (w53, h53), (w1, _) = prechip.normalize_timestamp(week53), prechip.normalize_timestamp(week1)
-    assert abs(w53[0] - w1[0]) > 1e-3 or abs(w53[1] - w1[1]) > 1e-3
-    # neighbouring days are neighbours on the circle, 53 is not far from 1
-    gap = math.atan2(w1[0], w1[1]) - math.atan2(w53[0], w53[1])
-    assert math.isclose(gap % (2 * math.pi), 2 * math.pi / 366, rel_tol=1e-4)
-    assert h53 == pytest.approx((0.0, -1.0), abs=1e-7)  # noon UTC
-    # a datetime's real hour is used, not noon
-    assert prechip.normalize_timestamp(dt.datetime(2020, 1, 1, 6))[1] == pytest.approx((1.0, 0.0), abs=1e-7)
-
-
-def test_normalize_latlon_returns_lat_then_lon() -> None:
-    (lat_s, lat_c), (lon_s, lon_c) = prechip.normalize_latlon((10.0, 40.0, 12.0, 42.0))
-    assert (lat_s, lat_c) == pytest.approx((math.sin(math.radians(41.0)), math.cos(math.radians(41.0))), abs=1e-6)
-    assert (lon_s, lon_c) == pytest.approx((math.sin(math.radians(11.0)), math.cos(math.radians(11.0))), abs=1e-6)
-    lon, lat = prechip.bbox_centres(np.array([[-179.9, 0.0, 179.9, 1.0]]))
-    assert abs(abs(lon[0]) - 180.0) < 1e-9 and lat[0] == pytest.approx(0.5)
-
-
 def test_filters(scenes: dict[str, Any], tmp_path: Path) -> None:
     table = query(scenes["index"])
     nodata = np.asarray(table.column("nodata_percentage"))
@@ -288,7 +182,7 @@ def test_existing_cubes_are_skipped(scenes: dict[str, Any], tmp_path: Path) -> N
     Path(first[2]).unlink()
     assert prechip.run_job(0, cfg) == [first[2]]
     assert Path(first[0]).stat().st_mtime_ns == stamps[first[0]]
-    cfg.overwrite = True
+    cfg = dataclasses.replace(cfg, overwrite=True)
     assert len(prechip.run_job(0, cfg)) == 3
     assert load_cube(first[1])["pixels"].shape[0] == 8
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".part")]
@@ -382,26 +276,6 @@ def test_s3_sources_and_output(scenes: dict[str, Any], all_cubes: dict[str, Any]
     assert prechip.run_job(0, cfg) == []
 
 
-def test_npz_levels_load_like_savez_compressed(tmp_path: Path) -> None:
-    rng = np.random.default_rng(5)
-    arrays = {
-        "pixels": rng.integers(0, 5000, size=(3, 2, 8, 8)).astype(np.float32),
-        "chipids": np.asarray(["a-0-1", "b-2-3", "c-4-5"], dtype=str),
-        "nodata_mask": rng.random((3, 2, 8, 8)) < 0.2,
-    }
-    sizes = {}
-    for level in (0, 1, 9):
-        data = prechip.cube_bytes(arrays, level)
-        sizes[level] = len(data)
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            assert sorted(npz.files) == sorted(arrays)
-            for name, value in arrays.items():
-                np.testing.assert_array_equal(npz[name], value)
-    assert sizes[0] > sizes[1] >= sizes[9]
-    with pytest.raises(ConfigError):
-        prechip.cube_bytes(arrays, 10)
-
-
 def test_items_lacking_a_band_are_left_out_up_front(scenes: dict[str, Any], tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """The platform's bands are a contract: an item without one is left out of the
@@ -415,7 +289,7 @@ def test_items_lacking_a_band_are_left_out_up_front(scenes: dict[str, Any], tmp_
     del item["assets"]["swir22"]
     broken.write_text(json.dumps(item))
     cfg = config(scenes, tmp_path / "out", partial=True, cubes_per_job=100, cube_size=2)
-    cfg.data = str(data)
+    cfg = dataclasses.replace(cfg, data=str(data))
     everything = prechip.select_chips(cfg.index, PLATFORM, None, None)
     with caplog.at_level("WARNING", logger="stacchip.processors.prechip"):
         selection = prechip.prepare(cfg)
@@ -482,3 +356,122 @@ def test_other_platforms_band_order_and_nodata(name: str, platform: str, factor:
             seen.append(chipid)
     assert sorted(seen) == sorted(table.column("chipid").to_pylist())
     assert masked >= 1
+
+
+# --- re-runs: cubes of one selection never mix with cubes of another -------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Could not parse bucket:UserWarning")
+def test_rerun_with_another_selection_is_refused(tmp_path: Path) -> None:
+    scenes = build_scenes(tmp_path / "scenes", n_items=1)
+    out = tmp_path / "out"
+
+    def cfg(**kw: object) -> prechip.PrechipConfig:
+        kw.setdefault("max_nodata", None)
+        return prechip.PrechipConfig(data=scenes["data"], index=scenes["index"], output=str(out),
+                                     platform=PLATFORM, cube_size=4, cubes_per_job=2, **kw)
+
+    first = run_all_jobs(cfg())
+    assert len(first) == 6
+    before = {u: Path(u).stat().st_mtime_ns for u in first}
+    assert run_all_jobs(cfg()) == []  # the same selection: every cube is skipped
+    # another seed (or other filters) would put the same chips in other cubes: the old
+    # cubes and new ones together would repeat some chips and miss others
+    for changed in ({"seed": 7}, {"max_nodata": 0.0}, {"cube_size": 5}):
+        kw = dict(changed)
+        size = kw.pop("cube_size", 4)
+        conf = prechip.PrechipConfig(data=scenes["data"], index=scenes["index"], output=str(out), platform=PLATFORM,
+                                     cube_size=size, cubes_per_job=2, **{"max_nodata": None, **kw})
+        with pytest.raises(ConfigError, match="another selection"):
+            prechip.run_job(0, conf)
+    assert {u: Path(u).stat().st_mtime_ns for u in first} == before
+    # --overwrite replaces them and records the new selection
+    again = run_all_jobs(cfg(seed=7, overwrite=True))
+    assert sorted(again) == sorted(first)
+    manifest = json.loads((out / prechip.VERSION / PLATFORM / "prechip_manifest.json").read_text())
+    assert manifest["seed"] == 7 and manifest["chips"] == 25
+    members = sorted(c for u in again for c in load_cube(u)["chipids"].tolist())
+    assert len(members) == len(set(members)) == 24
+    assert run_all_jobs(cfg(seed=7)) == []
+
+
+# --- indexes made with --edge keep (partial chips at the right/bottom edges) --------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Could not parse bucket:UserWarning")
+def test_edge_chips_are_cubed_with_the_outside_marked_nodata(tmp_path: Path) -> None:
+    scenes = build_scenes(tmp_path / "scenes", n_items=1)
+    item = scenes["items"][0]
+    table = Sentinel2Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform=PLATFORM,
+                             edge="keep").create_full_index()
+    xs = np.asarray(table.column("chip_index_x"))
+    assert xs.max() == 5  # 183 px: five whole chips and a partial sixth
+    index = write_index(table, tmp_path / "edge-index" / "index.parquet")
+    cfg = prechip.PrechipConfig(data=scenes["data"], index=index, output=str(tmp_path / "out"), platform=PLATFORM,
+                                cube_size=9, cubes_per_job=10, max_nodata=None, partial=True)
+    urls = run_all_jobs(cfg)
+    cubes = [load_cube(u) for u in urls]
+    chipids = [c for cube in cubes for c in cube["chipids"].tolist()]
+    assert sorted(chipids) == sorted(table.column("chipid").to_pylist())
+    chipper = Chipper(ChipIndexer(item, chip_size=CHIP, edge="keep"))
+    grid = 183  # pixels of the 10 m grid
+    seen_edge = 0
+    for cube in cubes:
+        for k, chipid in enumerate(cube["chipids"].tolist()):
+            _, x, y = chipid.rsplit("-", 2)
+            x, y = int(x), int(y)
+            chip = chipper.chip(x, y)
+            expected = np.concatenate([chip[b] for b in S2_BANDS]).astype(np.float32)
+            np.testing.assert_array_equal(cube["pixels"][k], expected)
+            inside_x = grid - x * CHIP
+            inside_y = grid - y * CHIP
+            if inside_x < CHIP:
+                seen_edge += 1
+                assert cube["nodata_mask"][k][:, :, inside_x:].all()  # beyond the grid: nodata
+            if inside_y < CHIP:
+                assert cube["nodata_mask"][k][:, inside_y:, :].all()
+    assert seen_edge == 6
+
+
+@pytest.mark.filterwarnings("ignore:Could not parse bucket:UserWarning")
+def test_edge_chip_outside_is_nodata_when_the_fill_is_not_the_nodata_value(tmp_path: Path) -> None:
+    """Sentinel-1 without declared nodata: the chipper fills beyond the grid with 0,
+    the platform's nodata is -32768; the outside is still marked."""
+    import json
+
+    from stacchip.indexer import Sentinel1Indexer
+    from tests.builders import materialize, real_item
+
+    item = real_item("sentinel-1")
+    item["collection"] = "sentinel-1-rtc"
+    for asset in item["assets"].values():
+        for band in asset.get("raster:bands") or []:
+            band.pop("nodata", None)
+
+    def pixels(key: str, asset: dict, shape: tuple[int, int]) -> np.ndarray:
+        return np.random.default_rng(len(key)).random((1, *shape), dtype=np.float32) + 0.5
+
+    scene = tmp_path / "data" / "sentinel-1-rtc" / item["id"]
+    item = materialize(item, scene, factor=200, pixels=pixels)
+    (scene / "stac_item.json").write_text(json.dumps(item))
+    table = Sentinel1Indexer(item, chip_size=CHIP, chip_max_nodata=1.0, platform="sentinel-1-rtc",
+                             edge="keep").create_full_index()
+    index = write_index(table, tmp_path / "index" / "index.parquet")
+    cfg = prechip.PrechipConfig(data=str(tmp_path / "data"), index=index, output=str(tmp_path / "out"),
+                                platform="sentinel-1-rtc", cube_size=4, cubes_per_job=100, max_nodata=None,
+                                partial=True)
+    rows, cols = ChipIndexer(item, chip_size=CHIP).grid.shape
+    assert cols % CHIP  # the scene has partial edge chips
+    edge = 0
+    for url in prechip.run_job(0, cfg):
+        cube = load_cube(url)
+        for k, chipid in enumerate(cube["chipids"].tolist()):
+            _, x, y = (int(v) if i else v for i, v in enumerate(chipid.rsplit("-", 2)))
+            inside_x, inside_y = cols - x * CHIP, rows - y * CHIP
+            mask = cube["nodata_mask"][k]
+            outside = np.zeros(mask.shape[1:], dtype=bool)
+            outside[max(inside_y, 0):, :] = True
+            outside[:, max(inside_x, 0):] = True
+            assert (mask == outside[None]).all(), chipid  # the source pixels are all valid (>= 0.5)
+            edge += int(outside.any())
+    assert edge > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 
@@ -13,17 +11,13 @@ from stacchip.index import read_index
 from stacchip.ml.dataset import ChipDataset
 from stacchip.ml.items import ItemSource
 from stacchip.ml.preview import render_mosaic, render_quicklook, scene_outlines, stretch
-from tests.ml_scenes import build_scene
+from tests.ml_scenes import scene_fixture
 
 Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return build_scene(tmp_path_factory.mktemp("preview"), dates_a=3, dates_b=1)
+scene = scene_fixture("preview", dates_a=3, dates_b=1)
 
 
 def _png(path) -> np.ndarray:

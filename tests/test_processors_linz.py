@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -84,3 +86,37 @@ def test_linz_sample_sizes():
     assert len(sample_scenes([f"f{i}" for i in range(5000)])) == 2000
     files = [f"f{i}" for i in range(100)]
     assert sample_scenes(files) == sample_scenes(list(reversed(files)))  # listing order does not matter
+
+
+@pytest.mark.services
+def test_linz_unreadable_scene_fails_alone(s3_env, tmp_path, monkeypatch, capsys):
+    """One corrupt scene fails that item; the survey's other scenes are still published (exit 1)."""
+    import boto3
+
+    from stacchip.processors import linz_processor
+
+    source = f"nz-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_env)
+    client.create_bucket(Bucket=source)
+    names = [f"BQ31_500_05{n}0" for n in range(3)]
+    hrefs = [f"s3://{source}/{SURVEY}{name}.tiff" for name in names]
+    bad = Path(linz_processor.sample_scenes(hrefs)[0]).stem  # processed first
+    for n, name in enumerate(names):
+        _scene(tmp_path, name, n * 24)
+        if name == bad:
+            (tmp_path / f"{name}.tiff").write_bytes(b"not a tiff")
+        for ext in (".tiff", ".json"):
+            client.upload_file(str(tmp_path / f"{name}{ext}"), source, f"{SURVEY}{name}{ext}")
+    prefixes = tmp_path / "prefixes.txt"
+    prefixes.write_text("testregion/testregion_2023_0.1m/\n")
+    out = tmp_path / "corpus"
+    monkeypatch.setenv("STACCHIP_RETRIES", "1")
+    status = linz_processor.process([
+        "--index", "0", "--bucket", str(out), "--root", f"s3://{source}", "--prefixes", str(prefixes),
+        "--chip-size", "32",
+    ])
+    recs = {r["item_id"]: r["status"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert status == 1
+    assert recs == {name: ("failed" if name == bad else "done") for name in names}
+    for name in names:
+        assert (out / "index" / "linz" / name / f"index_{name}.parquet").exists() == (name != bad)

@@ -259,3 +259,23 @@ def test_sentinel2_aligned_layout_refuses_chip_sizes_it_cannot_tile(s2_setup):
     assert proc.returncode == 2
     assert "STACCHIP_CHIP_SIZE" in proc.stderr and "multiple of 16" in proc.stderr
     assert bucket_objects(s2_setup["endpoint"], s2_setup["bucket"]) == {}
+
+
+@pytest.mark.services
+def test_upstream_entry_point_raises_when_an_item_fails(s2_setup, monkeypatch):
+    """Upstream's ``process_mgrs_tile`` raised on a failed item; a caller must still learn of failures."""
+    from stacchip.processors import jobs, sentinel_2_processor
+    from tests.processors_support import bucket_objects, s3
+
+    env = s2_setup["env"]
+    for name in ("STACCHIP_STAC_API", "STACCHIP_COLLECTION", "STACCHIP_YEARS", "STACCHIP_N_YEARS"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("STACCHIP_RETRIES", "2")
+    client = s3(s2_setup["endpoint"])
+    for key in bucket_objects(s2_setup["endpoint"], s2_setup["source"]):
+        client.delete_object(Bucket=s2_setup["source"], Key=key)  # every source asset is gone
+    with pytest.raises(jobs.TaskFailed) as info:
+        sentinel_2_processor.process_mgrs_tile(0, env["STACCHIP_MGRS_SOURCE"], s2_setup["bucket"])
+    assert {r["status"] for r in info.value.result} == {"failed"}
+    assert f"S2A_{s2_setup['tag']}_Q1_CLOUD10" in str(info.value)
+    assert not bucket_objects(s2_setup["endpoint"], s2_setup["bucket"], "index/")

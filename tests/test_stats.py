@@ -18,7 +18,10 @@ from stacchip.indexer import ChipIndexer
 from stacchip.processors import prechip, stats
 from stacchip.processors.bands import S2_BANDS
 from stacchip.utils import load_item
-from tests.test_prechip import CHIP, PLATFORM, build_scenes, run_all_jobs
+from tests.builders import PRECHIP_CHIP as CHIP
+from tests.builders import PRECHIP_PLATFORM as PLATFORM
+from tests.builders import build_prechip_scenes as build_scenes
+from tests.builders import run_all_jobs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Could not parse bucket:UserWarning")
 

@@ -1,21 +1,20 @@
 """Files of a catalog on a local disk or ``s3://``: pyarrow filesystems, listings with sizes, removal.
 
-Reads and writes of whole objects go through :mod:`stacchip.storage`; this adds
-what compaction needs besides: a pyarrow filesystem for Parquet reads (the S3
-endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, as everywhere in
-stacchip), listings that carry size and modification time, and deletes.
+Reads and writes of whole objects, and the pyarrow filesystem for Parquet reads
+(:func:`stacchip.storage.arrow_filesystem`), come from :mod:`stacchip.storage`;
+this adds what compaction needs besides: listings that carry size and
+modification time, and deletes.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from collections.abc import Iterable
-from typing import Any
 
 from stacchip import storage
 from stacchip.errors import StorageError, StorageNotFoundError
+from stacchip.storage import arrow_filesystem, arrow_path  # noqa: F401  (moved to the core; importable here)
 
 
 @dataclass(frozen=True)
@@ -33,36 +32,6 @@ def normalise(url: str | os.PathLike[str]) -> str:
     if storage.is_s3(text):
         return text.rstrip("/")
     return os.path.abspath(storage.local_path(text))
-
-
-@functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, pid: int) -> Any:
-    from pyarrow import fs
-
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        scheme, _, rest = endpoint.partition("://")
-        kwargs["endpoint_override"] = rest or scheme
-        kwargs["scheme"] = scheme if rest else "https"
-    if region:
-        kwargs["region"] = region
-    return fs.S3FileSystem(**kwargs)
-
-
-def arrow_path(url: str) -> str:
-    """The path a pyarrow filesystem takes for ``url`` (``bucket/key`` on S3, absolute locally)."""
-    return url[len("s3://"):] if storage.is_s3(url) else normalise(url)
-
-
-def arrow_filesystem(url: str) -> tuple[Any, str]:
-    """A pyarrow filesystem for ``url`` (one per S3 endpoint and process) and :func:`arrow_path`."""
-    from pyarrow import fs
-
-    if storage.is_s3(url):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3_filesystem(endpoint, region, os.getpid()), arrow_path(url)
-    return fs.LocalFileSystem(), arrow_path(url)
 
 
 def _url(fs_path: str, s3: bool) -> str:

@@ -57,9 +57,10 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip import storage
-from stacchip.catalog import manifest as mf
+from stacchip import compacted as mf
 from stacchip.catalog._io import FileEntry, arrow_filesystem, arrow_path, list_files, normalise, remove, under
-from stacchip.catalog.hilbert import DEFAULT_ORDER, bbox_centres, lonlat_hilbert
+from stacchip.catalog.hilbert import DEFAULT_ORDER, lonlat_hilbert
+from stacchip.encodings import bbox_centres
 from stacchip.errors import ConfigError, IndexFileError, StorageError, StorageNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -348,9 +349,9 @@ def curve_order(table: pa.Table, order: int = DEFAULT_ORDER) -> np.ndarray:
     """Row order along the Hilbert curve of the chip centres (then by ``datetime``)."""
     import pyarrow.compute as pc
 
-    bbox = table.column("bbox")
-    parts = [pc.struct_field(bbox, name).to_numpy() for name in ("xmin", "ymin", "xmax", "ymax")]
-    lon, lat = bbox_centres(*parts)
+    from stacchip.index import bbox_array
+
+    lon, lat = bbox_centres(bbox_array(table))
     h = lonlat_hilbert(lon, lat, order)
     micros = pc.cast(table.column("datetime"), pa.int64()).to_numpy()
     return np.lexsort((micros, h))
@@ -562,8 +563,8 @@ def compact(
                 raise IndexFileError(f"item {item!r} is in two sources: {new_items[item]} and {s.url}")
             new_items[item] = s.url
     missing_href = [(s, i) for s in scanned for i, h in s.items.items() if h is None]
-    for (s, item), href in zip(missing_href, _map(lambda p: _layout_href(p[0].url, p[1]), missing_href, threads,
-                                                   "finding items")):
+    layout_hrefs = _map(lambda p: _layout_href(p[0].url, p[1]), missing_href, threads, "finding items")
+    for (s, item), href in zip(missing_href, layout_hrefs, strict=True):
         s.items[item] = href
 
     # Rows that go: those of re-read sources as recorded before, and earlier rows of new items.

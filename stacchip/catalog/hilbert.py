@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stacchip import encodings
+
 #: Bits per axis of the lon/lat grid: 2**20 cells over 360 degrees of longitude
 #: (~0.00034 degrees, ~38 m at the equator) and 180 degrees of latitude.
 DEFAULT_ORDER = 20
@@ -61,18 +63,14 @@ def hilbert_index(x: np.ndarray, y: np.ndarray, order: int) -> np.ndarray:
     return d
 
 
-def bbox_centres(xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centres ``(lon, lat)`` in degrees of lon/lat boxes.
-
-    A box wider than 180 degrees is a chip across the antimeridian (its corners
-    sit at +-180), so its centre is taken across the antimeridian, near +-180.
-    """
-    lon = (np.asarray(xmin, dtype=np.float64) + np.asarray(xmax, dtype=np.float64)) / 2
-    lat = (np.asarray(ymin, dtype=np.float64) + np.asarray(ymax, dtype=np.float64)) / 2
-    wrap = (np.asarray(xmax) - np.asarray(xmin)) > 180
-    if wrap.any():
-        lon = np.where(wrap, (lon + 360.0) % 360.0 - 180.0, lon)
-    return lon, lat
+def bbox_centres(
+    xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centres ``(lon, lat)`` in degrees of lon/lat boxes given as four arrays
+    (:func:`stacchip.encodings.bbox_centres` over their columns: a box wider than
+    180 degrees straddles the antimeridian and its centre lies near +-180)."""
+    columns = [np.asarray(v, dtype=np.float64).ravel() for v in (xmin, ymin, xmax, ymax)]
+    return encodings.bbox_centres(np.column_stack(columns))
 
 
 def lonlat_hilbert(lon: np.ndarray, lat: np.ndarray, order: int = DEFAULT_ORDER) -> np.ndarray:

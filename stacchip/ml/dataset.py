@@ -6,8 +6,11 @@ Each sample is one index row: the chip's pixels read on demand through
 without importing torch itself:
 
 * chippers (and their open rasters) are built lazily, one per item, in the
-  process that reads; a forked worker drops what it inherited and a spawned
-  worker receives a pickle without any handle or cached item;
+  process that reads, and kept in the process's chipper cache
+  (:data:`stacchip.export.chip_reader.CHIPPERS`, shared with the export's
+  readers; each dataset keeps at most ``max_open_items``); a forked worker
+  drops what it inherited and a spawned worker receives a pickle without any
+  handle or cached item;
 * samples hold numpy arrays, numbers and strings only, which the default
   collate function turns into tensors and lists.
 
@@ -25,8 +28,8 @@ import datetime as dt
 import json
 import logging
 import os
-from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping, Sequence
+import weakref
+from typing import Any, Callable, Iterable, Mapping, Sequence, Unpack
 
 import numpy as np
 import pyarrow as pa
@@ -36,9 +39,10 @@ import pyarrow.dataset as pads
 from stacchip import storage
 from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
-from stacchip.index import index_files, open_index, query
-from stacchip.indexer import NoStatsChipIndexer
-from stacchip.ml.assets import check_assets, data_asset_keys
+from stacchip.export.chip_reader import CHIPPERS
+from stacchip.index import QueryFilters, bbox_array, check_filters, index_files, open_index, query
+from stacchip.grid import ChipGrid
+from stacchip.ml.assets import band_count, check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
 from stacchip.ml.labels import LabelRaster, as_label_raster
 from stacchip.platforms import PLATFORMS
@@ -73,30 +77,24 @@ def _describe(index: Any) -> str:
 def load_index(
     index: Any,
     *,
-    bbox: Sequence[float] | None = None,
-    start: Any = None,
-    end: Any = None,
-    max_cloud: float | None = None,
-    max_nodata: float | None = None,
-    platform: str | Sequence[str] | None = None,
-    item_id: str | Sequence[str] | None = None,
     split: str | Sequence[str] | None = None,
+    **filters: Unpack[QueryFilters],
 ) -> pa.Table:
     """Index rows passing the filters, from a table, dataset, files, dirs or prefixes.
 
-    Filters are those of :func:`stacchip.index.query` plus ``split`` (values of
-    the ``split`` column written by :func:`stacchip.ml.splits.assign_splits`).
+    Filters are those of :func:`stacchip.index.query` (:class:`~stacchip.index.QueryFilters`:
+    ``bbox``, ``start``, ``end``, ``max_cloud``, ``max_nodata``, ``platform``,
+    ``item_id``) plus ``split`` (values of the ``split`` column written by
+    :func:`stacchip.ml.splits.assign_splits`).
     """
+    check_filters(filters, "load_index")
     if isinstance(index, pa.Table):
         source: Any = pads.dataset(index)
     elif isinstance(index, pads.Dataset):
         source = index
     else:
         source = open_with_extra_columns(index)
-    table = query(
-        source, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
-        max_nodata=max_nodata, platform=platform, item_id=item_id,
-    )
+    table = query(source, **filters)
     if split is not None:
         if "split" not in table.column_names:
             raise IndexFileError("split filter given but the index has no 'split' column")
@@ -141,9 +139,10 @@ class ChipDataset:
     """Map-style dataset over the chips of an index.
 
     ``index``: a pyarrow Table, a ``pyarrow.dataset.Dataset``, or index files,
-    directories or ``s3://`` prefixes. Filters (``bbox`` in degrees, ``start``/
-    ``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``,
-    ``split``) select rows.
+    directories or ``s3://`` prefixes. Filters select rows: those of
+    :func:`stacchip.index.query` (:class:`~stacchip.index.QueryFilters`: ``bbox``
+    in degrees, ``start``/``end``, ``max_cloud``/``max_nodata`` fractions,
+    ``platform``, ``item_id``) and ``split``.
 
     Items come from ``items`` (an :class:`ItemSource`, or a mapping
     ``item_id -> item/dict/path``), ``root`` (the data root laid out as the
@@ -185,13 +184,6 @@ class ChipDataset:
         assets: Sequence[str] | None = None,
         bands: Mapping[str, Sequence[int]] | None = None,
         mountpath: str | os.PathLike[str] | None = None,
-        bbox: Sequence[float] | None = None,
-        start: Any = None,
-        end: Any = None,
-        max_cloud: float | None = None,
-        max_nodata: float | None = None,
-        platform: str | Sequence[str] | None = None,
-        item_id: str | Sequence[str] | None = None,
         split: str | Sequence[str] | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         normalize: Stats = None,
@@ -200,11 +192,10 @@ class ChipDataset:
         target_dtype: str | None = "int64",
         dtype: str = "float32",
         max_open_items: int = 32,
+        **filters: Unpack[QueryFilters],
     ) -> None:
-        table = load_index(
-            index, bbox=bbox, start=start, end=end, max_cloud=max_cloud,
-            max_nodata=max_nodata, platform=platform, item_id=item_id, split=split,
-        )
+        check_filters(filters, "ChipDataset")
+        table = load_index(index, split=split, **filters)
         self._set_rows(table)
         hrefs: dict[str, str] = {}
         if root is None and items is None:
@@ -213,7 +204,7 @@ class ChipDataset:
                     "ChipDataset over a table (or pyarrow dataset) cannot find the STAC items: "
                     + WHERE_ITEMS
                 )
-            from stacchip.catalog.manifest import hrefs_for  # a compacted index: no footer reads
+            from stacchip.compacted import hrefs_for  # a compacted index: no footer reads
 
             found = hrefs_for(index)
             hrefs = found if found is not None else hrefs_from_index(index_files(index))
@@ -244,8 +235,7 @@ class ChipDataset:
         if max_open_items < 1:
             raise ConfigError(f"max_open_items must be >= 1, got {max_open_items}")
         self.max_open_items = int(max_open_items)
-        self._pid = os.getpid()
-        self._chippers: OrderedDict[tuple[str, str, int], Chipper] = OrderedDict()
+        self._own_chippers()
         self.check_items()
 
     def check_items(self) -> None:
@@ -282,10 +272,7 @@ class ChipDataset:
         self.timestamp = pc.cast(ts, pa.int64()).to_numpy().astype(np.int64)
         self.cloud = table.column("cloud_cover_percentage").to_numpy().astype(np.float64)
         self.nodata = table.column("nodata_percentage").to_numpy().astype(np.float64)
-        bbox = table.column("bbox").combine_chunks()
-        self.bounds = np.stack(
-            [bbox.field(k).to_numpy().astype(np.float64) for k in ("xmin", "ymin", "xmax", "ymax")], axis=1
-        ) if len(bbox) else np.zeros((0, 4))
+        self.bounds = bbox_array(table)
         self.split = (
             np.asarray(table.column("split").to_pylist(), dtype=object)
             if "split" in table.column_names else None
@@ -297,36 +284,38 @@ class ChipDataset:
 
     # --- per-process chippers -------------------------------------------------------------
 
+    def _own_chippers(self) -> None:
+        """A fresh owner in the process's chipper cache (closed when the dataset is collected)."""
+        self._pid = os.getpid()
+        self._owner = CHIPPERS.new_owner()
+        weakref.finalize(self, CHIPPERS.close, self._owner)
+
+    @property
+    def _chippers(self) -> dict[Any, Chipper]:
+        """``{(platform, item_id, chip_size): chipper}`` this dataset keeps open in this process."""
+        return CHIPPERS.held(self._owner)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_chippers"] = OrderedDict()  # open rasters never cross a process boundary
+        state.pop("_owner", None)  # open rasters never cross a process boundary
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pid = os.getpid()
+        self._own_chippers()
 
     def chipper(self, platform: str, item_id: str, chip_size: int) -> Chipper:
         """The chipper of one item in this process (built on first use)."""
-        pid = os.getpid()
-        if pid != self._pid:  # forked: forget the parent's chippers, never use their handles
-            self._chippers = OrderedDict()
-            self._pid = pid
-        key = (platform, item_id, int(chip_size))
-        chipper = self._chippers.get(key)
-        if chipper is not None:
-            self._chippers.move_to_end(key)
-            return chipper
-        item = self.items.get(platform, item_id)
-        # edge="keep" accepts every position an index can hold (whole chips and
-        # partial edge chips); pixels beyond the grid read as nodata.
-        indexer = NoStatsChipIndexer(item, chip_size=int(chip_size), platform=platform, edge="keep")
-        chipper = Chipper(indexer, mountpath=self.mountpath, assets=self.item_assets(item))
-        self._chippers[key] = chipper
-        while len(self._chippers) > self.max_open_items:
-            _, old = self._chippers.popitem(last=False)
-            old.close()
-        return chipper
+        self._pid = os.getpid()  # a forked worker's cache starts empty: the parent's handles stay unused
+
+        def build() -> Chipper:
+            item = self.items.get(platform, item_id)
+            # edge="keep" accepts every position an index can hold (whole chips and
+            # partial edge chips); pixels beyond the grid read as nodata.
+            grid = ChipGrid.of(item, int(chip_size), edge="keep")
+            return Chipper(grid, mountpath=self.mountpath, assets=self.item_assets(item))
+
+        return CHIPPERS.get(self._owner, (platform, item_id, int(chip_size)), build, self.max_open_items)
 
     def item_assets(self, item: Any) -> list[str]:
         """Assets read for ``item``, in channel order: ``assets``, else its data bands."""
@@ -336,15 +325,14 @@ class ChipDataset:
 
     def asset_keys(self, chipper: Chipper) -> list[str]:
         """Assets read for an item, in channel order."""
-        return self.item_assets(chipper.indexer.item)
+        return self.item_assets(chipper.chip_grid.item)
 
     def channel_names(self, i: int = 0) -> list[str]:
         """Names of the output channels for row ``i``: ``asset`` or ``asset:band``."""
         chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
         names: list[str] = []
         for key in self.asset_keys(chipper):
-            asset = chipper.indexer.item.assets[key]
-            count = len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
+            count = band_count(chipper.chip_grid.item.assets[key]) or 1
             positions = self.bands.get(key, list(range(count)))
             if count == 1 and key not in self.bands:
                 names.append(key)
@@ -374,16 +362,16 @@ class ChipDataset:
         chipper = self.chipper(self.platform[i], self.item_id[i], self.chip_size[i])
         x, y = int(self.x[i]), int(self.y[i])
         if self.label_asset is not None:
-            if self.label_asset not in chipper.indexer.item.assets:
+            if self.label_asset not in chipper.chip_grid.item.assets:
                 raise AssetNotFoundError(
                     f"item {self.item_id[i]!r}: label asset {self.label_asset!r} not found; assets are "
-                    + ", ".join(sorted(chipper.indexer.item.assets))
+                    + ", ".join(sorted(chipper.chip_grid.item.assets))
                 )
-            chipper.indexer.check_chip(x, y)
+            chipper.chip_grid.check_chip(x, y)
             with gdal_env():
                 target = chipper.get_pixels_for_asset(self.label_asset, x, y)[0]
         elif self.label_raster is not None:
-            target = self.label_raster.read(chipper.indexer.grid, x, y, int(self.chip_size[i]))
+            target = self.label_raster.read(chipper.chip_grid.grid, x, y, int(self.chip_size[i]))
         if self.target_dtype is not None:
             target = target.astype(self.target_dtype)
         return target
@@ -453,7 +441,7 @@ class ChipDataset:
         spec = PLATFORMS.get(platform)
         if spec is None:
             return None
-        names = {index: band for band, (keys, index) in zip(spec.band_order, spec.sources) if key in keys}
+        names = {index: band for band, (keys, index) in zip(spec.band_order, spec.sources, strict=True) if key in keys}
         if not names:
             return None
         positions = self.bands.get(key, list(range(max(self._asset_channels(chipper, key, all_bands=True),
@@ -474,8 +462,7 @@ class ChipDataset:
     def _asset_channels(self, chipper: Chipper, key: str, all_bands: bool = False) -> int:
         if key in self.bands and not all_bands:
             return len(self.bands[key])
-        asset = chipper.indexer.item.assets[key]
-        return len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("raster:bands") or [None])
+        return band_count(chipper.chip_grid.item.assets[key]) or 1
 
     def metadata(self, i: int) -> dict[str, Any]:
         """Metadata of row ``i`` (no pixels)."""
@@ -515,9 +502,7 @@ class ChipDataset:
 
     def close(self) -> None:
         """Close every raster this process opened."""
-        for chipper in self._chippers.values():
-            chipper.close()
-        self._chippers.clear()
+        CHIPPERS.close(self._owner)
         if self.label_raster is not None:
             self.label_raster.close()
 

@@ -76,7 +76,7 @@ class ItemSource:
         :class:`ConfigError` when none of the files records an ``item_href``
         (indexes written by the processors do not: use a data root instead).
         """
-        from stacchip.catalog.manifest import hrefs_for
+        from stacchip.compacted import hrefs_for
         from stacchip.index import index_files
 
         found = hrefs_for(index)  # a compacted index: hrefs from its manifest, no footer reads

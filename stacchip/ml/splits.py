@@ -33,8 +33,9 @@ import pyarrow.compute as pc
 import pyproj
 import shapely
 
+from stacchip.encodings import bbox_centres
 from stacchip.errors import ConfigError, IndexFileError
-from stacchip.processors.prechip import bbox_centres
+from stacchip.index import bbox_array
 
 #: Equal-area CRS in metres used for metric blocks and areas.
 EQUAL_AREA_CRS = "EPSG:6933"
@@ -57,11 +58,6 @@ def tile_of(item_id: str) -> str:
 
 def _to_equal_area() -> pyproj.Transformer:
     return pyproj.Transformer.from_crs("OGC:CRS84", EQUAL_AREA_CRS, always_xy=True)
-
-
-def _bbox_arrays(table: pa.Table) -> np.ndarray:
-    bbox = table.column("bbox").combine_chunks()
-    return np.stack([bbox.field(k).to_numpy().astype(np.float64) for k in ("xmin", "ymin", "xmax", "ymax")], axis=1)
 
 
 def _project(x: np.ndarray, y: np.ndarray, units: str) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +90,7 @@ def block_ids(
     if by != "grid":
         raise ConfigError(f"split by={by!r}: choose 'grid', 'tile' or 'item'")
     size = _check_size(block_size, units)
-    b = _bbox_arrays(table)
+    b = bbox_array(table)
     # chip centres; a chip across the antimeridian (bbox wider than 180 degrees) has its
     # centre near +-180, not near 0
     lon, lat = bbox_centres(b)
@@ -223,7 +219,8 @@ def split_report(table: pa.Table, class_column: str | None = None) -> dict[str, 
     if "split" not in table.column_names:
         raise IndexFileError("index has no 'split' column; run assign_splits first")
     split = np.array(["none" if s is None else s for s in table.column("split").to_pylist()], dtype=object)
-    blocks = np.asarray(table.column("split_block").to_pylist(), dtype=object) if "split_block" in table.column_names else None
+    blocks = (np.asarray(table.column("split_block").to_pylist(), dtype=object)
+              if "split_block" in table.column_names else None)
     area = chip_areas_km2(table) if table.num_rows else np.zeros(0)
     cloud = table.column("cloud_cover_percentage").to_numpy().astype(np.float64)
     nodata = table.column("nodata_percentage").to_numpy().astype(np.float64)
@@ -249,7 +246,7 @@ def split_report(table: pa.Table, class_column: str | None = None) -> dict[str, 
         if classes is not None:
             values, counts = np.unique(classes[sel].astype(str), return_counts=True)
             entry["classes"] = {
-                str(v): {"chips": int(c), "fraction": float(c / sel.sum())} for v, c in zip(values, counts)
+                str(v): {"chips": int(c), "fraction": float(c / sel.sum())} for v, c in zip(values, counts, strict=True)
             }
         report[name] = entry
     return report
@@ -257,10 +254,12 @@ def split_report(table: pa.Table, class_column: str | None = None) -> dict[str, 
 
 def format_report(report: Mapping[str, Mapping[str, Any]]) -> str:
     """A plain-text table of :func:`split_report` for people."""
-    lines = [f"{'split':<8} {'chips':>7} {'chip%':>6} {'blocks':>6} {'km2':>10} {'area%':>6} {'cloud':>6} {'nodata':>6}"]
+    lines = [f"{'split':<8} {'chips':>7} {'chip%':>6} {'blocks':>6} {'km2':>10} {'area%':>6} {'cloud':>6} "
+             f"{'nodata':>6}"]
     for name, e in report.items():
         lines.append(
-            f"{name:<8} {e['chips']:>7} {100 * e['chip_fraction']:>6.1f} {e['blocks'] if e['blocks'] is not None else '-':>6} "
+            f"{name:<8} {e['chips']:>7} {100 * e['chip_fraction']:>6.1f} "
+            f"{e['blocks'] if e['blocks'] is not None else '-':>6} "
             f"{e['area_km2']:>10.1f} {100 * e['area_fraction']:>6.1f} {e['mean_cloud']:>6.3f} {e['mean_nodata']:>6.3f}"
         )
         for cls, c in (e.get("classes") or {}).items():
@@ -297,7 +296,7 @@ def label_class_report(dataset: Any, classes: Sequence[int] | None = None) -> di
         target = np.asarray(dataset.read_target(i))
         values, n = np.unique(target, return_counts=True)
         bucket = counts.setdefault(name, {})
-        for v, c in zip(values.tolist(), n.tolist()):
+        for v, c in zip(values.tolist(), n.tolist(), strict=True):
             bucket[int(v)] = bucket.get(int(v), 0) + int(c)
         totals[name] = totals.get(name, 0) + int(target.size)
     report: dict[str, dict[str, Any]] = {}

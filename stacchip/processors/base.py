@@ -1,8 +1,10 @@
 """The frame every source processor shares: settings, validation, the task loop, the CLI.
 
-A source subclasses :class:`Processor`, declares its defaults and extra flags,
-and implements :meth:`Processor.run_task` (pick items for one task index and
-publish them). :func:`cli` parses flags and environment variables (flags
+A source subclasses :class:`Processor`, declares its defaults, its settings
+(a subclass of :class:`ProcessorSettings`, the table of flag, environment
+variable, type, default, unit and help of every setting:
+:mod:`stacchip.processors.settings`) and implements :meth:`Processor.run_task`
+(pick items for one task index and publish them). :func:`cli` parses flags and environment variables (flags
 win), checks everything that can be checked before anything is written (the
 output location, the sample file and each task's row), then runs the tasks --
 one from the array-job environment, or ``--index`` / ``--range`` locally over a
@@ -17,12 +19,16 @@ import functools
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from stacchip.console import MAX_CHIP_SIZE, ArgumentParser, echo
 from stacchip.errors import ConfigError
-from stacchip.processors import jobs
+from stacchip.index import check_fraction
+from stacchip.processors import jobs, settings
+from stacchip.processors import layout as layouts
 from stacchip.processors.publish import Bucket, Outcome, Publisher
+from stacchip.processors.settings import Env, setting
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,110 @@ def _load_all() -> None:
         importlib.import_module(f"stacchip.processors.{module}")
 
 
+def _has_api(cls: Any) -> bool:
+    return cls is None or cls.default_api is not None
+
+
+def _has_years(cls: Any) -> bool:
+    return cls is None or bool(cls.default_years)
+
+
+def _layout(text: str, label: str) -> str:
+    return layouts.check_layout(text)
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """The settings every source processor shares, frozen and typed; also their table (flag,
+    environment variable, type, default, unit, help). Rows that need a processor feature exist
+    only for processors that have it (a STAC API, a sample file, years, seasons, scene
+    limits), with the processor's defaults. A source adds its own rows in a subclass
+    (:attr:`Processor.settings_type`).
+
+    Cloud limits are fractions: ``max_cloud`` (``--max-cloud``, ``STACCHIP_MAX_SCENE_CLOUD``)
+    is the largest scene cloud cover 0-1; upstream's ``STACCHIP_MAX_CLOUD_COVER`` is read as
+    the percentage it is (``75`` is ``0.75``) and compared with the items' ``eo:cloud_cover``
+    (a percentage) after conversion.
+    """
+
+    bucket: str = setting(
+        flag="--bucket", env="STACCHIP_BUCKET", kind=settings.Location(), required=True,
+        help="output: S3 bucket name, s3://bucket/prefix or local path")
+    #: The processor's source name (not a flag).
+    source: str = ""
+    stac_api: str | None = setting(
+        None, flag="--stac-api", env="STACCHIP_STAC_API", when=_has_api, help="STAC API URL",
+        default_for=lambda cls, values: cls.default_api)
+    sign: str = setting(
+        "auto", flag="--sign", env="STACCHIP_SIGN", when=_has_api,
+        help="sign asset hrefs: auto (Planetary Computer API only), none, planetary-computer")
+    sample_source: str | None = setting(
+        None, flag="--sample-source", env_for=lambda cls: [cls.sample_var] if cls is not None else [],
+        when=lambda cls: cls is None or bool(cls.sample_var), required=True,
+        help="sample file (FlatGeobuf, GeoJSON, ...): local path, s3:// or https://")
+    years: tuple[int, ...] = setting(
+        (), flag="--years", env="STACCHIP_YEARS", kind=settings.Items(int), when=_has_years,
+        default_for=lambda cls, values: tuple(cls.default_years),
+        help="years to sample from, e.g. 2018-2022 or 2018,2020")
+    n_years: int = setting(
+        1, flag="--n-years", env="STACCHIP_N_YEARS", kind=settings.Integer(1), when=_has_years,
+        default_for=lambda cls, values: cls.default_n_years, help="years drawn per task")
+    seasons: tuple[str, ...] = setting(
+        (), flag="--seasons", env="STACCHIP_SEASONS", kind=settings.Items(str),
+        when=lambda cls: cls is None or bool(cls.default_seasons),
+        default_for=lambda cls, values: tuple(cls.default_seasons),
+        help="seasons per year: q1..q4, djf/mam/jja/son or MM-DD/MM-DD, comma separated")
+    max_cloud: float | None = setting(
+        None, flag="--max-cloud",
+        env=("STACCHIP_MAX_SCENE_CLOUD", Env("STACCHIP_MAX_CLOUD_COVER",
+                                              settings.Percent(fraction_var="STACCHIP_MAX_SCENE_CLOUD"))),
+        kind=settings.Fraction(), unit="fraction 0-1",
+        when=lambda cls: cls is None or cls.default_max_cloud is not None,
+        default_for=lambda cls, values: cls.default_max_cloud,
+        help="largest scene cloud cover (eo:cloud_cover)")
+    max_scene_nodata: float | None = setting(
+        None, flag="--max-scene-nodata", env="STACCHIP_MAX_SCENE_NODATA", kind=settings.Number(0, 100),
+        unit="percent 0-100", when=lambda cls: cls is None or cls.default_max_scene_nodata is not None,
+        default_for=lambda cls, values: cls.default_max_scene_nodata, help="largest scene nodata")
+    chip_size: int = setting(
+        256, flag="--chip-size", env="STACCHIP_CHIP_SIZE", kind=settings.Integer(1, MAX_CHIP_SIZE),
+        unit=f"pixels, 1-{MAX_CHIP_SIZE}", help="chip size")
+    chip_max_nodata: float = setting(
+        0.5, flag="--chip-max-nodata", env="STACCHIP_CHIP_MAX_NODATA", kind=settings.Fraction(),
+        unit="fraction 0-1", default_for=lambda cls, values: cls.default_chip_max_nodata,
+        help="largest nodata fraction of an indexed chip")
+    dry_run: bool = setting(
+        False, flag="--dry-run", env="STACCHIP_DRY_RUN", kind=settings.Bool(), shared=True,
+        help="print what would be picked and written; write nothing")
+    layout: str = setting(
+        layouts.DEFAULT_LAYOUT, flag="--layout", env=layouts.LAYOUT_VAR, kind=settings.Custom(_layout, "layout"),
+        metavar="{" + ",".join(layouts.LAYOUTS) + "}",
+        help="asset files in the bucket: copy (byte for byte) or aligned (re-tiled to the chip grid, ZSTD)")
+    zstd_level: int = setting(
+        layouts.ZSTD_LEVEL, flag="--zstd-level", env=layouts.ZSTD_LEVEL_VAR, kind=settings.Integer(1),
+        unit="1-22", help="ZSTD level of aligned files")
+    overviews: bool = setting(
+        False, flag="--overviews", env=layouts.OVERVIEWS_VAR, kind=settings.Bool(),
+        help="write overviews into aligned files")
+
+    def __post_init__(self) -> None:
+        if self.max_cloud is not None:
+            check_fraction(self.max_cloud, "max_cloud")
+        if self.years and self.n_years > len(set(self.years)):
+            raise ConfigError(f"--n-years {self.n_years} is more than the {len(set(self.years))} years given")
+        if self.seasons:
+            from stacchip.processors.sampling import season_bounds
+
+            for season in self.seasons:
+                season_bounds(season)
+        layouts.layout_from(self)  # raises ConfigError for a chip size or level the layout cannot write
+
+    @property
+    def max_cloud_cover(self) -> float | None:
+        """``max_cloud`` in percent, the unit of the items' ``eo:cloud_cover`` (None: no limit)."""
+        return None if self.max_cloud is None else self.max_cloud * 100.0
+
+
 class Processor:
     """One data source. Subclasses set the class attributes and implement :meth:`run_task`."""
 
@@ -72,150 +182,33 @@ class Processor:
     default_years: ClassVar[tuple[int, ...]] = ()
     default_n_years: ClassVar[int] = 1
     default_seasons: ClassVar[tuple[str, ...]] = ()
-    #: Scene-level limits in percent (eo:cloud_cover, nodata pixel percentage), None for none.
+    #: Scene-level limits, None for none: cloud cover as a fraction 0-1 (compared with
+    #: ``eo:cloud_cover`` in percent), nodata pixels in percent.
     default_max_cloud: ClassVar[float | None] = None
     default_max_scene_nodata: ClassVar[float | None] = None
     #: Chip-level nodata limit (fraction 0-1) of the index.
     default_chip_max_nodata: ClassVar[float] = 0.5
+    #: The source's settings: their table and the frozen object a task runs with.
+    settings_type: ClassVar[type[ProcessorSettings]] = ProcessorSettings
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: ProcessorSettings) -> None:
         self.settings = settings
         self._catalog: Any = None
 
     # --- flags ---------------------------------------------------------------------------
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Source-specific flags (override and call super)."""
-
-    @classmethod
-    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
-        """Resolve source-specific settings from ``args`` and the environment (override)."""
-
-    @classmethod
     def build_parser(cls) -> argparse.ArgumentParser:
-        """The console script's argument parser."""
+        """The console script's argument parser (from the rows of :attr:`settings_type`)."""
         parser = ArgumentParser(prog=cls.prog, description=cls.description)
-        parser.add_argument(
-            "--bucket", default=None,
-            help="output: S3 bucket name, s3://bucket/prefix or local path (env STACCHIP_BUCKET)",
-        )
-        if cls.default_api is not None:
-            parser.add_argument(
-                "--stac-api", default=None,
-                help=f"STAC API URL (env STACCHIP_STAC_API; default {cls.default_api})",
-            )
-            parser.add_argument(
-                "--sign", default=None,
-                help="sign asset hrefs: auto (Planetary Computer API only), none, planetary-computer "
-                "(env STACCHIP_SIGN)",
-            )
-        if cls.sample_var:
-            parser.add_argument(
-                "--sample-source", default=None,
-                help=f"sample file (FlatGeobuf, GeoJSON, ...): local path, s3:// or https:// (env {cls.sample_var})",
-            )
-        if cls.default_years:
-            parser.add_argument(
-                "--years", default=None,
-                help="years to sample from, e.g. 2018-2022 or 2018,2020 (env STACCHIP_YEARS; default "
-                f"{cls.default_years[0]}-{cls.default_years[-1]})",
-            )
-            parser.add_argument(
-                "--n-years", type=int, default=None,
-                help=f"years drawn per task (env STACCHIP_N_YEARS; default {cls.default_n_years})",
-            )
-        if cls.default_seasons:
-            parser.add_argument(
-                "--seasons", default=None,
-                help="seasons per year: q1..q4, djf/mam/jja/son or MM-DD/MM-DD, comma separated "
-                f"(env STACCHIP_SEASONS; default {','.join(cls.default_seasons)})",
-            )
-        if cls.default_max_cloud is not None:
-            parser.add_argument(
-                "--max-cloud-cover", type=float, default=None,
-                help="largest scene cloud cover in percent, 0-100 (env STACCHIP_MAX_CLOUD_COVER; "
-                f"default {cls.default_max_cloud:g})",
-            )
-        if cls.default_max_scene_nodata is not None:
-            parser.add_argument(
-                "--max-scene-nodata", type=float, default=None,
-                help="largest scene nodata in percent, 0-100 (env STACCHIP_MAX_SCENE_NODATA; "
-                f"default {cls.default_max_scene_nodata:g})",
-            )
-        parser.add_argument(
-            "--chip-size", type=int, default=None,
-            help=f"chip size in pixels, 1-{MAX_CHIP_SIZE} (env STACCHIP_CHIP_SIZE; default 256)",
-        )
-        parser.add_argument(
-            "--chip-max-nodata", type=float, default=None,
-            help="largest nodata fraction (0-1) of an indexed chip (env STACCHIP_CHIP_MAX_NODATA; "
-            f"default {cls.default_chip_max_nodata:g})",
-        )
-        from stacchip.processors import layout
-
-        parser.add_argument(
-            "--layout", default=None, choices=layout.LAYOUTS,
-            help=f"asset files in the bucket: copy (byte for byte) or aligned (re-tiled to the chip grid, ZSTD) "
-            f"(env {layout.LAYOUT_VAR}; default {layout.DEFAULT_LAYOUT})",
-        )
-        parser.add_argument(
-            "--zstd-level", type=int, default=None,
-            help=f"ZSTD level 1-22 of aligned files (env {layout.ZSTD_LEVEL_VAR}; default {layout.ZSTD_LEVEL})",
-        )
-        parser.add_argument(
-            "--overviews", action="store_true", default=None,
-            help=f"write overviews into aligned files (env {layout.OVERVIEWS_VAR}; default off)",
-        )
-        cls.add_arguments(parser)
+        settings.add_arguments(parser, cls.settings_type, context=cls)
         jobs.add_job_arguments(parser)
         return parser
 
     @classmethod
-    def settings_from(cls, args: argparse.Namespace) -> dict[str, Any]:
+    def settings_from(cls, args: argparse.Namespace) -> ProcessorSettings:
         """Every setting, flag over environment over default; raises :class:`ConfigError`."""
-        s: dict[str, Any] = {"source": cls.name}
-        s["bucket"] = jobs.output_root(
-            jobs.env_str(args.bucket, "STACCHIP_BUCKET", required=True, flag="--bucket") or ""
-        )
-        if cls.default_api is not None:
-            s["stac_api"] = jobs.env_str(args.stac_api, "STACCHIP_STAC_API", cls.default_api)
-            s["sign"] = jobs.env_str(args.sign, "STACCHIP_SIGN", "auto")
-        if cls.sample_var:
-            s["sample_source"] = jobs.env_str(
-                args.sample_source, cls.sample_var, required=True, flag="--sample-source"
-            )
-        if cls.default_years:
-            s["years"] = jobs.env_list(args.years, "STACCHIP_YEARS", cls.default_years, kind=int, flag="--years")
-            s["n_years"] = jobs.env_int(args.n_years, "STACCHIP_N_YEARS", cls.default_n_years, flag="--n-years", minimum=1)
-            if s["n_years"] > len(set(s["years"])):
-                raise ConfigError(f"--n-years {s['n_years']} is more than the {len(set(s['years']))} years given")
-        if cls.default_seasons:
-            from stacchip.processors.sampling import season_bounds
-
-            s["seasons"] = jobs.env_list(args.seasons, "STACCHIP_SEASONS", cls.default_seasons, flag="--seasons")
-            for season in s["seasons"]:
-                season_bounds(season)
-        if cls.default_max_cloud is not None:
-            s["max_cloud"] = jobs.env_float(
-                args.max_cloud_cover, "STACCHIP_MAX_CLOUD_COVER", cls.default_max_cloud, flag="--max-cloud-cover", minimum=0, maximum=100
-            )
-        if cls.default_max_scene_nodata is not None:
-            s["max_scene_nodata"] = jobs.env_float(
-                args.max_scene_nodata, "STACCHIP_MAX_SCENE_NODATA", cls.default_max_scene_nodata,
-                flag="--max-scene-nodata", minimum=0, maximum=100,
-            )
-        s["chip_size"] = jobs.env_int(
-            args.chip_size, "STACCHIP_CHIP_SIZE", 256, flag="--chip-size", minimum=1, maximum=MAX_CHIP_SIZE
-        )
-        s["chip_max_nodata"] = jobs.env_float(
-            args.chip_max_nodata, "STACCHIP_CHIP_MAX_NODATA", cls.default_chip_max_nodata,
-            flag="--chip-max-nodata", minimum=0, maximum=1,
-        )
-        s["dry_run"] = jobs.env_bool(args.dry_run, "STACCHIP_DRY_RUN", False)
-        _layout_settings(args, s)
-        cls.configure(args, s)
-        return s
+        return settings.resolve(cls.settings_type, args, context=cls, source=cls.name)
 
     # --- checks before anything is written ---------------------------------------------------
 
@@ -225,7 +218,7 @@ class Processor:
             from stacchip.processors.sampling import sample_row
 
             for index in indices:
-                sample_row(self.settings["sample_source"], index, self.sample_columns)
+                sample_row(str(self.settings.sample_source), index, self.sample_columns)
 
     # --- helpers for run_task -------------------------------------------------------------------
 
@@ -235,46 +228,31 @@ class Processor:
         if self._catalog is None:
             from stacchip.processors.catalog import Catalog
 
-            self._catalog = Catalog(self.settings["stac_api"], self.settings.get("sign", "auto"))
+            self._catalog = Catalog(str(self.settings.stac_api), self.settings.sign)
         return self._catalog
 
     def publisher(self, index: int) -> Publisher:
         """The publisher for task ``index`` (in the layout the settings ask for)."""
-        from stacchip.processors.layout import layout_from
-
         return Publisher(
-            Bucket(self.settings["bucket"]), f"{self.name}/{index}", self.settings["dry_run"],
-            layout=layout_from(self.settings),
+            Bucket(self.settings.bucket), f"{self.name}/{index}", self.settings.dry_run,
+            layout=layouts.layout_from(self.settings),
         )
 
     def sample(self, index: int) -> Any:
         """Row ``index`` of the sample file."""
         from stacchip.processors.sampling import sample_row
 
-        return sample_row(self.settings["sample_source"], index, self.sample_columns)
+        return sample_row(str(self.settings.sample_source), index, self.sample_columns)
 
     def run_task(self, index: int) -> list[Outcome]:
         """Pick and publish the items of task ``index``."""
         raise NotImplementedError
 
 
-def _layout_settings(args: argparse.Namespace, s: dict[str, Any]) -> None:
-    """``layout``, ``zstd_level``, ``overviews`` into ``s``; checks the chip size for the aligned layout."""
-    from stacchip.processors import layout
-
-    s["layout"] = layout.check_layout(
-        jobs.env_str(getattr(args, "layout", None), layout.LAYOUT_VAR, layout.DEFAULT_LAYOUT)
-    )
-    s["zstd_level"] = jobs.env_int(
-        getattr(args, "zstd_level", None), layout.ZSTD_LEVEL_VAR, layout.ZSTD_LEVEL, flag="--zstd-level", minimum=1
-    )
-    s["overviews"] = jobs.env_bool(getattr(args, "overviews", None), layout.OVERVIEWS_VAR, False)
-    layout.layout_from(s)  # raises ConfigError for a chip size or level the layout cannot write
-
-
 @functools.lru_cache(maxsize=4)
 def _processor(name: str, settings_json: str) -> Processor:
-    return processor_class(name)(json.loads(settings_json))
+    cls = processor_class(name)
+    return cls(settings.from_json(cls.settings_type, settings_json))
 
 
 def run_index(name: str, settings_json: str, index: int) -> list[dict[str, Any]]:
@@ -299,24 +277,24 @@ def run_upstream(cls: type[Processor], argv: Sequence[str]) -> list[dict[str, An
     upstream's functions raised), :class:`ConfigError` for bad settings.
     """
     args = cls.build_parser().parse_args(list(argv))
-    settings = cls.settings_from(args)
+    s = cls.settings_from(args)
     indices = jobs.resolve_indices(args.index, None)
-    Bucket(settings["bucket"]).check()
-    cls(settings).validate(indices)
-    return run_index(cls.name, json.dumps(settings, sort_keys=True), indices[0])
+    Bucket(s.bucket).check()
+    cls(s).validate(indices)
+    return run_index(cls.name, settings.to_json(s), indices[0])
 
 
 def cli(cls: type[Processor], argv: Sequence[str] | None = None) -> jobs.RunSummary:
     """Parse, validate, run, print; used by every console script through :func:`main`."""
     args = cls.build_parser().parse_args(argv)
     jobs.setup_logging(args.verbose, args.quiet)
-    settings = cls.settings_from(args)
+    s = cls.settings_from(args)
     indices = jobs.resolve_indices(args.index, args.range_spec)
     workers = jobs.resolve_workers(args.workers)
-    proc = cls(settings)
-    Bucket(settings["bucket"]).check()
+    proc = cls(s)
+    Bucket(s.bucket).check()
     proc.validate(indices)
-    settings_json = json.dumps(settings, sort_keys=True)
+    settings_json = settings.to_json(s)
     summary = jobs.run_tasks(
         functools.partial(run_index, cls.name, settings_json), indices, workers=workers, desc=cls.prog
     )

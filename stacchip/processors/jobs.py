@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -37,7 +36,8 @@ from tqdm import tqdm
 
 from stacchip import console
 from stacchip.console import echo
-from stacchip.errors import ConfigError, StacchipError
+from stacchip.processors import settings
+from stacchip.errors import ConfigError, StacchipError, TaskFailed  # (TaskFailed: importable here as before)
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,6 @@ def env_str(
     return default
 
 
-def _convert(text: str, kind: Callable[[str], Any], what: str, label: str) -> Any:
-    try:
-        return kind(text.strip())
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{label}={text!r} is not {what}") from exc
-
-
 def env_int(
     value: int | None,
     var: str | None,
@@ -111,19 +104,13 @@ def env_int(
     environ: Mapping[str, str] | None = None,
 ) -> int | None:
     """An integer setting (flag, else environment, else default), checked against
-    ``minimum``/``maximum``; see :func:`env_str`."""
+    ``minimum``/``maximum``; see :func:`env_str` (read as :class:`~stacchip.processors.settings.Integer`)."""
     if value is not None:
-        result: int | None = value
-        label = flag or "value"
-    else:
-        text = env_str(None, var, None, required=required and default is None, flag=flag, environ=environ)
-        label = var or "value"
-        result = default if text is None else _convert(text, int, "an integer", label)
-    if result is not None and minimum is not None and result < minimum:
-        raise ConfigError(f"{label}={result} must be >= {minimum}")
-    if result is not None and maximum is not None and result > maximum:
-        raise ConfigError(f"{label}={result} must be <= {maximum}")
-    return result
+        return int(settings.check_bounds(value, flag or "value", minimum, maximum))
+    text = env_str(None, var, None, required=required and default is None, flag=flag, environ=environ)
+    if text is None:
+        return default
+    return settings.Integer(minimum, maximum).read(text, var or "value")
 
 
 def env_float(
@@ -136,26 +123,25 @@ def env_float(
     maximum: float | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> float | None:
-    """A finite float setting (flag, else environment, else default), checked against bounds."""
+    """A finite float setting (flag, else environment, else default), checked against bounds
+    (read as :class:`~stacchip.processors.settings.Number`)."""
     if value is not None:
-        result: float | None = float(value)
-        label = flag or "value"
-    else:
-        text = env_str(None, var, None, environ=environ)
-        label = var or "value"
-        result = default if text is None else _convert(text, float, "a number", label)
-    if result is not None:
-        if not math.isfinite(result):
-            raise ConfigError(f"{label}={result} is not a finite number")
-        if minimum is not None and result < minimum:
-            raise ConfigError(f"{label}={result} must be >= {minimum}")
-        if maximum is not None and result > maximum:
-            raise ConfigError(f"{label}={result} must be <= {maximum}")
-    return result
+        return settings.Number(minimum, maximum).read(repr(float(value)), flag or "value")
+    text = env_str(None, var, None, environ=environ)
+    if text is None:
+        return None if default is None else float(default)
+    return settings.Number(minimum, maximum).read(text, var or "value")
 
 
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+def env_fraction(value: str | None, var: str, default: float | None, flag: str = "") -> float | None:
+    """A 0-1 fraction from a flag ``value`` or environment variable ``var`` (flag wins), else
+    ``default``; ``none``/``off`` disables it (None), ``0`` means 0; a value that looks like a
+    percentage is refused, saying so. Raises :class:`ConfigError` naming the flag or variable."""
+    text = env_str(value, var, None)
+    if text is None:
+        return default
+    label = (flag or "flag") if value is not None else var
+    return settings.Fraction(optional=True).read(text, label)
 
 
 def env_bool(
@@ -171,32 +157,11 @@ def env_bool(
     env = _environ(environ)
     if not var or var not in env:
         return default
-    text = env[var].strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"{var}={env[var]!r} is not a boolean (use 1/0, true/false, yes/no)")
+    return settings.Bool().read(env[var], var)
 
 
-def parse_list(text: str, kind: Callable[[str], Any] = str, label: str = "value") -> list[Any]:
-    """Comma-separated list; ``A-B`` ranges are expanded when ``kind`` is ``int``.
-
-    ``"2018-2020,2023"`` with ``kind=int`` gives ``[2018, 2019, 2020, 2023]``.
-    """
-    out: list[Any] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if kind is int and re.fullmatch(r"-?\d+\s*-\s*-?\d+", part) and not part.startswith("-"):
-            lo_text, hi_text = (s.strip() for s in part.split("-", 1))
-            lo, hi = int(lo_text), int(hi_text)
-            if hi < lo:
-                raise ConfigError(f"{label}: range {part!r} is empty (end before start)")
-            out.extend(range(lo, hi + 1))
-        else:
-            out.append(_convert(part, kind, f"a list of {getattr(kind, '__name__', 'values')}", label))
-    return out
+#: Comma-separated lists (moved to :mod:`stacchip.processors.settings`).
+parse_list = settings.parse_list
 
 
 def env_list(
@@ -281,7 +246,7 @@ def env_array_index(environ: Mapping[str, str] | None = None) -> tuple[str, int]
     for var in ARRAY_INDEX_VARS:
         text = env.get(var, "").strip()
         if text:
-            index = _convert(text, int, "an integer", var)
+            index = settings.Integer().read(text, var)
             offset = env_int(None, INDEX_OFFSET_VAR, 0, environ=env) or 0
             if index + offset < 0:
                 raise ConfigError(f"{var}={text} plus {INDEX_OFFSET_VAR}={offset} is negative")
@@ -406,19 +371,6 @@ class RunSummary:
         return not self.failed
 
 
-class TaskFailed(StacchipError):
-    """A task did part of its work and failed the rest; ``result`` is what it did.
-
-    Exit status 1: the scheduler re-runs the task, which skips what is done.
-    """
-
-    exit_code = EXIT_TASK_FAILED
-
-    def __init__(self, message: str, result: Any = None) -> None:
-        super().__init__(message)
-        self.result = result
-
-
 def _call(payload: tuple[Callable[[int], Any], int]) -> TaskOutcome:
     func, index = payload
     try:
@@ -534,6 +486,7 @@ __all__ = [
     "env_array_index",
     "env_bool",
     "env_float",
+    "env_fraction",
     "env_int",
     "env_list",
     "env_str",

@@ -39,6 +39,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import rasterio
@@ -82,14 +83,21 @@ class AlignedLayout:
             raise ConfigError(f"--zstd-level / {ZSTD_LEVEL_VAR} {self.level} must be within 1..22")
 
 
-def layout_from(settings: dict[str, Any]) -> AlignedLayout | None:
-    """The :class:`AlignedLayout` a processor's settings ask for, or None for ``copy``."""
-    if settings.get("layout", DEFAULT_LAYOUT) != "aligned":
+def layout_from(settings: Any) -> AlignedLayout | None:
+    """The :class:`AlignedLayout` a processor's settings ask for (a
+    :class:`~stacchip.processors.base.ProcessorSettings`, or a mapping of the same names),
+    or None for ``copy``."""
+    def get(name: str, default: Any) -> Any:
+        if isinstance(settings, Mapping):
+            return settings.get(name, default)
+        return getattr(settings, name, default)
+
+    if get("layout", DEFAULT_LAYOUT) != "aligned":
         return None
     return AlignedLayout(
-        chip_size=int(settings.get("chip_size", 256)),
-        level=int(settings.get("zstd_level", ZSTD_LEVEL)),
-        overviews=bool(settings.get("overviews", False)),
+        chip_size=int(get("chip_size", 256)),
+        level=int(get("zstd_level", ZSTD_LEVEL)),
+        overviews=bool(get("overviews", False)),
     )
 
 
@@ -195,7 +203,8 @@ class AlignedWriter:
             else:
                 tile, aligned = self.tiling(key, source)
                 if not aligned:
-                    logger.info("%s: the chip grid origin is not a tile corner of this band; chips straddle its tiles", what)
+                    logger.info("%s: the chip grid origin is not a tile corner of this band; chips straddle its tiles",
+                                what)
                 out = str(Path(tmpdir) / (Path(filename).name or "asset.tif"))
                 logger.info("%s: re-tile to %d px ZSTD tiles -> %s", what, tile, dst)
                 retile_cog(source, out, tile, level=self.layout.level, overviews=self.layout.overviews)

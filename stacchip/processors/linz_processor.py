@@ -15,11 +15,11 @@ and indexed with a nodata mask of the first band's zeros
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,11 +33,11 @@ from shapely.geometry import box, mapping
 from stacchip import storage
 from stacchip.errors import ConfigError, ItemError, StorageError
 from stacchip.indexer import NoDataMaskChipIndexer
-from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register, run_upstream
+from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
 from stacchip.processors.cog import write_cog
 from stacchip.processors.publish import Outcome, RenderedAsset
 from stacchip.processors.sampling import parse_datetime
+from stacchip.processors.settings import Custom, Number, setting
 from stacchip.reader import gdal_env, resolve_href
 
 logger = logging.getLogger(__name__)
@@ -117,44 +117,54 @@ def linz_item(original: pystac.Item, profile: dict[str, Any], shape: tuple[int, 
     return item
 
 
+def _root(text: str, label: str) -> str:
+    return text.rstrip("/") or ROOT
+
+
+def _prefixes(source: str, label: str) -> tuple[str, ...]:
+    """Survey prefixes from a text file, one per line (``#`` lines are comments)."""
+    try:
+        lines = storage.read_bytes_retry(source).decode().splitlines()
+    except Exception as exc:
+        raise ConfigError(f"LINZ prefix list {source!r} cannot be read: {exc}") from exc
+    prefixes = tuple(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))
+    if not prefixes:
+        raise ConfigError(f"LINZ prefix list {source!r} is empty")
+    return prefixes
+
+
+@dataclass(frozen=True)
+class LinzSettings(ProcessorSettings):
+    """The settings of ``stacchip-linz``: the shared ones and these."""
+
+    root: str = setting(ROOT, flag="--root", env="STACCHIP_LINZ_ROOT", kind=Custom(_root, "location"),
+                        help="catalog root")
+    prefixes: tuple[str, ...] = setting(
+        tuple(LINZ_PREFIXES), flag="--prefixes", env="STACCHIP_LINZ_PREFIXES", kind=Custom(_prefixes, "file"),
+        shown="the built-in surveys", help="file of survey prefixes, one per line")
+    resolution: float = setting(
+        TARGET_RESOLUTION, flag="--resolution", env="STACCHIP_RESOLUTION", kind=Number(1e-6), unit="metres",
+        help="target GSD")
+
+
 @register
 class LinzProcessor(Processor):
     """Sampled scenes of one LINZ survey per task, resampled to one GSD."""
 
     name = "linz"
     prog = "stacchip-linz"
+    settings_type = LinzSettings
+    settings: LinzSettings
     description = "LINZ aerial imagery surveys from the static catalog into a bucket, as COGs."
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--root", default=None, help=f"catalog root (env STACCHIP_LINZ_ROOT; default {ROOT})")
-        parser.add_argument("--prefixes", default=None, help="file of survey prefixes, one per line (env STACCHIP_LINZ_PREFIXES)")
-        parser.add_argument("--resolution", type=float, default=None, help=f"target GSD in metres (env STACCHIP_RESOLUTION; default {TARGET_RESOLUTION})")
-
-    @classmethod
-    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
-        settings["root"] = (jobs.env_str(args.root, "STACCHIP_LINZ_ROOT", ROOT) or ROOT).rstrip("/")
-        settings["resolution"] = jobs.env_float(args.resolution, "STACCHIP_RESOLUTION", TARGET_RESOLUTION, flag="--resolution", minimum=1e-6)
-        source = jobs.env_str(args.prefixes, "STACCHIP_LINZ_PREFIXES", None)
-        if source:
-            try:
-                lines = storage.read_bytes_retry(source).decode().splitlines()
-            except Exception as exc:
-                raise ConfigError(f"LINZ prefix list {source!r} cannot be read: {exc}") from exc
-            settings["prefixes"] = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-            if not settings["prefixes"]:
-                raise ConfigError(f"LINZ prefix list {source!r} is empty")
-        else:
-            settings["prefixes"] = LINZ_PREFIXES
 
     def validate(self, indices: Sequence[int]) -> None:
         for index in indices:
-            if not 0 <= index < len(self.settings["prefixes"]):
-                raise ConfigError(f"task index {index} is beyond the {len(self.settings['prefixes'])} LINZ surveys")
+            if not 0 <= index < len(self.settings.prefixes):
+                raise ConfigError(f"task index {index} is beyond the {len(self.settings.prefixes)} LINZ surveys")
 
     def run_task(self, index: int) -> list[Outcome]:
         s = self.settings
-        prefix = storage.join(s["root"], s["prefixes"][index])
+        prefix = storage.join(s.root, s.prefixes[index])
         try:
             files = [f for f in storage.list_files(prefix, ".tiff")]
         except StorageError as exc:
@@ -178,7 +188,7 @@ class LinzProcessor(Processor):
         early = publisher.skip_or_plan(PLATFORM_NAME, original.id, {ASSET_KEY: href})
         if early is not None:
             return early
-        data, profile = resample(href, s["resolution"])
+        data, profile = resample(href, s.resolution)
         item = linz_item(original, profile, data.shape[1:])
         item.add_asset(ASSET_KEY, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
         mask = data[0] == 0
@@ -186,8 +196,8 @@ class LinzProcessor(Processor):
         return publisher.publish(
             item, PLATFORM_NAME, plan,
             functools.partial(
-                NoDataMaskChipIndexer, nodata_mask=mask, chip_size=s["chip_size"],
-                chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME,
+                NoDataMaskChipIndexer, nodata_mask=mask, chip_size=s.chip_size,
+                chip_max_nodata=s.chip_max_nodata, platform=PLATFORM_NAME,
             ),
         )
 

@@ -15,10 +15,10 @@ chip index comes from :class:`~stacchip.indexer.ModisIndexer`.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,12 +30,12 @@ from rasterio.vrt import WarpedVRT
 from stacchip import storage
 from stacchip.errors import ConfigError
 from stacchip.indexer import ModisIndexer
-from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register, run_upstream
+from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
 from stacchip.processors.catalog import Rule, Sort
 from stacchip.processors.cog import copy_as_cog
 from stacchip.processors.publish import Outcome, RenderedAsset, filename_of
 from stacchip.processors.sampling import month_period, parse_datetime
+from stacchip.processors.settings import Custom, Integer, Items, setting
 from stacchip.reader import gdal_env, resolve_href
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,30 @@ def reproject_metadata(item: pystac.Item, grids: dict[str, tuple[tuple[int, int]
     item.stac_extensions = [e for e in item.stac_extensions if "/projection/" not in e] + [ext]
 
 
+def _tiles(text: str, label: str) -> tuple[tuple[int, int], ...]:
+    return tuple(read_tiles(text))
+
+
+@dataclass(frozen=True)
+class ModisSettings(ProcessorSettings):
+    """The settings of ``stacchip-modis``: the shared ones and these."""
+
+    years: tuple[int, ...] = setting(
+        tuple(YEARS), flag="--years", env="STACCHIP_YEARS", kind=Items(int), help="years, e.g. 2018,2020,2022,2023")
+    months_per_year: int = setting(
+        MONTHS_PER_YEAR, flag="--months-per-year", env="STACCHIP_MONTHS_PER_YEAR", kind=Integer(1),
+        unit="1-12", help="months drawn per year")
+    tiles: tuple[tuple[int, int], ...] = setting(
+        tuple(SIN_GRID_TILES), flag="--tiles", env="STACCHIP_MODIS_TILES", kind=Custom(_tiles, "file"),
+        shown="the built-in sinusoidal tiles", help="file of 'v,h' lines replacing the built-in tile list")
+    collection: str = setting(COLLECTION, flag="--collection", env="STACCHIP_COLLECTION", help="STAC collection")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.months_per_year > 12:
+            raise ConfigError(f"--months-per-year {self.months_per_year} is more than 12")
+
+
 @register
 class ModisProcessor(Processor):
     """MODIS 8-day composites per sinusoidal tile and random months."""
@@ -125,42 +149,25 @@ class ModisProcessor(Processor):
     prog = "stacchip-modis"
     description = "MODIS surface reflectance per sinusoidal tile into a bucket, as Web Mercator COGs."
     default_api = STAC_API
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--years", default=None, help="years, e.g. 2018,2020,2022,2023 (env STACCHIP_YEARS)")
-        parser.add_argument("--months-per-year", type=int, default=None, help="months drawn per year (env STACCHIP_MONTHS_PER_YEAR; default 4)")
-        parser.add_argument("--tiles", default=None, help="file of 'v,h' lines replacing the built-in tile list (env STACCHIP_MODIS_TILES)")
-        parser.add_argument("--collection", default=None, help=f"STAC collection (env STACCHIP_COLLECTION; default {COLLECTION})")
-
-    @classmethod
-    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
-        settings["years"] = jobs.env_list(args.years, "STACCHIP_YEARS", YEARS, kind=int, flag="--years")
-        settings["months_per_year"] = jobs.env_int(
-            args.months_per_year, "STACCHIP_MONTHS_PER_YEAR", MONTHS_PER_YEAR, flag="--months-per-year", minimum=1
-        )
-        if settings["months_per_year"] > 12:
-            raise ConfigError(f"--months-per-year {settings['months_per_year']} is more than 12")
-        settings["collection"] = jobs.env_str(args.collection, "STACCHIP_COLLECTION", COLLECTION)
-        source = jobs.env_str(args.tiles, "STACCHIP_MODIS_TILES", None)
-        settings["tiles"] = read_tiles(source) if source else SIN_GRID_TILES
+    settings_type = ModisSettings
+    settings: ModisSettings
 
     def validate(self, indices: Sequence[int]) -> None:
         for index in indices:
-            if not 0 <= index < len(self.settings["tiles"]):
-                raise ConfigError(f"task index {index} is beyond the {len(self.settings['tiles'])} MODIS tiles")
+            if not 0 <= index < len(self.settings.tiles):
+                raise ConfigError(f"task index {index} is beyond the {len(self.settings.tiles)} MODIS tiles")
 
     def run_task(self, index: int) -> list[Outcome]:
         s = self.settings
-        v, h = s["tiles"][index]
+        v, h = s.tiles[index]
         publisher = self.publisher(index)
         outcomes: list[Outcome] = []
-        for year in s["years"]:
-            months = random.Random(v * h * year).sample(range(1, 13), s["months_per_year"])
+        for year in s.years:
+            months = random.Random(v * h * year).sample(range(1, 13), s.months_per_year)
             for month in months:
                 p = month_period(year, month)
                 items = self.catalog.search(
-                    [s["collection"]], datetime=p.interval,
+                    [s.collection], datetime=p.interval,
                     rules=[Rule("modis:vertical-tile", "eq", v), Rule("modis:horizontal-tile", "eq", h)],
                     sort=[Sort("datetime")], limit=1,
                 )
@@ -189,7 +196,7 @@ class ModisProcessor(Processor):
         return publisher.publish(
             item, PLATFORM_NAME, plan,
             lambda it: ModisIndexer(
-                it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME
+                it, chip_size=s.chip_size, chip_max_nodata=s.chip_max_nodata, platform=PLATFORM_NAME
             ),
         )
 

@@ -13,20 +13,20 @@ object is there, else streamed from its href; the index has no statistics
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import pystac
 from shapely.geometry import mapping
 
 from stacchip import storage
 from stacchip.indexer import NoStatsChipIndexer
-from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register, run_upstream
+from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
 from stacchip.processors.catalog import Sort
 from stacchip.processors.publish import Outcome, copy_plan, filename_of
+from stacchip.processors.settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ def pick_naip(items: Sequence[pystac.Item], seed: int) -> list[pystac.Item]:
     return picked
 
 
+@dataclass(frozen=True)
+class NaipSettings(ProcessorSettings):
+    """The settings of ``stacchip-naip``: the shared ones and these."""
+
+    collection: str = setting(COLLECTION, flag="--collection", env="STACCHIP_COLLECTION", help="STAC collection")
+
+
 @register
 class NaipProcessor(Processor):
     """Newest NAIP scene plus one other per sample location."""
@@ -70,21 +77,15 @@ class NaipProcessor(Processor):
     prog = "stacchip-naip"
     description = "NAIP scenes (newest plus one other) per sample location into a bucket."
     default_api = STAC_API
+    settings_type = NaipSettings
+    settings: NaipSettings
     sample_var = "STACCHIP_SAMPLE_SOURCE"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--collection", default=None, help=f"STAC collection (env STACCHIP_COLLECTION; default {COLLECTION})")
-
-    @classmethod
-    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
-        settings["collection"] = jobs.env_str(args.collection, "STACCHIP_COLLECTION", COLLECTION)
 
     def run_task(self, index: int) -> list[Outcome]:
         s = self.settings
         row = self.sample(index)
         items = self.catalog.search(
-            [s["collection"]],
+            [s.collection],
             intersects=mapping(row.geometry.centroid),
             sort=[Sort("naip:year", descending=True), Sort("datetime", descending=True)],
         )
@@ -92,7 +93,7 @@ class NaipProcessor(Processor):
             logger.info("task %d: no NAIP scene at this location; nothing to do", index)
             return []
         publisher = self.publisher(index)
-        dest_is_s3 = storage.is_s3(s["bucket"])
+        dest_is_s3 = storage.is_s3(s.bucket)
         outcomes = []
         for item in pick_naip(items, index):
             if "image" not in item.assets:
@@ -108,7 +109,7 @@ class NaipProcessor(Processor):
                 publisher.publish(
                     item, PLATFORM_NAME, plan,
                     lambda it: NoStatsChipIndexer(
-                        it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME
+                        it, chip_size=s.chip_size, chip_max_nodata=s.chip_max_nodata, platform=PLATFORM_NAME
                     ),
                 )
             )

@@ -13,20 +13,21 @@ backscatter band is nodata) are written.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pystac
 from shapely.geometry import mapping, shape
 
 from stacchip.indexer import Sentinel1Indexer
-from stacchip.processors import jobs
-from stacchip.processors.base import Processor, main, register, run_upstream
+from stacchip.errors import ConfigError
+from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
 from stacchip.processors.cog import copy_as_cog
 from stacchip.processors.publish import Outcome, RenderedAsset, filename_of
 from stacchip.processors.sampling import period
+from stacchip.processors.settings import Integer, setting
 from stacchip.reader import gdal_env, resolve_href
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ def render_cog(href: str) -> Any:
     return render
 
 
+@dataclass(frozen=True)
+class Sentinel1Settings(ProcessorSettings):
+    """The settings of ``stacchip-sentinel-1``: the shared ones and these."""
+
+    n_seasons: int = setting(
+        1, flag="--n-seasons", env="STACCHIP_N_SEASONS", kind=Integer(1), help="seasons drawn per year")
+    collection: str = setting(COLLECTION, flag="--collection", env="STACCHIP_COLLECTION", help="STAC collection")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_seasons > len(self.seasons):
+            raise ConfigError(f"--n-seasons {self.n_seasons} is more than the {len(self.seasons)} seasons given")
+
+
 @register
 class Sentinel1Processor(Processor):
     """One Sentinel-1 RTC scene per MGRS tile for random years and seasons."""
@@ -60,44 +75,34 @@ class Sentinel1Processor(Processor):
     prog = "stacchip-sentinel-1"
     description = "Sentinel-1 RTC scenes per MGRS tile into a bucket, as COGs."
     default_api = STAC_API
+    settings_type = Sentinel1Settings
+    settings: Sentinel1Settings
     sample_var = "STACCHIP_MGRS_SOURCE"
     default_years = tuple(range(2018, 2024))
     default_n_years = 1
     default_seasons = ("q1", "q2", "q3", "q4")
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--n-seasons", type=int, default=None, help="seasons drawn per year (env STACCHIP_N_SEASONS; default 1)")
-        parser.add_argument("--collection", default=None, help=f"STAC collection (env STACCHIP_COLLECTION; default {COLLECTION})")
-
-    @classmethod
-    def configure(cls, args: argparse.Namespace, settings: dict[str, Any]) -> None:
-        settings["n_seasons"] = jobs.env_int(args.n_seasons, "STACCHIP_N_SEASONS", 1, flag="--n-seasons", minimum=1)
-        if settings["n_seasons"] > len(settings["seasons"]):
-            from stacchip.errors import ConfigError
-
-            raise ConfigError(f"--n-seasons {settings['n_seasons']} is more than the {len(settings['seasons'])} seasons given")
-        settings["collection"] = jobs.env_str(args.collection, "STACCHIP_COLLECTION", COLLECTION)
 
     def run_task(self, index: int) -> list[Outcome]:
         s = self.settings
         row = self.sample(index)
         area = row.geometry
         rng = random.Random(index)
-        years = rng.sample(sorted(set(s["years"])), s["n_years"])
+        years = rng.sample(sorted(set(s.years)), s.n_years)
         publisher = self.publisher(index)
         outcomes: list[Outcome] = []
         for year in years:
-            for season in rng.sample(list(s["seasons"]), s["n_seasons"]):
+            for season in rng.sample(list(s.seasons), s.n_seasons):
                 p = period(year, season)
-                items = self.catalog.search([s["collection"]], datetime=p.interval, intersects=mapping(area))
+                items = self.catalog.search([s.collection], datetime=p.interval, intersects=mapping(area))
                 if not items:
                     logger.info("task %d: %s: no scene intersects the tile; skipping", index, p.name)
                     continue
-                items.sort(key=lambda it: (-round(coverage(it, area), 6), it.datetime.isoformat() if it.datetime else "", it.id))
+                items.sort(key=lambda it: (-round(coverage(it, area), 6),
+                                           it.datetime.isoformat() if it.datetime else "", it.id))
                 item = items[0]
                 plan = {
-                    key: RenderedAsset(render_cog(item.assets[key].href), filename_of(item.assets[key].href), item.assets[key].href)
+                    key: RenderedAsset(render_cog(item.assets[key].href), filename_of(item.assets[key].href),
+                                       item.assets[key].href)
                     for key in S1_ASSETS if key in item.assets
                 }
                 for key in plan:
@@ -105,7 +110,7 @@ class Sentinel1Processor(Processor):
                 outcome = publisher.publish(
                     item, PLATFORM_NAME, plan,
                     lambda it: Sentinel1Indexer(
-                        it, chip_size=s["chip_size"], chip_max_nodata=s["chip_max_nodata"], platform=PLATFORM_NAME
+                        it, chip_size=s.chip_size, chip_max_nodata=s.chip_max_nodata, platform=PLATFORM_NAME
                     ),
                 )
                 outcome.note = outcome.note or p.name

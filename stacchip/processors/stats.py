@@ -36,6 +36,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import io
 import json
@@ -44,8 +45,8 @@ import math
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,10 @@ from tqdm import tqdm
 from stacchip import storage
 from stacchip.console import ArgumentParser, echo
 from stacchip.errors import ConfigError, StorageError
-from stacchip.processors import jobs, prechip
+from stacchip.export import selection as chip_selection
+from stacchip.export.chip_reader import ChipReader, plan_reads
+from stacchip.export.cube import VERSION
+from stacchip.processors import jobs, settings
 from stacchip.platforms import PlatformBands, is_nodata, platform_bands
 
 logger = logging.getLogger(__name__)
@@ -258,7 +262,7 @@ class StatsAccumulator:
 
 def cube_files(chips: str, platform: str) -> list[str]:
     """Sorted cube files of ``platform`` under a chip bucket / directory."""
-    prefix = storage.join_under(chips, prechip.VERSION, storage.safe_segment(platform, "platform"))
+    prefix = storage.join_under(chips, VERSION, storage.safe_segment(platform, "platform"))
     if storage.is_s3(prefix):
         prefix = prefix.rstrip("/") + "/"
     try:
@@ -296,29 +300,88 @@ def cube_pixels(url: str, spec: PlatformBands) -> tuple[np.ndarray, np.ndarray]:
     return pixels, mask
 
 
-@dataclass
-class StatsConfig:
-    """Settings of a stats run (see the module docstring)."""
+def _output_default(context: Any, values: Mapping[str, Any]) -> str:
+    """``--output`` when neither the flag nor STACCHIP_STATS_BUCKET gives it: the chip bucket,
+    else the data bucket."""
+    output = values.get("chips") or values.get("data")
+    if not output:
+        raise ConfigError("missing setting: set --output or environment variable STACCHIP_STATS_BUCKET")
+    return str(output)
 
-    platform: str
-    output: str
-    source: str = "cubes"
-    chips: str | None = None
-    data: str | None = None
-    index: Any = None
-    cubes_per_job: int = 10
-    chips_per_job: int = 1280
-    max_cubes: int | None = None
-    max_chips: int | None = None
-    seed: int = prechip.DEFAULT_SEED
-    max_nodata: float | None = None
-    max_cloud: float | None = None
-    percentiles: list[float] = field(default_factory=list)
-    hist_range: tuple[float, float] | None = None
-    bins: int = DEFAULT_BINS
-    mountpath: str | None = None
+
+def _hist_range(text: str, label: str) -> tuple[float, float]:
+    values = settings.parse_list(text, float, label)
+    if len(values) != 2:
+        raise ConfigError(f"{label} {text!r} is not LO,HI")
+    lo, hi = float(values[0]), float(values[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
+        raise ConfigError(f"{label} {text!r} must be two finite numbers LO,HI with LO < HI")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Settings of a stats run (see the module docstring); also the table of ``stacchip-stats``'s
+    settings (flag, environment variable, type, default, unit, help:
+    :mod:`stacchip.processors.settings`). Fractions are 0-1; percentiles 0-100."""
+
+    platform: str = settings.setting(
+        flag="--platform", env="STACCHIP_PLATFORM", required=True, help="platform (or any of its catalog names)")
+    output: str = settings.setting(
+        dataclasses.MISSING, flag="--output", env="STACCHIP_STATS_BUCKET", kind=settings.Location(),
+        default_for=_output_default, shown="the chip bucket, else the data bucket", help="where stats/{platform}/ goes")
+    source: str = settings.setting(
+        "cubes", flag="--source", env="STACCHIP_STATS_SOURCE", kind=settings.Text(["cubes", "index"]),
+        help="read cubes, or chips from the index")
+    chips: str | None = settings.setting(
+        None, flag="--chips", env="STACCHIP_CHIP_BUCKET", kind=settings.Location(), help="cube bucket / path")
+    data: str | None = settings.setting(
+        None, flag="--data", env="STACCHIP_DATA_BUCKET", kind=settings.Location(),
+        help="scenes root for --source index")
+    index: Any = settings.setting(
+        None, flag="--indexpath", env="STACCHIP_INDEXPATH", kind=settings.IndexPath(),
+        help="index for --source index")
+    cubes_per_job: int = settings.setting(
+        10, flag="--cubes-per-job", env="STACCHIP_CUBES_PER_JOB", kind=settings.Integer(1), unit="cubes",
+        help="cubes per array task")
+    chips_per_job: int = settings.setting(
+        1280, flag="--chips-per-job", env="STACCHIP_CHIPS_PER_JOB", kind=settings.Integer(1), unit="chips",
+        help="chips per array task for --source index")
+    max_cubes: int | None = settings.setting(
+        None, flag="--max-cubes", env="STACCHIP_MAX_CUBES", kind=settings.Integer(1),
+        help="use at most this many cubes")
+    max_chips: int | None = settings.setting(
+        None, flag="--max-chips", env="STACCHIP_MAX_CHIPS", kind=settings.Integer(1),
+        help="use at most this many chips of the shuffle")
+    seed: int = settings.setting(
+        chip_selection.DEFAULT_SEED, flag="--seed", env="STACCHIP_SEED", kind=settings.Integer(0),
+        help="shuffle seed for --source index")
+    max_nodata: float | None = settings.setting(
+        None, flag="--max-nodata", env="STACCHIP_MAX_NODATA", kind=settings.Fraction(optional=True),
+        unit="fraction 0-1 or 'none'", help="nodata filter for --source index")
+    max_cloud: float | None = settings.setting(
+        None, flag="--max-cloud", env="STACCHIP_MAX_CLOUD", kind=settings.Fraction(optional=True),
+        unit="fraction 0-1 or 'none'", help="cloud filter for --source index")
+    percentiles: Sequence[float] = settings.setting(
+        (), flag="--percentiles", env="STACCHIP_PERCENTILES", kind=settings.Items(float), unit="0-100",
+        help="comma-separated percentiles, e.g. 1,50,99")
+    hist_range: tuple[float, float] | None = settings.setting(
+        None, flag="--hist-range", kind=settings.Custom(_hist_range, "lo,hi"), shown="per platform",
+        help="LO,HI of the percentile histogram")
+    bins: int = settings.setting(
+        DEFAULT_BINS, flag="--bins", kind=settings.Integer(1, MAX_BINS), unit=f"1-{MAX_BINS}", help="histogram bins")
+    mountpath: str | None = settings.setting(
+        None, flag="--mountpath", env="STACCHIP_MOUNTPATH", help="re-root asset hrefs under this local directory")
     #: Accept a source or job share with nothing in it (else :class:`EmptySelectionError`).
-    allow_empty: bool = False
+    allow_empty: bool = settings.setting(
+        False, flag="--allow-empty", env="STACCHIP_ALLOW_EMPTY", kind=settings.Bool(),
+        help="exit 0 when the source (or this job's share of it) is empty (else exit 2 saying why)")
+
+    def __post_init__(self) -> None:
+        platform_bands(self.platform)  # an unknown platform is named at once
+        for q in self.percentiles:
+            if not 0 <= q <= 100:
+                raise ConfigError(f"percentile {q} is outside 0..100")
 
     def accumulator(self) -> StatsAccumulator:
         """An empty accumulator for this platform (with a histogram if percentiles are asked)."""
@@ -339,16 +402,16 @@ def partial_url(output: str, platform: str, job_index: int) -> str:
     return storage.join(stats_dir(output, platform), f"partial_{job_index:05d}.json")
 
 
-def _index_selection(config: StatsConfig) -> prechip.Selection:
+def _index_selection(config: StatsConfig) -> chip_selection.Selection:
+    """The chips of ``--source index``: prechip's filters and seeded shuffle, one chip per share."""
     if not config.data or config.index is None:
         raise ConfigError("--source index needs --data/STACCHIP_DATA_BUCKET and --indexpath/STACCHIP_INDEXPATH")
-    pconf = prechip.PrechipConfig(
-        data=config.data, index=config.index, output=config.output, platform=config.platform,
-        seed=config.seed, max_nodata=config.max_nodata, max_cloud=config.max_cloud, cube_size=1,
-        allow_empty=config.allow_empty,
+    settings = chip_selection.SelectionConfig(
+        index=config.index, data=config.data, platform=config.platform, max_nodata=config.max_nodata,
+        max_cloud=config.max_cloud, seed=config.seed, cube_size=1, allow_empty=config.allow_empty,
     )
-    selection = prechip.prepare(pconf)
-    prechip.check_selection(pconf, selection)
+    selection = chip_selection.prepare(settings)
+    chip_selection.check_selection(settings, selection)
     return selection
 
 
@@ -387,8 +450,8 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
         mine = files[job_index * config.cubes_per_job:(job_index + 1) * config.cubes_per_job]
         n_jobs = math.ceil(len(files) / config.cubes_per_job)
         if not mine:
-            prefix = storage.join(_chips(config), prechip.VERSION, config.platform)
-            prechip.empty_selection(
+            prefix = storage.join(_chips(config), VERSION, config.platform)
+            chip_selection.empty_selection(
                 f"no .npz cube files under {prefix!r}" if not files else
                 f"job {job_index} has no cubes: the {len(files)} cube files under {prefix!r} make jobs "
                 f"0..{n_jobs - 1} of {config.cubes_per_job} (--cubes-per-job)", config.allow_empty)
@@ -404,13 +467,13 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
     rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
     if len(rows_idx) == 0:
         if n:  # (an empty selection was reported by check_selection)
-            prechip.empty_selection(
+            chip_selection.empty_selection(
                 f"job {job_index} has no chips: the {n} selected chips make jobs 0..{n_jobs - 1} of "
                 f"{config.chips_per_job} (--chips-per-job)", config.allow_empty)
         return acc, n_jobs
     rows = selection.table.take(pa.array(rows_idx))
-    tasks = prechip.plan_reads(rows, str(config.data), config.platform, config.mountpath)
-    with prechip.ChipReader(workers) as reader:
+    tasks = plan_reads(rows, str(config.data), config.platform, config.mountpath)
+    with ChipReader(workers) as reader:
         for result in reader.run(tasks, desc=f"stats job {job_index}"):
             if result.pixels is None:
                 logger.warning("chips left out: %s", result.missing)
@@ -584,83 +647,23 @@ def write_merged(config: StatsConfig, urls: Sequence[str] | None = None) -> dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of ``stacchip-stats``."""
+    """Flags of ``stacchip-stats`` (from the table :class:`StatsConfig`)."""
     p = ArgumentParser(
         prog="stacchip-stats",
         description="Per-band count/mean/std/min/max(/percentiles) of a platform; "
         "array jobs write partial JSON, --merge combines them.",
     )
-    p.add_argument("--platform", help="platform (env STACCHIP_PLATFORM, required)")
-    p.add_argument("--source", choices=["cubes", "index"], help="read cubes or chips from the index "
-                   "(env STACCHIP_STATS_SOURCE, default cubes)")
-    p.add_argument("--chips", help="cube bucket / path (env STACCHIP_CHIP_BUCKET)")
-    p.add_argument("--data", help="scenes root for --source index (env STACCHIP_DATA_BUCKET)")
-    p.add_argument("--indexpath", help="index for --source index (env STACCHIP_INDEXPATH)")
-    p.add_argument("--output", help="where stats/{platform}/ goes (env STACCHIP_STATS_BUCKET; "
-                   "default the chip bucket, else the data bucket)")
-    p.add_argument("--cubes-per-job", type=int, help="cubes per array task (env STACCHIP_CUBES_PER_JOB, default 10)")
-    p.add_argument("--chips-per-job", type=int, help="chips per array task for --source index "
-                   "(env STACCHIP_CHIPS_PER_JOB, default 1280)")
-    p.add_argument("--max-cubes", type=int, help="use at most this many cubes (env STACCHIP_MAX_CUBES)")
-    p.add_argument("--max-chips", type=int, help="use at most this many chips of the shuffle (env STACCHIP_MAX_CHIPS)")
-    p.add_argument("--seed", type=int, help="shuffle seed for --source index (env STACCHIP_SEED)")
-    p.add_argument("--max-nodata", help="nodata filter for --source index (env STACCHIP_MAX_NODATA, default none)")
-    p.add_argument("--max-cloud", help="cloud filter for --source index (env STACCHIP_MAX_CLOUD, default none)")
-    p.add_argument("--percentiles", help="comma-separated percentiles, e.g. 1,50,99 (env STACCHIP_PERCENTILES)")
-    p.add_argument("--hist-range", help="LO,HI of the percentile histogram (default per platform)")
-    p.add_argument("--bins", type=int, help=f"histogram bins, 1-{MAX_BINS} (default {DEFAULT_BINS})")
-    p.add_argument("--mountpath", help="re-root asset hrefs under this local directory (env STACCHIP_MOUNTPATH)")
-    p.add_argument("--merge", action="store_true", help="merge the partial results and write stats.json + metadata.yaml")
+    settings.add_arguments(p, StatsConfig)
+    p.add_argument("--merge", action="store_true",
+                   help="merge the partial results and write stats.json + metadata.yaml")
     p.add_argument("--all", action="store_true", help="run every job locally, then merge")
-    p.add_argument("--allow-empty", action="store_true", default=None,
-                   help="exit 0 when the source (or this job's share of it) is empty "
-                   "(env STACCHIP_ALLOW_EMPTY; default: exit 2 saying why)")
     jobs.add_job_arguments(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> StatsConfig:
     """A :class:`StatsConfig` from parsed flags and the environment."""
-    platform = str(jobs.env_str(args.platform, "STACCHIP_PLATFORM", required=True, flag="--platform"))
-    platform_bands(platform)
-    source = str(jobs.env_str(args.source, "STACCHIP_STATS_SOURCE", "cubes"))
-    chips = jobs.env_str(args.chips, "STACCHIP_CHIP_BUCKET", None)
-    data = jobs.env_str(args.data, "STACCHIP_DATA_BUCKET", None)
-    indexpath = jobs.env_str(args.indexpath, "STACCHIP_INDEXPATH", None)
-    output = jobs.env_str(args.output, "STACCHIP_STATS_BUCKET", None) or chips or data
-    if not output:
-        raise ConfigError("missing setting: set --output or environment variable STACCHIP_STATS_BUCKET")
-    hist_range = None
-    if args.hist_range:
-        values = jobs.parse_list(args.hist_range, float, "--hist-range")
-        if len(values) != 2:
-            raise ConfigError(f"--hist-range {args.hist_range!r} is not LO,HI")
-        hist_range = (float(values[0]), float(values[1]))
-        if not all(math.isfinite(v) for v in hist_range) or not hist_range[0] < hist_range[1]:
-            raise ConfigError(f"--hist-range {args.hist_range!r} must be two finite numbers LO,HI with LO < HI")
-    return StatsConfig(
-        platform=platform,
-        output=jobs.output_root(output),
-        source=source,
-        chips=jobs.output_root(chips) if chips else None,
-        data=jobs.output_root(data) if data else None,
-        index=indexpath,
-        cubes_per_job=jobs.env_int(args.cubes_per_job, "STACCHIP_CUBES_PER_JOB", 10, flag="--cubes-per-job",
-                                   minimum=1) or 10,
-        chips_per_job=jobs.env_int(args.chips_per_job, "STACCHIP_CHIPS_PER_JOB", 1280, flag="--chips-per-job",
-                                   minimum=1) or 1280,
-        max_cubes=jobs.env_int(args.max_cubes, "STACCHIP_MAX_CUBES", None, flag="--max-cubes", minimum=1),
-        max_chips=jobs.env_int(args.max_chips, "STACCHIP_MAX_CHIPS", None, flag="--max-chips", minimum=1),
-        seed=jobs.env_int(args.seed, "STACCHIP_SEED", prechip.DEFAULT_SEED, flag="--seed", minimum=0) or 0,
-        max_nodata=prechip.fraction_setting(args.max_nodata, "STACCHIP_MAX_NODATA", None, "--max-nodata"),
-        max_cloud=prechip.fraction_setting(args.max_cloud, "STACCHIP_MAX_CLOUD", None, "--max-cloud"),
-        percentiles=jobs.env_list(args.percentiles, "STACCHIP_PERCENTILES", [], kind=float,
-                                  flag="--percentiles") or [],
-        hist_range=hist_range,
-        bins=jobs.env_int(args.bins, None, DEFAULT_BINS, flag="--bins", minimum=1, maximum=MAX_BINS) or DEFAULT_BINS,
-        mountpath=jobs.env_str(args.mountpath, "STACCHIP_MOUNTPATH", None),
-        allow_empty=jobs.env_bool(args.allow_empty, "STACCHIP_ALLOW_EMPTY", False),
-    )
+    return settings.resolve(StatsConfig, args)
 
 
 def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
@@ -668,9 +671,6 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
     args = build_parser().parse_args(argv)
     jobs.setup_logging(args.verbose, args.quiet)
     config = config_from_args(args)
-    for q in config.percentiles:
-        if not 0 <= q <= 100:
-            raise ConfigError(f"percentile {q} is outside 0..100")
     if args.merge:
         result = write_merged(config)
         echo(json.dumps(result["bands"], indent=2))
@@ -680,9 +680,9 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary | int:
         indices = list(range(job_count(config)))
         if not indices:
             # (an empty index selection was reported by job_count; this is an empty cube folder)
-            where = storage.join(_chips(config), prechip.VERSION, config.platform) if config.source == "cubes" \
+            where = storage.join(_chips(config), VERSION, config.platform) if config.source == "cubes" \
                 else config.index
-            prechip.empty_selection(f"no {config.source} to compute statistics of {config.platform!r} "
+            chip_selection.empty_selection(f"no {config.source} to compute statistics of {config.platform!r} "
                                     f"from under {where!r}", config.allow_empty)
             return 0
     else:

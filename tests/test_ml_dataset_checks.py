@@ -1,30 +1,23 @@
-"""First use of the training side: what a new user tries, and what each error tells them to do."""
+"""ChipDataset checks at construction: where the STAC items are and which assets, bands and labels
+exist -- what a new user tries, and what each error tells them to do."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import pyarrow as pa
-import pystac
 import pytest
 
 from stacchip.errors import AssetReadError, ConfigError
 from stacchip.index import read_index, write_index
-from stacchip.ml.assets import data_asset_keys, is_qa_asset
 from stacchip.ml.dataset import ChipDataset
 from stacchip.ml.items import ItemSource
 from stacchip.ml.splits import assign_splits
-from tests.builders import real_item
-from tests.ml_scenes import build_scene
+from tests.ml_scenes import scene_fixture
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return build_scene(tmp_path_factory.mktemp("ml_first_use"), dates_a=2, dates_b=1)
+scene = scene_fixture("ml_dataset_checks", dates_a=2, dates_b=1)
 
 
 @pytest.fixture(scope="module")
@@ -99,35 +92,3 @@ def test_unknown_assets_fail_at_construction_without_opening_rasters(scene, spli
     assert len(ds._chippers) == 0
     with pytest.raises(AssetReadError):
         ds[0]
-
-
-def test_default_assets_of_the_real_items_are_their_data_bands():
-    def item(name: str) -> pystac.Item:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # pystac storage-extension migration notes
-            return pystac.Item.from_dict(real_item(name))
-
-    def keys(name: str) -> list[str]:
-        return data_asset_keys(item(name))
-
-    s2 = keys("sentinel-2")
-    assert set(s2) == {
-        "coastal", "blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir", "nir08", "nir09",
-        "swir16", "swir22", "aot", "wvp",
-    }
-    assert keys("landsat") == ["coastal", "blue", "green", "red", "nir08", "swir16", "swir22"]
-    assert keys("sentinel-1") == ["vh", "vv"]
-    assert keys("naip") == ["asset"]  # no roles at all: kept
-    modis = pystac.Item.from_dict({
-        "type": "Feature", "stac_version": "1.0.0", "id": "MOD09A1.A2024001.h12v12.061", "geometry": None,
-        "properties": {"datetime": "2024-01-01T00:00:00Z"}, "links": [],
-        "assets": {
-            k: {"href": f"{k}.tif", "type": "image/tiff; application=geotiff", "roles": ["data"]}
-            for k in ("sur_refl_b01", "sur_refl_b02", "sur_refl_state_500m", "sur_refl_qc_500m",
-                      "sur_refl_szen", "sur_refl_day_of_year")
-        },
-    })
-    assert data_asset_keys(modis) == ["sur_refl_b01", "sur_refl_b02"]
-    s2_item = item("sentinel-2")
-    assert is_qa_asset("SCL", s2_item.assets["scl"]) and is_qa_asset("cloud", s2_item.assets["cloud"])
-    assert not is_qa_asset("red", s2_item.assets["red"])

@@ -1,4 +1,5 @@
-"""prechip filters at their limit: the index stores fractions as float32."""
+"""stacchip.export.selection: which chips an export takes (filters at their limit: the index stores
+fractions as float32)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import shapely
 
 from stacchip.index import index_table, write_index
-from stacchip.processors import prechip
+from stacchip.export import selection
 
 
 def test_a_chip_exactly_at_the_limit_passes(tmp_path: Path) -> None:
@@ -24,7 +25,7 @@ def test_a_chip_exactly_at_the_limit_passes(tmp_path: Path) -> None:
     path = write_index(table, tmp_path / "index.parquet")
 
     def kept(**kw: float | None) -> list[int]:
-        sel = prechip.select_chips(path, "sentinel-2-l2a", **kw)
+        sel = selection.select_chips(path, "sentinel-2-l2a", **kw)
         return sorted(int(c.rsplit("-", 2)[1]) for c in sel.column("chipid").to_pylist())
 
     # 5 of 100x100 pixels nodata is a fraction of exactly 0.05: --max-nodata 0.05 keeps it
@@ -33,3 +34,20 @@ def test_a_chip_exactly_at_the_limit_passes(tmp_path: Path) -> None:
     assert kept(max_nodata=None, max_cloud=0.1) == [0, 1, 2, 3]
     assert kept(max_nodata=0.0, max_cloud=0.0) == []
     assert kept(max_nodata=0.05, max_cloud=0.0) == [1]
+
+
+def test_prechip_keeps_every_moved_name_importable():
+    from stacchip.export import chip_reader, cube
+    from stacchip.processors import prechip
+
+    for module, names in (
+        (selection, ["select_chips", "permutation", "prepare", "Selection", "items_lacking_bands", "check_item_ids",
+                     "explain_selection", "check_selection", "empty_selection", "cube_members", "cube_count",
+                     "DEFAULT_SEED", "DEFAULT_MAX_NODATA", "COLUMNS"]),
+        (chip_reader, ["ReadTask", "_OpenItem", "read_task", "plan_reads", "ChipReader", "ReadResult",
+                       "close_open_items", "TASK_CHIPS", "CHIPPER_CACHE"]),
+        (cube, ["cube_arrays", "cube_bytes", "write_cube", "cube_damage", "existing_cube_ok", "check_manifest",
+                "cube_url", "manifest_url", "VERSION", "CUBESIZE", "DEFAULT_COMPRESS_LEVEL"]),
+    ):
+        for name in names:
+            assert getattr(prechip, name) is getattr(module, name), name
