@@ -104,6 +104,14 @@ def test_the_package_is_found():
     assert {"stacchip.index", "stacchip.cli", "stacchip.encodings", "stacchip.compacted", "stacchip.export"} <= names
 
 
+#: Known exceptions, one module each, to be removed by moving what they import down:
+#: bulk indexing runs as array tasks through the processors' job plumbing
+#: (task index from the scheduler's variables, worker pools, output roots).
+SIDEWAYS: dict[str, set[str]] = {
+    "stacchip.catalog.bulk": {"stacchip.processors.jobs"},
+}
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
 def test_imports_point_down(path: Path):
     module = module_name(path)
@@ -118,6 +126,8 @@ def test_imports_point_down(path: Path):
         elif target == "stacchip.cli" or target.startswith("stacchip.cli."):
             if module not in CLI_IMPORTERS and not entry_point:
                 wrong.append(f"line {line}: imports {target}; only the entry points import the CLI")
+        elif target in SIDEWAYS.get(module, set()):
+            continue
         elif theirs != own and theirs not in ALLOWED[own]:
             wrong.append(f"line {line}: {own} module imports {target} ({theirs})")
     assert not wrong, f"{module} ({own}) points up:\n  " + "\n  ".join(wrong)

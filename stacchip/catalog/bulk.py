@@ -13,13 +13,13 @@ Sources (any mix, read in full by every task):
   ``s3://``). Files are told apart by their content (Parquet magic, JSON shape),
   not their names.
 * a **STAC API search** (:class:`Search`: collections, bbox, datetime, Query
-  extension rules, limit) through :class:`stacchip.processors.catalog.Catalog`
+  extension rules, limit) through :class:`stacchip.catalog.stac_api.Catalog`
   (retries, conformance, rules also applied client-side).
 
 Relative asset hrefs are made absolute against the file they were read from.
 Nothing is copied: every index reads the QA asset at its own href. With
 ``sign=True`` hrefs are signed for the Planetary Computer
-(:func:`stacchip.processors.catalog.sign_item`) just before each item is read;
+(:func:`stacchip.catalog.stac_api.sign_item`) just before each item is read;
 the item recorded in the index keeps its unsigned hrefs.
 
 Output, one file per item, written whole by :func:`stacchip.index.write_index`::
@@ -424,7 +424,7 @@ def _intersects(bbox: tuple[float, float, float, float]) -> dict[str, Any]:
 
 def search_records(search: Search) -> list[Record]:
     """The items of a STAC API search as records (unsigned; sorted by id)."""
-    from stacchip.processors import catalog as catalog_mod
+    from stacchip.catalog import stac_api as catalog_mod
 
     rules = [catalog_mod.Rule(name, op, value) for name, ops in (search.query or {}).items() for op, value in ops.items()]
     api = catalog_mod.Catalog(search.url, sign="none")
@@ -677,7 +677,7 @@ def index_record(record: Record, settings: Settings) -> Outcome:
         note = None if settings.overwrite or why == "absent" else f"rewriting {path}: {why}"
         t1 = time.perf_counter()
         if settings.sign:
-            from stacchip.processors.catalog import sign_item
+            from stacchip.catalog.stac_api import sign_item
 
             sign_item(item)
         kwargs: dict[str, Any] = {"chip_size": settings.chip_size, "chip_max_nodata": settings.max_nodata,
