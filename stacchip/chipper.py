@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from stacchip import grid as gridmath
-from stacchip.errors import AssetNotFoundError, ChipOutOfRangeError, ConfigError
+from stacchip.errors import AssetNotFoundError, AssetReadError, ChipError, ChipOutOfRangeError, ConfigError
 from stacchip.platforms import asset_nodata
 from stacchip.indexer import ChipIndexer
 from stacchip.reader import (
@@ -215,7 +215,7 @@ class Chipper:
         by_key = self._tiles.by_key()  # per process, like the files
         known = by_key.get(key, self)
         if known is not self:
-            return known  # type: ignore[return-value]
+            return known
         f = self._open_tile_file(key)
         by_key[key] = f
         return f
@@ -239,10 +239,10 @@ class Chipper:
             self._gdal_only[href] = reason
             _log_fallback(reason, href)
             return None
-        reason = f.layout.unsupported
-        if reason is not None:
-            self._gdal_only[href] = reason
-            for part in reason.split("; "):
+        unsupported = f.layout.unsupported
+        if unsupported is not None:
+            self._gdal_only[href] = unsupported
+            for part in unsupported.split("; "):
                 _log_fallback(part, href)
             return None
         return f
@@ -276,9 +276,12 @@ class Chipper:
             import pyproj
             from affine import Affine
 
+            epsg, geotransform = layout.epsg, layout.geotransform
+            if epsg is None or geotransform is None:  # geo_exact means both were parsed from the header
+                raise AssetReadError(f"{f.href!r}: layout claims exact georeferencing without EPSG/transform")
             transform = checked_transform(
-                f.href, layout.bands, pyproj.CRS.from_epsg(layout.epsg), (layout.height, layout.width),
-                Affine(*layout.geotransform), self.indexer.item, key, self.indexer.grid,
+                f.href, layout.bands, pyproj.CRS.from_epsg(epsg), (layout.height, layout.width),
+                Affine(*geotransform), self.indexer.item, key, self.indexer.grid,
             )
         else:
             with gdal_env():
@@ -375,8 +378,11 @@ class Chipper:
         elif gdal_keys:
             if not hasattr(self, "_costs"):
                 self._costs = {key: self._cost(key) for key in keys}
+            lanes = self._lanes
+            if lanes is None:  # not reached: without lanes every read is inline (branch above)
+                raise ChipError("internal: GDAL reads queued without read lanes")
             for key in gdal_keys:
-                pending[key] = self._lanes.submit(
+                pending[key] = lanes.submit(
                     self.path(key), self._costs.get(key, 1.0), self._read_in_lane, key, self.path(key), x, y
                 )
         return {key: pending[key] for key in keys}
@@ -415,7 +421,7 @@ class Chipper:
             per_block = max(1, int(block_fine // self.indexer.chip_size))
         return sorted(pos, key=lambda p: (p[1] // per_block, p[0] // per_block, p[1], p[0]))
 
-    def chips(
+    def chips(  # noqa: C901 - read-ahead over the tile and GDAL paths in one loop
         self,
         positions: Iterable[tuple[int, int]],
         prefetch: int | None = None,

@@ -115,7 +115,8 @@ def _find_item_for_chip(index_path: str, row: dict[str, Any], explicit: str | No
 
     if explicit:
         return explicit
-    if not storage.is_s3(index_path) and Path(index_path).is_file() or storage.is_s3(index_path) and index_path.endswith(".parquet"):
+    one_file = Path(index_path).is_file() if not storage.is_s3(index_path) else index_path.endswith(".parquet")
+    if one_file:
         href = read_metadata(index_path).get("item_href")
         if href and (storage.is_s3(href) or storage.exists(href)):
             return href

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -158,7 +157,8 @@ def _record(entry: Any, source: str, label: str, href: str | None = None) -> Rec
     if not isinstance(item_id, str) or not item_id:
         return Record(label, None, source, error=f"{label} has no string 'id': not a STAC item")
     if entry.get("type", "Feature") != "Feature":
-        return Record(item_id, None, source, error=f"{label} (id {item_id!r}) is a {entry.get('type')!r}, not a STAC item")
+        kind = entry.get("type")
+        return Record(item_id, None, source, error=f"{label} (id {item_id!r}) is a {kind!r}, not a STAC item")
     _absolute_hrefs(entry, source)
     return Record(item_id, entry, source, href=href)
 
@@ -253,7 +253,8 @@ def _geometry_wkb(column: Any, where: str) -> list[bytes | None]:
 
 def _bbox(value: Any) -> Any:
     if isinstance(value, dict):
-        names = ("xmin", "ymin", "zmin", "xmax", "ymax", "zmax") if "zmin" in value else ("xmin", "ymin", "xmax", "ymax")
+        names = (("xmin", "ymin", "zmin", "xmax", "ymax", "zmax") if "zmin" in value
+                 else ("xmin", "ymin", "xmax", "ymax"))
         return [value.get(n) for n in names]
     return value
 
@@ -295,7 +296,9 @@ def _geoparquet_records(
         raise ConfigError(f"{source!r} is not a readable Parquet file: {exc}") from exc
     names = parquet.schema_arrow.names
     if "id" not in names:
-        raise ConfigError(f"{source!r} is not stac-geoparquet: it has no 'id' column (columns: {', '.join(names[:12])})")
+        raise ConfigError(
+            f"{source!r} is not stac-geoparquet: it has no 'id' column (columns: {', '.join(names[:12])})"
+        )
     try:
         batches = parquet.iter_batches(batch_size=BATCH_ROWS, use_threads=False)  # see existing_index
         row = 0
@@ -313,7 +316,7 @@ def _geoparquet_records(
                     _geometry_wkb(sub.column("geometry"), source) if "geometry" in sub.schema.names
                     else [None] * sub.num_rows
                 )
-                for values, geometry in zip(sub.to_pylist(), geometries):
+                for values, geometry in zip(sub.to_pylist(), geometries, strict=False):
                     item_id = values["id"]
                     try:
                         item = _row_item(values, geometry)
@@ -426,7 +429,9 @@ def search_records(search: Search) -> list[Record]:
     """The items of a STAC API search as records (unsigned; sorted by id)."""
     from stacchip.catalog import stac_api as catalog_mod
 
-    rules = [catalog_mod.Rule(name, op, value) for name, ops in (search.query or {}).items() for op, value in ops.items()]
+    rules = [
+        catalog_mod.Rule(name, op, value) for name, ops in (search.query or {}).items() for op, value in ops.items()
+    ]
     api = catalog_mod.Catalog(search.url, sign="none")
     if rules and not (api.can_filter or api.can_query):
         logger.warning(
@@ -850,7 +855,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stac-api", default=None, metavar="URL", help="also index the items of a STAC API search")
     g.add_argument("--collection", action="append", default=None, metavar="C",
                    help="collection(s) to search (repeat or comma-separate; needed with --stac-api)")
-    g.add_argument("--bbox", default=None, metavar="W,S,E,N", help="search area in degrees (write --bbox=W,S,E,N when W is negative)")
+    g.add_argument("--bbox", default=None, metavar="W,S,E,N",
+                   help="search area in degrees (write --bbox=W,S,E,N when W is negative)")
     g.add_argument("--datetime", default=None, metavar="INTERVAL", help="search interval, e.g. 2024-01-01/2024-03-31")
     g.add_argument("--query", default=None, metavar="JSON",
                    help='Query extension rules, e.g. \'{"eo:cloud_cover": {"lt": 20}}\' (also applied client-side)')
@@ -917,7 +923,7 @@ def _parse_bbox(text: str) -> tuple[float, float, float, float]:
     west, south, east, north = values
     if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= north <= 90):
         raise ConfigError(f"--bbox {text!r}: longitudes must lie in [-180, 180], latitudes in [-90, 90], S <= N")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _parse_query(text: str) -> dict[str, dict[str, Any]]:
@@ -976,7 +982,9 @@ def settings_from_args(args: argparse.Namespace, search: Search | None) -> Setti
     if args.indexer != "auto":
         cls = indexer_class(args.indexer)
         if cls is ChipIndexer:
-            raise ConfigError(f"--indexer {args.indexer!r} computes no cloud/nodata statistics; choose a source indexer or 'nostats'")
+            raise ConfigError(
+                f"--indexer {args.indexer!r} computes no cloud/nodata statistics; choose a source indexer or 'nostats'"
+            )
     if isinstance(args.chip_size, bool) or not 0 < args.chip_size <= 65535:
         raise ConfigError(f"--chip-size {args.chip_size} must be a chip size in pixels (1-65535)")
     if not (math.isfinite(args.max_nodata) and 0.0 <= args.max_nodata <= 1.0):

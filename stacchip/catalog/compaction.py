@@ -453,7 +453,7 @@ def _map(func: Any, values: Sequence[Any], threads: int, desc: str) -> list[Any]
         return list(tqdm(pool.map(func, values), total=len(values), desc=desc, unit="file", disable=None, leave=False))
 
 
-def compact(
+def compact(  # noqa: C901 - one pass over sources, partitions and the manifest; split is follow-up work
     sources: str | Iterable[str],
     dest: str,
     *,

@@ -240,7 +240,8 @@ def imagery_facts(table: pa.Table, items: Any) -> dict[str, Any]:
     crs: list[str] = []
     res: list[float] = []
     bands: dict[str, dict[str, Any]] = {}
-    pairs = {(p, i) for p, i in zip(table.column("platform").to_pylist(), table.column("item_id").to_pylist())}
+    platforms, item_ids = table.column("platform").to_pylist(), table.column("item_id").to_pylist()
+    pairs = set(zip(platforms, item_ids, strict=True))
     for platform, item_id in sorted(pairs):
         item = items.get(platform, item_id)
         grid = item_grid(item)

@@ -64,7 +64,7 @@ def grid_keys(
     item_ids = table.column("item_id").to_pylist()
     platforms = table.column("platform").to_pylist()
     per_item: dict[str, str] = {}
-    for item_id, platform in zip(item_ids, platforms):
+    for item_id, platform in zip(item_ids, platforms, strict=False):
         if item_id in per_item:
             continue
         if grid == "items":
@@ -84,7 +84,7 @@ def grid_keys(
     xs = table.column("chip_index_x").to_numpy()
     ys = table.column("chip_index_y").to_numpy()
     return np.array(
-        [f"{per_item[i]}|{s}|{x}|{y}" for i, s, x, y in zip(item_ids, size, xs, ys)], dtype=object
+        [f"{per_item[i]}|{s}|{x}|{y}" for i, s, x, y in zip(item_ids, size, xs, ys, strict=False)], dtype=object
     )
 
 
@@ -194,7 +194,7 @@ def build_stacks(
     order = np.argsort(inverse, kind="stable")
     cuts = np.flatnonzero(np.diff(inverse[order])) + 1
     stacks: list[TimeStack] = []
-    for key, rows in zip(uniq, np.split(order, cuts)):
+    for key, rows in zip(uniq, np.split(order, cuts), strict=False):
         picked = rows[select(ts[rows], cloud[rows], nodata[rows], rule, period, length)]
         if len(picked) < max(min_length, 1):
             continue

@@ -226,7 +226,7 @@ class Processor:
     def catalog(self) -> Any:
         """The STAC API (opened on first use, once per process)."""
         if self._catalog is None:
-            from stacchip.processors.catalog import Catalog
+            from stacchip.catalog.stac_api import Catalog
 
             self._catalog = Catalog(str(self.settings.stac_api), self.settings.sign)
         return self._catalog

@@ -26,7 +26,7 @@ from stacchip import storage
 from stacchip.errors import ConfigError
 from stacchip.indexer import LandsatIndexer
 from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
-from stacchip.processors.catalog import Rule, Sort
+from stacchip.catalog.stac_api import Rule, Sort
 from stacchip.processors.publish import Outcome, copy_plan
 from stacchip.processors.sampling import periods, pick_years
 from stacchip.processors.settings import Custom, Items, parse_list, setting

@@ -31,7 +31,7 @@ from stacchip import storage
 from stacchip.errors import ConfigError
 from stacchip.indexer import ModisIndexer
 from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
-from stacchip.processors.catalog import Rule, Sort
+from stacchip.catalog.stac_api import Rule, Sort
 from stacchip.processors.cog import copy_as_cog
 from stacchip.processors.publish import Outcome, RenderedAsset, filename_of
 from stacchip.processors.sampling import month_period, parse_datetime

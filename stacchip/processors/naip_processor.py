@@ -24,7 +24,7 @@ from shapely.geometry import mapping
 from stacchip import storage
 from stacchip.indexer import NoStatsChipIndexer
 from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
-from stacchip.processors.catalog import Sort
+from stacchip.catalog.stac_api import Sort
 from stacchip.processors.publish import Outcome, copy_plan, filename_of
 from stacchip.processors.settings import setting
 

@@ -23,7 +23,7 @@ from shapely.geometry import mapping
 from stacchip import storage
 from stacchip.indexer import Sentinel2Indexer
 from stacchip.processors.base import Processor, ProcessorSettings, main, register, run_upstream
-from stacchip.processors.catalog import Rule, Sort
+from stacchip.catalog.stac_api import Rule, Sort
 from stacchip.processors.publish import Outcome, copy_plan
 from stacchip.processors.sampling import periods, pick_years
 from stacchip.processors.settings import Items, setting

@@ -8,7 +8,9 @@ array: all bands for pixel-interleaved files, one band for band-interleaved ones
 
 from __future__ import annotations
 
+import importlib
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +18,7 @@ from stacchip.tiles.tiff import Layout
 
 
 def _decompress(layout: Layout, data: bytes | memoryview, nbytes: int) -> bytes | np.ndarray:
-    import imagecodecs
+    imagecodecs: Any = importlib.import_module("imagecodecs")  # its stubs are narrower than the buffers it takes
 
     c = layout.compression
     if c == 1:
@@ -35,7 +37,7 @@ def _decompress(layout: Layout, data: bytes | memoryview, nbytes: int) -> bytes 
 
 def decode_tile(layout: Layout, data: bytes | memoryview) -> np.ndarray:
     """One tile's pixels, ``(samples, tile_height, tile_width)`` in native byte order."""
-    import imagecodecs
+    imagecodecs: Any = importlib.import_module("imagecodecs")  # its stubs are narrower than the buffers it takes
 
     th, tw, spp = layout.tile_height, layout.tile_width, layout.samples_per_tile
     dtype = np.dtype(layout.dtype)

@@ -154,8 +154,8 @@ def open_layout(href: str, source: LocalSource | RemoteSource, store: LayoutStor
         if source.remote:
             return cached  # checked against every response (size, ETag)
         ident = source.identity
-        if Identity(cached.size, cached.etag, cached.mtime).matches(ident.size, None, ident.mtime) and \
-                cached.size is not None and cached.mtime is not None:
+        if ident is not None and cached.size is not None and cached.mtime is not None and \
+                Identity(cached.size, cached.etag, cached.mtime).matches(ident.size, None, ident.mtime):
             return cached
         logger.info("layout of %s is stale (file changed); reading its header again", href)
     return read_layout(href, source, store)

@@ -18,13 +18,15 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -82,7 +84,7 @@ class TileCache:
             fut = Future()
             self._entries[key] = fut
             self.misses += 1
-        fut.add_done_callback(lambda f, key=key: self._finished(key, f))
+        fut.add_done_callback(functools.partial(self._finished, key))
         return fut, True
 
     def _finished(self, key: Any, fut: Future) -> None:
@@ -249,7 +251,7 @@ class TileEngine:
         if not todo:
             return out
         if not f.source.remote:
-            for key, fut, offset, count in todo:
+            for _key, fut, offset, count in todo:
                 decode.submit(_local_job, f, fut, offset, count)
             return out
         from stacchip.tiles.sources import coalesce
@@ -303,7 +305,7 @@ def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], star
 async def _remote_job_async(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
                             decode: Any) -> None:
     try:
-        data = await f.source.read_async(start, end, expect=f.expect)
+        data = await cast(Any, f.source).read_async(start, end, expect=f.expect)  # remote files only
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
         for _, fut, _, _ in group:
             if not fut.done():

@@ -231,7 +231,7 @@ class _IFD:
         self.next_offset = next_offset
 
 
-def parse_layout(fetch: Fetch, first: bytes | None = None) -> Layout:
+def parse_layout(fetch: Fetch, first: bytes | None = None) -> Layout:  # noqa: C901 - flat dispatch over TIFF tags
     """The :class:`Layout` of the full-resolution image of a tiled TIFF.
 
     ``fetch(offset, length)`` returns bytes of the file; ``first`` (optional)
