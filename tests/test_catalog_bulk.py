@@ -233,13 +233,16 @@ def test_geoparquet_on_s3_two_array_tasks(base: dict[str, Any], s3_env: str, s3_
         assert f"task {task} of 2" in line and count(line, "indexed") == len(share), line
 
     objects = bucket_objects(s3_env, s3_bucket, "bulk/")
-    assert sorted(objects) == sorted(f"bulk/index/{PLATFORM}/{i}/index_{i}.parquet" for i in IDS)
+    # each index, and the item beside it in the bucket layout (a stac-geoparquet row has no href of its own)
+    assert sorted(objects) == sorted([f"bulk/index/{PLATFORM}/{i}/index_{i}.parquet" for i in IDS]
+                                     + [f"bulk/{PLATFORM}/{i}/stac_item.json" for i in IDS])
     for item in items:
         path = f"{out}/index/{PLATFORM}/{item['id']}/index_{item['id']}.parquet"
         assert read_index(path).to_pylist() == expected_rows(item)
         meta = read_metadata(path)
         assert meta["item"]["id"] == item["id"] and meta["item"]["assets"]["scl"]["href"] == item["assets"]["scl"]["href"]
-        assert meta["source"] == f"s3://{s3_bucket}/catalog/part-0.parquet" and "item_href" not in meta
+        assert meta["source"] == f"s3://{s3_bucket}/catalog/part-0.parquet"
+        assert meta["item_href"] == f"{out}/{PLATFORM}/{item['id']}/stac_item.json"
     # the items really differ: each index read its own SCL
     clouds = {i["id"]: sum(r["cloud_cover_percentage"] for r in expected_rows(i)) for i in items}
     assert len(set(clouds.values())) == len(items)
@@ -343,7 +346,8 @@ def test_ndjson_itemcollection_and_single_item(base: dict[str, Any], tmp_path: P
         assert read_index(final[item["id"]]).to_pylist() == expected_rows(item)
     assert read_metadata(final[IDS[3]])["item"]["assets"]["scl"]["href"] == items[3]["assets"]["scl"]["href"]
     assert read_metadata(final[IDS[5]])["item_href"] == str(single)
-    assert "item_href" not in read_metadata(final[IDS[0]])
+    # an ndjson line has no href of its own: the item is kept beside its index, in the bucket layout
+    assert read_metadata(final[IDS[0]])["item_href"] == str(out / PLATFORM / IDS[0] / "stac_item.json")
 
     # `stacchip chip` finds the item in the index it records (no item file exists for ndjson items)
     npz = tmp_path / "chip.npz"
@@ -489,3 +493,42 @@ def test_bad_sources_exit_2_naming_them(tmp_path: Path, capsys: pytest.CaptureFi
         assert cli.main(["index", *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and named in err[0], (args, err)
+
+
+# --- end to end: catalog -> bulk index (2 array tasks) -> compaction -> ChipDataset ------------------
+
+
+def test_geoparquet_catalog_to_compacted_index_to_chip_dataset(base: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from stacchip.catalog import compact
+    from stacchip.chipper import Chipper
+    from stacchip.grid import ChipGrid
+    from stacchip.index import query
+    from stacchip.ml import ChipDataset
+    from stacchip.utils import load_item
+
+    items = make_items(base, tmp_path / "scenes")
+    catalog = write_geoparquet(items, tmp_path / "catalog.parquet")
+    out = tmp_path / "bucket"
+    for task in ("0", "1"):  # as two array tasks of one job
+        res = run_index(str(catalog), "--out", str(out), "--tasks", "2",
+                        env={"AWS_BATCH_JOB_ARRAY_INDEX": task})
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(local_indexes(out)) == sorted(IDS)
+
+    dest = tmp_path / "compacted"
+    compact([str(out / "index")], str(dest))
+    per_item = query(out / "index").sort_by("chipid")
+    compacted = query(dest).sort_by("chipid")
+    assert compacted.column("chipid").to_pylist() == per_item.column("chipid").to_pylist()
+    assert compacted.num_rows == sum(len(expected_rows(item)) for item in items)
+
+    ds = ChipDataset(dest, assets=["red", "nir"], max_cloud=0.5)
+    assert 0 < len(ds) < compacted.num_rows  # the cloud filter removed some chips
+    sample = ds[len(ds) // 2]
+    item_id, x, y = str(ds.chipid[len(ds) // 2]).rsplit("-", 2)
+    item = load_item(ds.items.location(PLATFORM, item_id))
+    want = Chipper(ChipGrid.of(item, 256), assets=["red", "nir"]).chip(int(x), int(y))
+    pixels = np.asarray(sample["pixels"])
+    np.testing.assert_array_equal(pixels[0], want["red"][0].astype(pixels.dtype))
+    np.testing.assert_array_equal(pixels[1], want["nir"][0].astype(pixels.dtype))

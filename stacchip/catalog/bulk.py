@@ -31,8 +31,9 @@ the bucket layout of the processors (``out`` may be the bucket they fill), so
 the canonical platform of the item's collection (or ``--platform``). The
 ``stacchip`` file metadata records ``item_id``, ``platform``, ``indexer``,
 ``chip_size``, ``max_nodata``, ``edge``, ``chips`` (rows), ``source`` (where the
-item was read), ``item_href`` (when the item has a location of its own: its
-JSON file, or its URL in the STAC API) and ``item``: the STAC item itself
+item was read), ``item_href`` (the item's own location: its JSON file or its URL
+in the STAC API; an item without one, such as a stac-geoparquet row, is written
+to ``out/{platform}/{item_id}/stac_item.json`` first) and ``item``: the STAC item itself
 (unsigned), so readers (``stacchip chip``) need nothing else to find it.
 
 Tasks: task ``i`` of ``T`` indexes the items whose id hashes to ``i``
@@ -707,6 +708,14 @@ def index_record(record: Record, settings: Settings) -> Outcome:
         }
         if record.href:
             meta["item_href"] = record.href
+        else:
+            # an item with no location of its own (a stac-geoparquet row, an ndjson line) is
+            # kept in the bucket layout beside its index, so every reader finds it by href
+            from stacchip.utils import item_url
+
+            href = item_url(settings.out, platform, item.id)
+            storage.retry(storage.write_bytes, href, json.dumps(record.item).encode(), what=f"write {href}")
+            meta["item_href"] = href
         _remove_stale_temps(path)
         storage.retry(write_index, table, path, extra_metadata=meta, what=f"write {path}")
         times["write"] = time.perf_counter() - t4
