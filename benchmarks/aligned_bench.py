@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from benchmarks.common import parse_with_worker, serve_worker
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks.aligned_bench")
@@ -248,12 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="Chipper threads (default: its own choice)")
     parser.add_argument("--seed", type=int, default=12, help="seed of the chip draw")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_worker(parser, argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
-        return 0
+        return serve_worker(WORKERS, args)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from benchmarks.scene import CHIP_BANDS, build_scene

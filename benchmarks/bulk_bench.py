@@ -37,6 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from benchmarks.common import parse_with_worker, serve_worker
 
 HERE = Path(__file__).resolve().parent
 BUCKET = "bench"
@@ -198,12 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
     parser.add_argument("--cache", default=None, help="scene cache directory (default: a temp dir)")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_worker(parser, argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
-        return 0
+        return serve_worker(WORKERS, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "rasterio", "stac_geoparquet"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from benchmarks.common import parse_with_worker, serve_worker
 
 HERE = Path(__file__).resolve().parent
 
@@ -343,12 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=5670, help="items (1764 chips each; default 5670 = 10.0 M chips)")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=3, help="cold runs per query case (median)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_worker(parser, argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
-        return 0
+        return serve_worker(WORKERS, args)
 
     cache = Path(args.cache).resolve()
     root = cache / f"items-{args.items}"

@@ -39,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+from benchmarks.common import parse_with_worker, serve_worker
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks.run")
@@ -497,12 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--quick", action="store_true", help="fewer chips per run (a smoke run)")
     parser.add_argument("--only", default="index,random,row,s3", help="sections to run")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_worker(parser, argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
-        return 0
+        return serve_worker(WORKERS, args)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from benchmarks.scene import build_scene

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from benchmarks.common import parse_with_worker, serve_worker
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks.tiles_bench")
@@ -199,12 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="local,s3", help="sections: local, s3")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (medians)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_with_worker(parser, argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](**json.loads(args.args))))
-        return 0
+        return serve_worker(WORKERS, args)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from benchmarks.run import S3_KEY, DelayProxy, S3rver, s3_items, warm_page_cache
