@@ -65,6 +65,9 @@ def gdal_options() -> dict[str, str]:
 _config_lock = threading.Lock()
 #: GDAL configuration values stacchip set (to tell them from the user's own).
 _applied: dict[str, str] = {}
+#: Every value stacchip ever set per key: a scoped ``rasterio.Env`` leaving may
+#: restore one of our older values (e.g. a previous S3 endpoint), which is still ours.
+_applied_ever: dict[str, set[str]] = {}
 
 #: Smallest GDAL block cache stacchip wants, in MB: a block row of 10 bands of
 #: a 10980-px scene (~160 MB) plus room for random reads. GDAL's default is 5 %
@@ -110,7 +113,7 @@ def configure_gdal(**extra: str) -> None:
         current = get_gdal_config(key, normalize=False)
         if current == value:
             continue
-        if current is not None and current != _applied.get(key):
+        if current is not None and current != _applied.get(key) and current not in _applied_ever.get(key, ()):
             continue  # the user chose, with rasterio.Env / set_gdal_config
         todo[key] = value
     if not todo:
@@ -119,6 +122,7 @@ def configure_gdal(**extra: str) -> None:
         for key, value in todo.items():
             set_gdal_config(key, value, normalize=False)
             _applied[key] = value
+            _applied_ever.setdefault(key, set()).add(value)
 
 
 @contextmanager
