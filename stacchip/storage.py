@@ -78,6 +78,8 @@ from urllib.parse import unquote, urlparse
 
 from stacchip.errors import StorageError, StorageNotFoundError, UnsafePathError
 
+logger = logging.getLogger(__name__)
+
 S3_RETRIES = {"max_attempts": 10, "mode": "standard"}
 _client_lock = threading.Lock()
 
@@ -432,7 +434,7 @@ def _remove_if_stale(entry: os.DirEntry[str], before: float | None) -> bool:
         os.unlink(entry.path)
     except FileNotFoundError:
         return False
-    _logger.info("removed %s, left by an interrupted run", entry.path)
+    logger.info("removed %s, left by an interrupted run", entry.path)
     return True
 
 
@@ -619,13 +621,33 @@ def verify_retry(url: str | os.PathLike[str], *, attempts: int | None = None) ->
     return retry(verify, url, attempts=attempts, what=f"verify {url}")
 
 
+def whole_or_damaged(url: str, unrecorded_damage: Callable[[str], str | None], what: str) -> bool:
+    """True when ``url`` is there and whole: it matches its checksum record, or (written
+    without one) ``unrecorded_damage(url)`` finds nothing wrong. Damage is logged as
+    ``what`` and the output counts as missing, so it is written again."""
+    check = verify_retry(url)
+    if check.ok:
+        return True
+    if check.status == MISSING:
+        return False
+    problem = unrecorded_damage(url) if check.status == UNRECORDED else check.detail
+    if problem is None:
+        return True
+    logger.warning("%s %s is damaged (%s); writing it again", what, url, problem)
+    return False
+
+
+def is_http(url: str | os.PathLike[str]) -> bool:
+    """True for ``http://`` and ``https://`` URLs."""
+    return str(url).startswith(("http://", "https://"))
+
+
 # --- copies, retries and claims (processors) ------------------------------------------
 #
 # Added for the batch processors: whole-object copies between local paths,
 # s3:// and http(s):// sources, retried with exponential backoff on transient
 # errors, and create-if-absent "claims" so two tasks never write one key.
 
-_logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Attempts (including the first) for :func:`retry`; env ``STACCHIP_RETRIES`` overrides.
@@ -644,9 +666,6 @@ _TRANSIENT_CODES = {
 }
 
 
-def is_http(url: str | os.PathLike[str]) -> bool:
-    """True for ``http://`` and ``https://`` URLs."""
-    return str(url).startswith(("http://", "https://"))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -705,7 +724,7 @@ def retry(
                 raise
             delay = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (attempt - 1))
             delay *= 0.5 + random.random() / 2
-            _logger.warning(
+            logger.warning(
                 "%s failed (attempt %d/%d): %s; retrying in %.1f s",
                 what or getattr(func, "__name__", "call"), attempt, attempts, exc, delay,
             )
@@ -864,7 +883,7 @@ def bucket_exists(url: str | os.PathLike[str], *, attempts: int | None = None) -
                 raise
             if isinstance(_s3_error(exc, str(url), "cannot find"), StorageNotFoundError):
                 return False
-            _logger.debug("cannot inspect bucket %s: %s", bucket, exc)
+            logger.debug("cannot inspect bucket %s: %s", bucket, exc)
             return None
 
     return retry(head, attempts=attempts, what=f"check bucket {bucket}")

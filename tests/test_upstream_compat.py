@@ -272,7 +272,7 @@ def test_geometry_in_every_encoding_becomes_wkb(encoding: str) -> None:
     }[encoding]
     table = normalize_table(_upstream_like(column))
     got = shapely.from_wkb(table.column("geometry").to_pylist())
-    assert all(g.equals(w) for g, w in zip(got, geoms))
+    assert len(got) == len(geoms) and all(g.equals(w) for g, w in zip(got, geoms, strict=True))
     assert table.column("item_id").to_pylist() == ["IT", "IT"]
     assert table.column("bbox")[1].as_py() == {"xmin": 11.0, "ymin": 20.0, "xmax": 12.0, "ymax": 21.0}
 

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from stacchip import storage
+from stacchip.console import echo
 from stacchip.errors import (
     AssetReadError,
     ConfigError,
@@ -1041,10 +1042,6 @@ def task_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None =
     return index, tasks
 
 
-def _echo(message: str, err: bool = False) -> None:
-    print(message, file=sys.stderr if err else sys.stdout, flush=True)
-
-
 def command(args: argparse.Namespace, prog: str = "stacchip index") -> int:
     """``stacchip index`` over many items: exit status 0, 1 (retry) or 2 (bad input)."""
     from stacchip.processors import jobs
@@ -1070,17 +1067,17 @@ def command(args: argparse.Namespace, prog: str = "stacchip index") -> int:
             records.extend(found)
     except Exception as exc:  # noqa: BLE001 - one line, the status the error calls for
         logger.info("traceback", exc_info=True)
-        _echo(f"{prog}: error: {exc}", err=True)
+        echo(f"{prog}: error: {exc}", err=True)
         return failure_code(exc)
     share = select(records, index, tasks, settings.platform)
     task = "all tasks" if index is None else f"task {index} of {tasks}"
     summary = run(share, settings, workers=workers, desc=f"index {task}")
     for outcome in summary.failed:
         if outcome.entry:
-            _echo(f"{prog}: {outcome.error}", err=True)
+            echo(f"{prog}: {outcome.error}", err=True)
         else:
-            _echo(f"{prog}: item {outcome.key!r} failed: {outcome.error}", err=True)
-    _echo(f"{prog}: {describe(summary, task)}")
+            echo(f"{prog}: item {outcome.key!r} failed: {outcome.error}", err=True)
+    echo(f"{prog}: {describe(summary, task)}")
     return summary.exit_code
 
 

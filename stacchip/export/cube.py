@@ -172,16 +172,4 @@ def cube_damage(data: bytes) -> str | None:
 def existing_cube_ok(url: str) -> bool:
     """True when the cube at ``url`` is there and whole (see the module docstring); a damaged
     one is logged (it is then written again)."""
-    check = storage.verify_retry(url)
-    if check.ok:
-        return True
-    if check.status == storage.MISSING:
-        return False
-    if check.status == storage.UNRECORDED:
-        problem = cube_damage(storage.read_bytes_retry(url))
-        if problem is None:
-            return True
-        logger.warning("cube %s is damaged (%s); writing it again", url, problem)
-        return False
-    logger.warning("cube is damaged (%s); writing it again", check.detail)
-    return False
+    return storage.whole_or_damaged(url, lambda u: cube_damage(storage.read_bytes_retry(u)), "cube")

@@ -168,19 +168,7 @@ class Bucket:
         or (an index written without one) reads as Parquet. A damaged index is logged and
         the item counts as not done, so it is written again."""
         url = self.index_url(platform, item_id)
-        check = storage.verify_retry(url)
-        if check.ok:
-            return True
-        if check.status == storage.MISSING:
-            return False
-        if check.status == storage.UNRECORDED:
-            problem = _unreadable_parquet(url)
-            if problem is None:
-                return True
-            logger.warning("%s/%s: the index %s is damaged (%s); writing it again", platform, item_id, url, problem)
-            return False
-        logger.warning("%s/%s: the index is damaged (%s); writing it again", platform, item_id, check.detail)
-        return False
+        return storage.whole_or_damaged(url, _unreadable_parquet, f"{platform}/{item_id}: the index")
 
 
 class Publisher:

@@ -292,10 +292,20 @@ def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], star
     try:
         (data,) = f.source.read_ranges([(start, end)], expect=f.expect)
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
-        for _, fut, _, _ in group:
-            if not fut.done():
-                fut.set_exception(exc)
+        _fail_group(group, exc)
         return
+    _decode_group(f, group, start, data, decode)
+
+
+def _fail_group(group: list[tuple[TileKey, Future, int, int]], exc: BaseException) -> None:
+    for _, fut, _, _ in group:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def _decode_group(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, data: Any,
+                  decode: Any) -> None:
+    """Decode each tile of one fetched byte range (``data`` starts at file offset ``start``)."""
     view = memoryview(data)
     for _, fut, offset, count in group:
         chunk = view[offset - start:offset - start + count]
@@ -307,14 +317,9 @@ async def _remote_job_async(f: TileFile, group: list[tuple[TileKey, Future, int,
     try:
         data = await cast(Any, f.source).read_async(start, end, expect=f.expect)  # remote files only
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
-        for _, fut, _, _ in group:
-            if not fut.done():
-                fut.set_exception(exc)
+        _fail_group(group, exc)
         return
-    view = memoryview(data)
-    for _, fut, offset, count in group:
-        chunk = view[offset - start:offset - start + count]
-        decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+    _decode_group(f, group, start, data, decode)
 
 
 _engines: dict[tuple[int, int], TileEngine] = {}
