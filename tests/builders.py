@@ -260,6 +260,6 @@ def run_all_jobs(cfg: Any, workers: int = 1) -> list[str]:
 
     selection = prechip.prepare(cfg)
     written = []
-    for job in range(prechip.job_count(selection.n_cubes, cfg.cubes_per_job)):
+    for job in range(prechip.jobs_of(cfg, selection)):
         written += prechip.run_job(job, cfg, workers=workers)
     return written

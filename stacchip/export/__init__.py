@@ -6,7 +6,9 @@
   tasks, a process pool) and the per-process chipper cache that the training
   side's ``ChipDataset`` shares;
 * :mod:`stacchip.export.cube`: the npz cube format, cube names and the manifest
-  beside them.
+  beside them;
+* :mod:`stacchip.export.locality`: prechip's locality mode (items dealt to
+  tasks, each read once in tile order, cubes mixing a few items).
 
 The commands (flags, environment variables, array jobs) stay in
 :mod:`stacchip.processors.prechip` and :mod:`stacchip.processors.stats`. This

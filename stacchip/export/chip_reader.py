@@ -204,10 +204,11 @@ class _OpenItem:
         self.chipper.close()
 
 
-def _open_item(task: ReadTask) -> _OpenItem:
-    """The open item of ``task`` in this process (from :data:`CHIPPERS`, owner :data:`EXPORT`)."""
+def _open_item(task: ReadTask, limit: int = CHIPPER_CACHE) -> _OpenItem:
+    """The open item of ``task`` in this process (from :data:`CHIPPERS`, owner :data:`EXPORT`,
+    which keeps ``limit`` items open)."""
     key = (task.data, task.platform, task.item_id, task.chip_size, task.mountpath)
-    return CHIPPERS.get(EXPORT, key, lambda: _OpenItem(task), CHIPPER_CACHE)
+    return CHIPPERS.get(EXPORT, key, lambda: _OpenItem(task), limit)
 
 
 def close_open_items() -> None:

@@ -88,6 +88,9 @@ def check_manifest(config: Any, selection: Selection) -> None:
         "max_nodata": config.max_nodata, "max_cloud": config.max_cloud, "partial": config.partial,
         "excluded_items": dict(sorted(selection.excluded.items())),
     }
+    if selection.dealing is not None:
+        record.update(mode="locality", items_per_job=config.items_per_job, mix_items=config.mix_items,
+                      tasks=len(selection.dealing.tasks))
     try:
         existing = json.loads(storage.read_bytes(url))
     except StorageNotFoundError:

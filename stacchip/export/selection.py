@@ -19,8 +19,9 @@ saying how many rows were read and what each filter kept
 What a selection depends on is read from a settings object
 (:class:`SelectionSettings`: ``index``, ``data``, ``platform``,
 ``max_nodata``, ``max_cloud``, ``seed``, ``cube_size``, ``partial``,
-``allow_empty``), such as :class:`SelectionConfig` or prechip's
-``PrechipConfig``.
+``allow_empty``; optionally ``mode``, ``items_per_job`` and ``mix_items``
+of prechip's locality mode, :mod:`stacchip.export.locality`), such as
+:class:`SelectionConfig` or prechip's ``PrechipConfig``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from stacchip.errors import (
     IndexFileError,
     UnsafePathError,
 )
+from stacchip.export import locality
 from stacchip.export.cube import CUBESIZE
+from stacchip.export.locality import Dealing
 from stacchip.index import check_fraction, open_index
 from stacchip.platforms import canonical_platform, platform_aliases, platform_bands
 from stacchip.utils import load_item_under
@@ -223,12 +226,18 @@ class Selection:
     fingerprint: str = ""
     #: items left out because they lack one of the platform's bands: ``{item_id: why}``
     excluded: dict[str, str] = field(default_factory=dict)
+    #: locality mode: the items dealt to each task (:mod:`stacchip.export.locality`); None in global mode
+    dealing: Dealing | None = None
 
 
 def prepare(config: SelectionSettings) -> Selection:
     """Select, sort and shuffle the chips of ``config``."""
     if config.cube_size < 1:
         raise ConfigError(f"cube size must be >= 1, got {config.cube_size}")
+    mode = getattr(config, "mode", locality.GLOBAL)
+    items_per_job = int(getattr(config, "items_per_job", locality.DEFAULT_ITEMS_PER_JOB))
+    mix_items = int(getattr(config, "mix_items", locality.DEFAULT_MIX_ITEMS))
+    locality.check_settings(mode, items_per_job, mix_items)
     if config.platform:
         platform_bands(config.platform)  # an unknown platform is named before the index is read
     table = select_chips(config.index, config.platform, config.max_nodata, config.max_cloud)
@@ -256,12 +265,21 @@ def prepare(config: SelectionSettings) -> Selection:
             )
     order = permutation(table.num_rows, config.seed)
     n = cube_count(table.num_rows, config.cube_size, config.partial)
+    membership = fingerprint(table, config.seed, config.cube_size, platform)
+    dealing = None
+    if mode == locality.LOCALITY:
+        dealing = locality.deal(table, config.seed, config.cube_size, items_per_job, config.partial)
+        n = dealing.n_cubes
+        membership = locality.fingerprint(membership, items_per_job, mix_items,
+                                          int(getattr(config, "strip_px", locality.STRIP_PX)))
+        logger.info("locality mode: %d items dealt to %d tasks of %d, cubes mix %d items",
+                    sum(len(t) for t in dealing.tasks), len(dealing.tasks), items_per_job, mix_items)
     logger.info(
         "%d chips pass the filters (max nodata %s, max cloud %s): %d cubes of %d, seed %d",
         table.num_rows, config.max_nodata, config.max_cloud, n, config.cube_size, config.seed,
     )
-    return Selection(table=table, order=order, platform=platform, n_cubes=n,
-                     fingerprint=fingerprint(table, config.seed, config.cube_size, platform), excluded=excluded)
+    return Selection(table=table, order=order, platform=platform, n_cubes=n, fingerprint=membership,
+                     excluded=excluded, dealing=dealing)
 
 
 def fingerprint(table: pa.Table, seed: int, cube_size: int, platform: str) -> str:

@@ -32,6 +32,16 @@ another index, filters, seed or cube size into the same place is refused
 (unless ``--overwrite``), since its cubes would repeat or miss chips of the
 existing ones.
 
+Locality mode (``--mode locality``): instead of one shuffle over the whole
+selection, the items are dealt to tasks by a seeded shuffle (``--items-per-job``
+items each; the array has one task per share), each task reads each of its
+items once in tile order, and its cubes shuffle chips across ``--mix-items``
+items read side by side. Much faster on a large catalog (no chip shares a tile
+in global mode there), at the price of cubes that mix a few items rather than
+the whole catalog; details and memory in :mod:`stacchip.export.locality`.
+``--cubes-per-job`` does not apply there. Compression and writing run in
+``--workers`` threads beside the reading.
+
 Item ids and the platform of the index become paths
 (``{data}/{platform}/{item_id}/stac_item.json``): each must be a safe path
 segment (:func:`stacchip.storage.safe_segment`), or the run is refused
@@ -69,7 +79,7 @@ from stacchip.encodings import (  # noqa: F401  (moved; importable from here as 
     time_angles,
     time_norm,
 )
-from stacchip.errors import ConfigError, ItemError
+from stacchip.errors import ConfigError, IndexFileError, ItemError
 from stacchip.export.chip_reader import (  # noqa: F401  (moved; importable from here as before)
     CHIPPER_CACHE,
     TASK_CHIPS,
@@ -82,6 +92,7 @@ from stacchip.export.chip_reader import (  # noqa: F401  (moved; importable from
     plan_reads,
     read_task,
 )
+from stacchip.export import locality
 from stacchip.export.cube import (  # noqa: F401  (moved; importable from here as before)
     CUBESIZE,
     DEFAULT_COMPRESS_LEVEL,
@@ -144,6 +155,13 @@ def _compress_level(text: str, label: str) -> int:
     return level
 
 
+def _mode(text: str, label: str) -> str:
+    value = text.strip().lower()
+    if value not in locality.MODES:
+        raise ConfigError(f"prechip mode must be one of {list(locality.MODES)}, got {text!r} ({label})")
+    return value
+
+
 @dataclass(frozen=True)
 class PrechipConfig:
     """Everything a prechip job needs; also the table of ``stacchip-prechip``'s settings (flag,
@@ -193,6 +211,19 @@ class PrechipConfig:
     compress_level: int = settings.setting(
         DEFAULT_COMPRESS_LEVEL, flag="--compress-level", env="STACCHIP_COMPRESS_LEVEL",
         kind=settings.Custom(_compress_level, "integer"), unit="zlib level 0-9", help="compression of the npz")
+    mode: str = settings.setting(
+        locality.GLOBAL, flag="--mode", env="STACCHIP_PRECHIP_MODE",
+        kind=settings.Custom(_mode, "global|locality"),
+        help="global: shuffle over the whole selection (upstream); locality: items dealt to tasks, read once "
+             "in tile order, cubes mixing --mix-items items")
+    items_per_job: int = settings.setting(
+        locality.DEFAULT_ITEMS_PER_JOB, flag="--items-per-job", env="STACCHIP_ITEMS_PER_JOB",
+        kind=settings.Integer(1), unit="items", help="locality mode: items dealt to each array task")
+    mix_items: int = settings.setting(
+        locality.DEFAULT_MIX_ITEMS, flag="--mix-items", env="STACCHIP_MIX_ITEMS", kind=settings.Integer(1),
+        unit="items", help="locality mode: items a cube mixes (read side by side; memory grows with it)")
+    #: Locality mode: height of the strip of each item read per round, pixels (not a flag).
+    strip_px: int = locality.STRIP_PX
     #: Accept a selection that makes no cube (else :class:`EmptySelectionError`).
     allow_empty: bool = settings.setting(
         False, flag="--allow-empty", env="STACCHIP_ALLOW_EMPTY", kind=settings.Bool(),
@@ -243,6 +274,8 @@ def make_cubes(
 ) -> list[str]:
     """Make cubes ``cube_ids`` (skipping existing ones unless ``overwrite``); returns written URLs."""
     selection = selection or prepare(config)
+    if selection.dealing is not None:
+        return _make_locality_cubes(config, selection, selection.dealing, cube_ids, workers)
     platform = selection.platform
     todo = _cubes_to_make(config, selection, cube_ids)
     if not todo:
@@ -299,17 +332,87 @@ def make_cubes(
     return written
 
 
+def _make_locality_cubes(
+    config: PrechipConfig, selection: Selection, dealing: locality.Dealing, cube_ids: Sequence[int], workers: int
+) -> list[str]:
+    """Cubes ``cube_ids`` of a locality selection: the tasks that make them, each reading its
+    items once in tile order (:mod:`stacchip.export.locality`)."""
+    platform = selection.platform
+    todo = _cubes_to_make(config, selection, cube_ids)
+    if not todo:
+        return []
+    spec = platform_bands(platform)
+    table = selection.table
+    open_limit = max(CHIPPER_CACHE, config.mix_items)
+
+    def read_item(item_id: str, rows: np.ndarray) -> Any:
+        part = table.take(pa.array(rows))
+        sizes = set(part.column("chip_size").to_pylist())
+        if len(sizes) > 1:
+            raise IndexFileError(f"item {item_id!r}: the index mixes chip sizes {sorted(sizes)}")
+        xs = [int(v) for v in part.column("chip_index_x").to_pylist()]
+        ys = [int(v) for v in part.column("chip_index_y").to_pylist()]
+        row_of = {(x, y): int(r) for x, y, r in zip(xs, ys, rows, strict=True)}
+        task = ReadTask(data=config.data, platform=platform, item_id=item_id, chip_size=int(sizes.pop()),
+                        slots=(), xs=(), ys=(), mountpath=config.mountpath)
+        for x, y, pixels, mask in _open_item(task, open_limit).read_many(xs, ys, item_id):
+            yield row_of[(x, y)], pixels, mask
+
+    def write(cube_id: int, rows: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> str:
+        arrays = cube_arrays(table.take(pa.array(rows)), pixels, mask, spec.band_order)
+        url = write_cube(cube_url(config.output, platform, cube_id), arrays, config.compress_level)
+        logger.info("wrote %s", url)
+        return url
+
+    written: list[str] = []
+    try:
+        for task_index in sorted({dealing.task_of_cube(k) for k in todo}):
+            plan = locality.plan_task(table, dealing, task_index, config.seed, config.cube_size,
+                                      config.mix_items, config.partial, config.strip_px)
+            logger.info("%s", locality.describe(plan, config.mix_items))
+            mine = {k for k in todo if plan.first_cube <= k < plan.first_cube + plan.n_cubes}
+            if config.dry_run:
+                for k in sorted(mine):
+                    logger.info("dry run: would write cube %d to %s", k, cube_url(config.output, platform, k))
+                continue
+            written += locality.run_plan(plan, mine, read_item, write, workers)
+    finally:
+        close_open_items()
+    return written
+
+
+def job_ids(job_index: int, config: PrechipConfig, selection: Selection) -> list[int]:
+    """Cube ids array task ``job_index`` makes: ``--cubes-per-job`` consecutive cubes in global
+    mode, the cubes of the task's items in locality mode."""
+    if selection.dealing is not None:
+        dealing = selection.dealing
+        if not 0 <= job_index < len(dealing.tasks):
+            return []
+        first = dealing.first_cube[job_index]
+        end = dealing.first_cube[job_index + 1] if job_index + 1 < len(dealing.tasks) else dealing.n_cubes
+        return list(range(first, end))
+    return job_cubes(job_index, config.cubes_per_job, selection.n_cubes)
+
+
+def jobs_of(config: PrechipConfig, selection: Selection) -> int:
+    """Array size that makes every cube of ``selection``."""
+    if selection.dealing is not None:
+        return len(selection.dealing.tasks)
+    return job_count(selection.n_cubes, config.cubes_per_job)
+
+
 def run_job(job_index: int, config: PrechipConfig, workers: int = 1) -> list[str]:
-    """Array-job task ``job_index``: make its ``cubes_per_job`` cubes."""
+    """Array-job task ``job_index``: make its cubes (see :func:`job_ids`)."""
     selection = prepare(config)
     check_selection(config, selection)
-    ids = job_cubes(job_index, config.cubes_per_job, selection.n_cubes)
+    ids = job_ids(job_index, config, selection)
     if not ids:
         if selection.n_cubes:  # (no cube at all was reported by check_selection)
+            per = ("(--items-per-job, locality mode)" if selection.dealing is not None
+                   else f"of {config.cubes_per_job} (--cubes-per-job)")
             empty_selection(
                 f"job {job_index} makes no cube: the selection makes {selection.n_cubes} cubes, i.e. jobs "
-                f"0..{job_count(selection.n_cubes, config.cubes_per_job) - 1} of {config.cubes_per_job} "
-                "(--cubes-per-job)", config.allow_empty)
+                f"0..{jobs_of(config, selection) - 1} {per}", config.allow_empty)
         return []
     return make_cubes(config, ids, workers=workers, selection=selection)
 
@@ -348,11 +451,12 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
     if args.all:
         selection = prepare(config)
         check_selection(config, selection)
-        indices = list(range(job_count(selection.n_cubes, config.cubes_per_job)))
+        indices = list(range(jobs_of(config, selection)))
     else:
         indices = jobs.resolve_indices(args.index, args.range_spec)
-    if len(indices) == 1:
-        # One task: the pool reads chips inside it.
+    if len(indices) == 1 or config.mode == locality.LOCALITY:
+        # One task, or locality tasks (each holds strips of several items): one after
+        # another, each reading with the tile engine's threads and writing in ``workers``.
         return jobs.run_tasks(functools.partial(run_job, config=config, workers=workers), indices, 1,
                               desc="prechip jobs")
     # Many tasks locally: one process per job, each reading its chips inline.
