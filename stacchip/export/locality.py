@@ -44,7 +44,7 @@ import hashlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -221,6 +221,27 @@ def plan_task(
                     tuple(rounds), left_out)
 
 
+def batched_plan(table: pa.Table, cubes: Sequence[tuple[int, np.ndarray]], per_batch: int) -> TaskPlan:
+    """The plan of the global mode's cubes ``cubes`` (``(cube_id, rows)``): rounds of
+    ``per_batch`` cubes, each reading its chips item by item in row order."""
+    rounds = []
+    for start in range(0, len(cubes), max(1, per_batch)):
+        batch = tuple(cubes[start:start + per_batch])
+        rows = np.concatenate([r for _, r in batch]).astype(np.int64)
+        part = table.take(pa.array(rows))
+        ids = np.asarray(part.column("item_id").to_pylist(), dtype=object)
+        ys = part.column("chip_index_y").to_numpy()
+        xs = part.column("chip_index_x").to_numpy()
+        reads = []
+        for item_id in sorted(set(ids.tolist())):
+            own = np.flatnonzero(ids == item_id)
+            reads.append((str(item_id), rows[own[np.lexsort((xs[own], ys[own]))]]))
+        rounds.append(Round(tuple(reads), batch))
+    first = min((k for k, _ in cubes), default=0)
+    items = tuple(sorted({i for rnd in rounds for i, _ in rnd.reads}))
+    return TaskPlan(0, items, first, len(cubes), tuple(rounds), 0)
+
+
 def memory_estimate(bytes_per_chip: int, chips_per_strip: int, mix_items: int, cube_size: int,
                     workers: int) -> int:
     """Bytes a locality task holds at most: one round's strips of ``mix_items`` items plus the
@@ -272,6 +293,24 @@ class CubeWriters:
         self._pool.shutdown(wait=True)
 
 
+def _assemble(cube_id: int, rows: np.ndarray, held: dict[int, tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 pixels and masks of one cube from the chips read (taken out of ``held``),
+    converted straight into the cube's arrays (no stacked copy in the source dtype)."""
+    first = held.get(int(rows[0]))
+    if first is None:
+        raise ItemError(f"cube {cube_id}: chip row {int(rows[0])} was not read")
+    pixels = np.empty((len(rows), *first[0].shape), dtype=np.float32)
+    mask = np.empty((len(rows), *first[1].shape), dtype=bool)
+    for k, row in enumerate(rows):
+        chip = held.pop(int(row), None)
+        if chip is None:
+            raise ItemError(f"cube {cube_id}: chip row {int(row)} was not read")
+        pixels[k] = chip[0]
+        mask[k] = chip[1]
+    return pixels, mask
+
+
 def run_plan(
     plan: TaskPlan,
     todo: set[int],
@@ -304,13 +343,7 @@ def run_plan(
             for cube_id, rows in rnd.cubes:
                 if cube_id not in todo:
                     continue
-                try:
-                    chips = [held.pop(int(r)) for r in rows]
-                except KeyError as exc:
-                    raise ItemError(f"cube {cube_id}: chip row {exc} was not read") from None
-                pixels = np.stack([p for p, _ in chips]).astype(np.float32)
-                mask = np.stack([m for _, m in chips])
-                del chips
+                pixels, mask = _assemble(cube_id, rows, held)
                 writers.submit(write, cube_id, rows, pixels, mask)
                 del pixels, mask
         return writers.results()

@@ -18,9 +18,12 @@ permutation seeded by ``seed``; cube ``k`` holds permutation entries
 ``k*N .. (k+1)*N``. Every chip lands in at most one cube, and a cube's members
 depend only on the index, the filters and the seed, never on which job makes
 it. Job ``j`` makes cubes ``j*cubes_per_job .. (j+1)*cubes_per_job - 1``;
-within a job the chips are read item by item (each item's assets opened once
-per worker) in row order, so blocks are decoded once, then put back in their
-random cube slots. A cube is written whole or not at all, with a checksum
+within a job the chips of a batch of cubes (``batch_bytes`` of chips) are read
+item by item (each item's assets opened once) in block order, so blocks are
+decoded once, then put back in their random cube slots; tiles decode in the
+tile engine's threads (one per core) and cubes are compressed and written in
+``--workers`` threads beside the reading (``--all`` with several global jobs:
+``--workers`` processes, one job each). A cube is written whole or not at all, with a checksum
 record of its size and SHA-256 (``.cube_{k}.npz.sha256.json`` beside it, see
 :func:`stacchip.storage.write_recorded`). Existing cubes are skipped when they
 match their record (a cube without one, e.g. written by upstream, when its zip
@@ -39,8 +42,8 @@ items once in tile order, and its cubes shuffle chips across ``--mix-items``
 items read side by side. Much faster on a large catalog (no chip shares a tile
 in global mode there), at the price of cubes that mix a few items rather than
 the whole catalog; details and memory in :mod:`stacchip.export.locality`.
-``--cubes-per-job`` does not apply there. Compression and writing run in
-``--workers`` threads beside the reading.
+``--cubes-per-job`` does not apply there; ``--all`` runs the tasks one after
+another.
 
 Item ids and the platform of the index become paths
 (``{data}/{platform}/{item_id}/stac_item.json``): each must be a safe path
@@ -79,7 +82,7 @@ from stacchip.encodings import (  # noqa: F401  (moved; importable from here as 
     time_angles,
     time_norm,
 )
-from stacchip.errors import ConfigError, IndexFileError, ItemError
+from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
 from stacchip.export.chip_reader import (  # noqa: F401  (moved; importable from here as before)
     CHIPPER_CACHE,
     TASK_CHIPS,
@@ -140,6 +143,9 @@ from stacchip.platforms import (  # noqa: F401  (upstream names)
 
 logger = logging.getLogger(__name__)
 
+#: Seconds after which a temporary file of the shared manifest is a killed task's leftover
+#: (array tasks running side by side write the manifest too).
+MANIFEST_TEMP_AGE = 3600.0
 #: Memory for the pixels of the cubes assembled at once, bytes (two batches
 #: can be in memory: one compressing while the next is read).
 DEFAULT_BATCH_BYTES = 1024**3
@@ -250,8 +256,10 @@ def _cubes_to_make(config: PrechipConfig, selection: Selection, cube_ids: Sequen
                     len(cube_ids) - len(ids), selection.n_cubes)
     started = time.time()
     if ids and not config.dry_run:
-        # leftovers of a killed job of these cubes (older than this run)
-        for url in [manifest_url(config.output, platform)] + [cube_url(config.output, platform, k) for k in ids]:
+        # leftovers of a killed job of these cubes (older than this run); the manifest is
+        # written by every task, so only temps far older than any write under way are its leftovers
+        storage.remove_stale_temps(manifest_url(config.output, platform), before=started - MANIFEST_TEMP_AGE)
+        for url in [cube_url(config.output, platform, k) for k in ids]:
             storage.remove_stale_temps(url, before=started)
             storage.remove_stale_temps(storage.record_url(url), before=started)
     todo = []
@@ -280,68 +288,29 @@ def make_cubes(
     todo = _cubes_to_make(config, selection, cube_ids)
     if not todo:
         return []
-    spec = platform_bands(platform)
-    first = selection.table.slice(0, 1)
-    chip_size = int(first.column("chip_size")[0].as_py())
-    per_cube = config.cube_size * spec.count * chip_size * chip_size * 5  # f32 pixels + bool mask
-    per_batch = max(1, int(config.batch_bytes // max(per_cube, 1)))
     if config.dry_run:
         for k in todo:
             logger.info("dry run: would write cube %d (%d chips) to %s", k,
                         len(cube_members(selection, k, config.cube_size)), cube_url(config.output, platform, k))
         return []
-    written: list[str] = []
-    pending: list[Any] = []  # writes of the previous batch, compressing in the pool
-
-    def finish(results: list[Any]) -> None:
-        for result in results:
-            url = result.get()
-            logger.info("wrote %s", url)
-            written.append(url)
-
-    with ChipReader(workers) as reader:
-        for start in range(0, len(todo), per_batch):
-            batch = todo[start:start + per_batch]
-            members = [cube_members(selection, k, config.cube_size) for k in batch]
-            rows_idx = np.concatenate(members)
-            rows = selection.table.take(pa.array(rows_idx))
-            tasks = plan_reads(rows, config.data, platform, config.mountpath)
-            pixels = np.zeros((len(rows_idx), spec.count, chip_size, chip_size), dtype=np.float32)
-            mask = np.zeros(pixels.shape, dtype=bool)
-            for result in reader.run(tasks, desc=f"cubes {batch[0]}-{batch[-1]}"):
-                idx = np.asarray(result.slots)
-                if result.pixels is None:
-                    # items lacking a band asset were left out by prepare(); what remains
-                    # (a band number beyond an asset's bands) is bad input, not a cube to drop
-                    raise ItemError(f"{result.missing}; the platform's bands are a contract "
-                                    "(fix the item or leave it out of the index)")
-                pixels[idx] = result.pixels
-                mask[idx] = result.mask
-            finish(pending)  # at most two batches in memory
-            pending = []
-            offset = 0
-            for k, member in zip(batch, members, strict=True):
-                n = len(member)
-                arrays = cube_arrays(
-                    rows.slice(offset, n), pixels[offset:offset + n], mask[offset:offset + n], spec.band_order
-                )
-                url = cube_url(config.output, platform, k)
-                pending.append(reader.submit(write_cube, url, arrays, config.compress_level))
-                offset += n
-        finish(pending)
-    return written
-
-
-def _make_locality_cubes(
-    config: PrechipConfig, selection: Selection, dealing: locality.Dealing, cube_ids: Sequence[int], workers: int
-) -> list[str]:
-    """Cubes ``cube_ids`` of a locality selection: the tasks that make them, each reading its
-    items once in tile order (:mod:`stacchip.export.locality`)."""
-    platform = selection.platform
-    todo = _cubes_to_make(config, selection, cube_ids)
-    if not todo:
-        return []
     spec = platform_bands(platform)
+    chip_size = int(selection.table.column("chip_size")[0].as_py())
+    # chips held in their source dtype (<= 2 bytes) with their masks until their cube is whole
+    per_cube = config.cube_size * spec.count * chip_size * chip_size * 3
+    per_batch = max(1, int(config.batch_bytes // max(per_cube, 1)))
+    plan = locality.batched_plan(
+        selection.table, [(k, cube_members(selection, k, config.cube_size)) for k in todo], per_batch)
+    read_item, write = _plan_io(config, selection)
+    try:
+        return locality.run_plan(plan, set(todo), read_item, write, workers)
+    finally:
+        close_open_items()
+
+
+def _plan_io(config: PrechipConfig, selection: Selection) -> tuple[locality.ReadItem, locality.WriteCube]:
+    """How a cube plan reads the chips of one item (in block order, in this process: tiles
+    decode in the tile engine's threads) and writes one cube."""
+    spec = platform_bands(selection.platform)
     table = selection.table
     open_limit = max(CHIPPER_CACHE, config.mix_items)
 
@@ -353,17 +322,37 @@ def _make_locality_cubes(
         xs = [int(v) for v in part.column("chip_index_x").to_pylist()]
         ys = [int(v) for v in part.column("chip_index_y").to_pylist()]
         row_of = {(x, y): int(r) for x, y, r in zip(xs, ys, rows, strict=True)}
-        task = ReadTask(data=config.data, platform=platform, item_id=item_id, chip_size=int(sizes.pop()),
-                        slots=(), xs=(), ys=(), mountpath=config.mountpath)
-        for x, y, pixels, mask in _open_item(task, open_limit).read_many(xs, ys, item_id):
-            yield row_of[(x, y)], pixels, mask
+        task = ReadTask(data=config.data, platform=selection.platform, item_id=item_id,
+                        chip_size=int(sizes.pop()), slots=(), xs=(), ys=(), mountpath=config.mountpath)
+        try:
+            for x, y, pixels, mask in _open_item(task, open_limit).read_many(xs, ys, item_id):
+                yield row_of[(x, y)], pixels, mask
+        except AssetNotFoundError as exc:
+            # items lacking a band asset were left out by prepare(); what remains (a band
+            # number beyond an asset's bands) is bad input, not a cube to drop
+            raise ItemError(f"{exc}; the platform's bands are a contract "
+                            "(fix the item or leave it out of the index)") from exc
 
     def write(cube_id: int, rows: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> str:
         arrays = cube_arrays(table.take(pa.array(rows)), pixels, mask, spec.band_order)
-        url = write_cube(cube_url(config.output, platform, cube_id), arrays, config.compress_level)
+        url = write_cube(cube_url(config.output, selection.platform, cube_id), arrays, config.compress_level)
         logger.info("wrote %s", url)
         return url
 
+    return read_item, write
+
+
+def _make_locality_cubes(
+    config: PrechipConfig, selection: Selection, dealing: locality.Dealing, cube_ids: Sequence[int], workers: int
+) -> list[str]:
+    """Cubes ``cube_ids`` of a locality selection: the tasks that make them, each reading its
+    items once in tile order (:mod:`stacchip.export.locality`)."""
+    platform = selection.platform
+    todo = _cubes_to_make(config, selection, cube_ids)
+    if not todo:
+        return []
+    table = selection.table
+    read_item, write = _plan_io(config, selection)
     written: list[str] = []
     try:
         for task_index in sorted({dealing.task_of_cube(k) for k in todo}):
