@@ -23,8 +23,9 @@ per item and no two chips it reads share a COG tile. In **locality** mode:
   shuffled again; a cube thus holds chips of every item of the window (of the
   same strip of each). ``mix_items`` is how many items a cube mixes; memory is
   about ``mix_items`` strips of chips at once (for full Sentinel-2 scenes,
-  10 bands, 256 px chips: ~450 MB of uint16 pixels per item) plus the cubes
-  being compressed (see :func:`memory_estimate`).
+  10 bands, 256 px chips: 344 chips, ~0.7 GB of uint16 pixels and masks per
+  item) plus the ``workers + 1`` cubes being compressed (~0.4 GB each as
+  float32 pixels and masks) and the tile cache.
 * **Cube numbers** run over the tasks in order: task ``j``'s cubes are
   ``first .. first + n - 1`` with ``n = chips // cube_size`` of its chips (plus
   one partial cube of the rest with ``partial``; otherwise the rest, fewer than
@@ -240,14 +241,6 @@ def batched_plan(table: pa.Table, cubes: Sequence[tuple[int, np.ndarray]], per_b
     first = min((k for k, _ in cubes), default=0)
     items = tuple(sorted({i for rnd in rounds for i, _ in rnd.reads}))
     return TaskPlan(0, items, first, len(cubes), tuple(rounds), 0)
-
-
-def memory_estimate(bytes_per_chip: int, chips_per_strip: int, mix_items: int, cube_size: int,
-                    workers: int) -> int:
-    """Bytes a locality task holds at most: one round's strips of ``mix_items`` items plus the
-    carry-over, and ``workers + 1`` cubes as float32 pixels and masks (5 bytes per value)."""
-    round_bytes = (mix_items * chips_per_strip + cube_size) * bytes_per_chip
-    return int(round_bytes + (workers + 1) * cube_size * bytes_per_chip * 5 // 2)
 
 
 # --- running one task -----------------------------------------------------------------------------
