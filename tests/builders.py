@@ -246,6 +246,25 @@ def build_prechip_scenes(root: Path, n_items: int = 3) -> dict[str, Any]:
     return {"root": root, "data": str(data), "index": str(root / "index"), "items": items}
 
 
+def upload_prechip_bucket(scenes: dict[str, Any], bucket: str) -> None:
+    """The prechip bucket of :func:`build_prechip_scenes` on the loopback S3 server: scenes and
+    items (hrefs rewritten to ``s3://{bucket}/...``) and the index under ``index/``."""
+    import boto3
+
+    client = boto3.client("s3")
+    data_root = Path(scenes["data"])
+    for item in scenes["items"]:
+        moved = copy.deepcopy(item)
+        for asset in moved["assets"].values():
+            rel = Path(asset["href"]).relative_to(data_root).as_posix()
+            client.upload_file(asset["href"], bucket, rel)
+            asset["href"] = f"s3://{bucket}/{rel}"
+        client.put_object(Bucket=bucket, Key=f"{PRECHIP_PLATFORM}/{item['id']}/stac_item.json",
+                          Body=json.dumps(moved).encode())
+    for path in Path(scenes["index"]).rglob("*.parquet"):
+        client.upload_file(str(path), bucket, "index/" + path.relative_to(scenes["index"]).as_posix())
+
+
 def load_cube(url: str) -> dict[str, np.ndarray]:
     """The arrays of one cube (local path or ``s3://``)."""
     from stacchip import storage

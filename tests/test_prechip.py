@@ -4,7 +4,6 @@ loopback S3 server. (Its parts: tests/test_export_*.py, tests/test_encodings.py.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as dt
 import json
@@ -26,7 +25,7 @@ from stacchip.utils import load_item
 from tests.builders import PRECHIP_CHIP as CHIP
 from tests.builders import PRECHIP_PLATFORM as PLATFORM
 from tests.builders import build_prechip_scenes as build_scenes
-from tests.builders import coded_pixels, load_cube, materialize, real_item, run_all_jobs
+from tests.builders import coded_pixels, load_cube, materialize, real_item, run_all_jobs, upload_prechip_bucket
 
 
 @pytest.fixture(scope="module")
@@ -247,20 +246,7 @@ def test_cli_configuration_errors(scenes: dict[str, Any], tmp_path: Path, monkey
 @pytest.mark.services
 def test_s3_sources_and_output(scenes: dict[str, Any], all_cubes: dict[str, Any], s3_bucket: str) -> None:
     """Scenes, items, index and cubes all on the loopback S3 server."""
-    import boto3
-
-    client = boto3.client("s3")
-    data_root = Path(scenes["data"])
-    for item in scenes["items"]:
-        moved = copy.deepcopy(item)
-        for asset in moved["assets"].values():
-            rel = Path(asset["href"]).relative_to(data_root).as_posix()
-            client.upload_file(asset["href"], s3_bucket, rel)
-            asset["href"] = f"s3://{s3_bucket}/{rel}"
-        client.put_object(Bucket=s3_bucket, Key=f"{PLATFORM}/{item['id']}/stac_item.json",
-                          Body=json.dumps(moved).encode())
-    for path in Path(scenes["index"]).rglob("*.parquet"):
-        client.upload_file(str(path), s3_bucket, "index/" + path.relative_to(scenes["index"]).as_posix())
+    upload_prechip_bucket(scenes, s3_bucket)
     cfg = prechip.PrechipConfig(
         data=f"s3://{s3_bucket}", index=f"s3://{s3_bucket}/index/", output=f"s3://{s3_bucket}/cubes",
         platform=PLATFORM, cube_size=8, cubes_per_job=3, max_nodata=None, partial=True,
