@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
     per20 = max(1, scene.spec.blocksize * 2 // 256)
     n_rand = 64 if args.quick else 200
     n_row = 300 if args.quick else grid * grid
-    n_one = -(-grid // per20) ** 2  # one chip per 20 m tile of one scene: no shared tiles
+    n_one = (-(-grid // per20)) ** 2  # one chip per 20 m tile of one scene: no shared tiles
     sections = set(args.only.split(","))
     results: dict[str, Any] = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
                                "n_random": n_rand, "n_row": n_row, "repeats": args.repeats}
