@@ -13,7 +13,8 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
   read are shared, never read twice). A scan in tile order therefore decodes
   every tile once as long as one row of tiles of every band fits (10 Sentinel-2
-  bands of 1024 px tiles: ~160 MB).
+  bands of 1024 px tiles: ~160 MB). ``Chipper.chips`` keeps the tiles its queued
+  chips hold within half this budget, whatever its read-ahead depth.
 """
 
 from __future__ import annotations
