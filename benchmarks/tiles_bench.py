@@ -8,11 +8,17 @@ case in a fresh subprocess (caches and peak RSS its own) and prints:
   before timing, chips chosen so that no two share a tile of any band (every
   tile decoded fresh: 10 tiles per 10-band chip), local and over ``s3://``;
 * **row-order scan** of one scene (``Chipper.chips`` in row order and in block
-  order), local;
+  order), local, next to its own floor (:func:`w_row_floor`: bare rasterio, 2
+  threads, the same chips, cold);
 * **16-scene random** chips (the cold floor's picks: no shared tiles), one
   ``chip()`` at a time and with ``chips()`` read-ahead per scene, local and
   over ``s3://`` (``s3rver`` from ``benchmarks/package.json`` on loopback,
   behind a counting :class:`benchmarks.run.DelayProxy` with no delay);
+* **one scene over s3://**: random chips of one scene (one per 20 m tile: no
+  shared tiles) read with ``Chipper.chips`` read-ahead (default depth, every
+  chip ahead, and every chip ahead with a 64 MB tile cache: peak RSS stays
+  bounded by the cache budget whatever the depth), next to the bound of
+  :func:`w_one_bound` (bare transfer of the same tiles + their decode);
 * per case: chips/s, client CPU per chip (``time.process_time`` of the client
   process: every thread, the server not included), requests per chip (timed
   part only: headers are read when files are opened, before timing) and peak RSS.
@@ -116,6 +122,73 @@ def w_floor(items: list[str], picks: list[list[int]], threads: int = 2) -> dict[
     return res
 
 
+def w_row_floor(item: str, n: int, threads: int = 2) -> dict[str, float]:
+    """The row-order scan floor: bare rasterio, ``threads`` threads, cold.
+
+    What a skilled rasterio user scanning the first ``n`` chips (row order) would
+    write: the chips are split into tasks by the coarsest tile grid of the bands
+    (one task per 20 m tile: 8 x 8 chips, 2 x 2 tiles of each 10 m band), each
+    thread owns its datasets (opened before timing) and takes tasks from a
+    shared queue, reads one window per band covering the task's chips (aligned to
+    tiles, so no tile is decoded twice and none by two threads), and cuts the
+    chips from it: 10 m bands as views, 20 m bands upsampled nearest x2 to the
+    10 m grid (``repeat``), as the chipper returns them."""
+    import math
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from rasterio.env import set_gdal_config
+    from rasterio.windows import Window
+
+    from benchmarks.run import CHIP, _floor_env, _load_items
+    from benchmarks.scene import CHIP_BANDS
+
+    for k, v in _floor_env().items():
+        set_gdal_config(k, v)
+    (it,) = _load_items([item])
+    hrefs = [it.assets[k].href for k in CHIP_BANDS]
+    with rasterio.open(hrefs[0]) as ds0:
+        grid = ds0.width // CHIP
+    per_task = 1
+    for h in hrefs:  # chips per tile side, every band; tasks align to all of them
+        with rasterio.open(h) as ds:
+            ratio = int(ds.transform.a // 10)
+            per_task = math.lcm(per_task, max(1, ds.block_shapes[0][1] * ratio // CHIP))
+    positions = [(x, y) for y in range(grid) for x in range(grid)][:n]
+    tasks: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for x, y in positions:
+        tasks.setdefault((y // per_task, x // per_task), []).append((x, y))
+    local = threading.local()
+    barrier = threading.Barrier(threads)
+
+    def open_all(_: int) -> None:
+        local.ds = [rasterio.open(h) for h in hrefs]
+        barrier.wait()
+
+    def run_task(chips: list[tuple[int, int]]) -> int:
+        x0, x1 = min(x for x, _ in chips), max(x for x, _ in chips) + 1
+        y0, y1 = min(y for _, y in chips), max(y for _, y in chips) + 1
+        out: list[list[Any]] = [[] for _ in chips]
+        for ds in local.ds:
+            r = int(ds.transform.a // 10)
+            size = CHIP // r
+            a = ds.read(window=Window(x0 * size, y0 * size, (x1 - x0) * size, (y1 - y0) * size))
+            for k, (x, y) in enumerate(chips):
+                c = a[:, (y - y0) * size:(y - y0 + 1) * size, (x - x0) * size:(x - x0 + 1) * size]
+                if r > 1:
+                    c = c.repeat(r, axis=1).repeat(r, axis=2)
+                out[k].append(c)
+        return len(out)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(open_all, range(threads)))
+        res = _measure(lambda: sum(pool.map(run_task, list(tasks.values()))), len(positions))
+    res["threads"] = threads
+    res["tasks"] = len(tasks)
+    return res
+
+
 def _chippers(items: list[str], reader: str | None = None) -> list[Any]:
     from benchmarks.run import _load_items
     from benchmarks.scene import CHIP_BANDS
@@ -175,6 +248,112 @@ def w_row(item: str, n: int, order: str = "given", reader: str | None = None) ->
     return res
 
 
+def w_one(item: str, picks: list[list[int]], prefetch: int | None = None) -> dict[str, float]:
+    """Random chips of one scene read with ``Chipper.chips`` read-ahead (``prefetch``:
+    chips ahead; ``None`` for the default depth)."""
+    (chipper,) = _chippers([item])
+    _opened([chipper])
+    positions = [(x, y) for _, x, y in picks]
+
+    def run() -> None:
+        for _ in chipper.chips(positions, prefetch=prefetch):
+            pass
+
+    res = _measure(run, len(positions))
+    res["prefetch"] = -1 if prefetch is None else prefetch
+    res["cache_mb"] = _cache_mb()
+    chipper.close()
+    return res
+
+
+def _cache_mb() -> float:
+    from stacchip.tiles.reader import shared_cache
+
+    return shared_cache().budget / 2**20
+
+
+def _tile_ranges(item: str, picks: list[list[int]]) -> list[tuple[str, int, int, Any]]:
+    """``(asset key, offset, count, layout)`` of every distinct tile the chips need."""
+    from stacchip.tiles.reader import _plan
+
+    (chipper,) = _chippers([item])
+    seen: dict[tuple[str, Any], tuple[str, int, int, Any]] = {}
+    for _, x, y in picks:
+        for key in chipper.asset_keys:
+            f = chipper.tile_file(key)
+            rows, _, _ = chipper._axis(key, f, 0, y)
+            cols, _, _ = chipper._axis(key, f, 1, x)
+            plan = _plan(f.layout, rows, cols)
+            for tile in (plan.keys if plan is not None else []):
+                i = f.layout.tile_index(*tile)
+                if int(f.layout.counts[i]):
+                    seen[(key, tile)] = (key, int(f.layout.offsets[i]), int(f.layout.counts[i]), f.layout)
+    chipper.close()
+    return list(seen.values())
+
+
+def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int = 16,
+                threads: int = 2) -> dict[str, float]:
+    """The bound of the one-scene read-ahead case, from its two parts measured apart.
+
+    * **transfer**: the loopback server's bare transfer of exactly the tiles the
+      chips need (each distinct tile once, ``in_flight`` concurrent ranged GETs
+      with obstore, bytes received, nothing decoded): ``T`` seconds;
+    * **decode**: decoding those same bytes (already in memory) on ``threads``
+      threads: ``D`` seconds.
+
+    The bound is ``n / (T + D)`` chips/s, i.e. per chip
+    ``1 / (1 / transfer_rate + 1 / decode_rate)``: on these 2 cores the server
+    (s3rver and the proxy), the client's network receive and the decoder all
+    compete for the same CPU, so a read that overlaps transfer and decode
+    perfectly still needs about the CPU time of both; running each at its own
+    full rate one after the other is what the two allow together. A read above
+    1.0x has overlapped them better than that (transfer leaving a core idle).
+    Layouts come from the local copy of the same files (identical bytes)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import obstore
+
+    from benchmarks.run import _load_items
+    from stacchip.tiles.decode import decode_tile
+    from stacchip.tiles.sources import store_for
+
+    tiles = _tile_ranges(item, picks)
+    (it,) = _load_items([s3_item])
+    hrefs = {key: it.assets[key].href for key in {t[0] for t in tiles}}
+    for h in hrefs.values():  # connection set up before timing, as the chipper's open does
+        store, path = store_for(h)
+        obstore.get_range(store, path, start=0, length=16)
+
+    async def fetch_all() -> list[Any]:
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(key: str, offset: int, count: int) -> Any:
+            store, path = store_for(hrefs[key])
+            async with sem:
+                return await obstore.get_range_async(store, path, start=offset, end=offset + count)
+
+        return await asyncio.gather(*[one(k, o, c) for k, o, c, _ in tiles])
+
+    r0 = _counter()
+    c0, t0 = time.process_time(), time.perf_counter()
+    blobs = asyncio.run(fetch_all())
+    transfer, transfer_cpu = time.perf_counter() - t0, time.process_time() - c0
+    requests = _counter() - r0
+    c0, t0 = time.process_time(), time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda a: decode_tile(a[0][3], a[1]), zip(tiles, blobs, strict=True)))
+    decode, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = len(picks)
+    return {"chips_per_s": n / (transfer + decode), "transfer_s": transfer, "decode_s": decode,
+            "transfer_chips_per_s": n / transfer, "decode_chips_per_s": n / decode,
+            "cpu_ms_per_chip": 1000 * (transfer_cpu + decode_cpu) / n, "requests_per_chip": requests / n,
+            "transfer_cpu_ms_per_tile": 1000 * transfer_cpu / len(tiles),
+            "decode_cpu_ms_per_tile": 1000 * decode_cpu / len(tiles),
+            "tiles": len(tiles), "mb": sum(t[2] for t in tiles) / 1e6, "rss_mb": _rss_mb(), "chips": n}
+
+
 WORKERS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("w_") and callable(fn)}
 
 
@@ -193,11 +372,11 @@ def run_worker(name: str, env: dict[str, str] | None = None, **kwargs: Any) -> d
 # --------------------------------------------------------------------------- driver
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for every case
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=str(HERE / ".cache" / "scene"), help="scene cache directory")
     parser.add_argument("--quick", action="store_true", help="fewer chips per case")
-    parser.add_argument("--only", default="local,s3", help="sections: local, s3")
+    parser.add_argument("--only", default="row,local,s3,one", help="sections: row, local, s3, one")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (medians)")
     args = parse_with_worker(parser, argv)
@@ -215,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     per20 = max(1, scene.spec.blocksize * 2 // 256)
     n_rand = 64 if args.quick else 200
     n_row = 300 if args.quick else grid * grid
+    n_one = (-(-grid // per20)) ** 2  # one chip per 20 m tile of one scene: no shared tiles
     sections = set(args.only.split(","))
     results: dict[str, Any] = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
                                "n_random": n_rand, "n_row": n_row, "repeats": args.repeats}
@@ -227,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     server = proxy = None
     env: dict[str, str] = {}
     try:
-        if "s3" in sections:
+        if sections & {"s3", "one"}:
             tmp = Path(args.cache) / ".s3"
             tmp.mkdir(parents=True, exist_ok=True)
             server = S3rver(scene, tmp / "store")
@@ -251,7 +431,16 @@ def main(argv: list[str] | None = None) -> int:
                 record("floor_s3", "floor", env=env, items=s3, picks=picks, threads=2)
                 record("random_s3", "random", env=env, items=s3, picks=picks)
                 record("random_s3_batch", "random", env=env, items=s3, picks=picks, batch=True)
-            if "local" in sections:
+            if "one" in sections:
+                k = r % len(items)
+                one = [[0, x, y] for _, x, y in cold_picks(1, grid, per20, n_one, seed=31 + r)]
+                record("one_bound", "one_bound", env=env, item=items[k], s3_item=s3[k], picks=one)
+                record("one_s3", "one", env=env, item=s3[k], picks=one)
+                record("one_s3_deep", "one", env=env, item=s3[k], picks=one, prefetch=len(one))
+                record("one_s3_deep64", "one", env={**env, "STACCHIP_TILE_CACHE_MB": "64"}, item=s3[k],
+                       picks=one, prefetch=len(one))
+            if "row" in sections:
+                record("floor_row", "row_floor", item=items[r % len(items)], n=n_row, threads=2)
                 record("row_local", "row", item=items[r % len(items)], n=n_row)
                 record("row_local_block", "row", item=items[r % len(items)], n=n_row, order="block")
     finally:
@@ -279,17 +468,34 @@ def main(argv: list[str] | None = None) -> int:
                 f" {r['requests_per_chip']:6.2f} req/chip {r['rss_mb']:7.0f} MB peak RSS")
 
     lines = [
+        row("row-order floor, local (2 thr)", "floor_row", None),
+        row("row-order scan, local", "row_local", "floor_row"),
+        row("block-order scan, local", "row_local_block", "floor_row"),
         row("cold floor, local (2 thr)", "floor_local", None),
-        row("row-order scan, local", "row_local", "floor_local"),
-        row("block-order scan, local", "row_local_block", "floor_local"),
         row("16-scene random chip(), local", "random_local", "floor_local"),
         row("16-scene random chips(), local", "random_local_batch", "floor_local"),
         row("cold floor, s3 (2 thr)", "floor_s3", None),
         row("16-scene random chip(), s3", "random_s3", "floor_s3"),
         row("16-scene random chips(), s3", "random_s3_batch", "floor_s3"),
+        row("one scene: transfer+decode bound", "one_bound", None),
+        row("one scene random chips(), s3", "one_s3", "one_bound"),
+        row("  read-ahead = every chip", "one_s3_deep", "one_bound"),
+        row("  every chip, 64 MB tile cache", "one_s3_deep64", "one_bound"),
     ]
     print("\n".join(line for line in lines if line))
-    for name in ("random_local", "random_s3", "row_local"):
+    b = results.get("one_bound")
+    if b:
+        print(f"  one-scene bound: {b['tiles']:.0f} tiles, {b['mb']:.0f} MB; transfer {b['transfer_s']:.2f} s"
+              f" ({b['transfer_chips_per_s']:.1f} chips/s, {b['transfer_cpu_ms_per_tile']:.2f} ms CPU/tile),"
+              f" decode {b['decode_s']:.2f} s ({b['decode_chips_per_s']:.1f} chips/s,"
+              f" {b['decode_cpu_ms_per_tile']:.2f} ms CPU/tile); bound = n / (T + D);"
+              f" perfect-overlap ceiling n / max(T, D) = {b['chips'] / max(b['transfer_s'], b['decode_s']):.1f}"
+              " chips/s")
+        for name in ("one_s3", "one_s3_deep", "one_s3_deep64"):
+            if name in results:
+                print(f"  {name}: tile cache {results[name]['cache_mb']:.0f} MB,"
+                      f" peak RSS {results[name]['rss_mb']:.0f} MB")
+    for name in ("floor_row", "row_local", "row_local_block", "random_local", "random_s3"):
         if name in results:
             print(f"  {name} chips/s per run: {results[name]['runs_chips_per_s']}")
     if "random_s3" in results and "random_local" in results:

@@ -155,6 +155,8 @@ class Chipper:
         self._gdal_only: dict[str, str] = {}
         #: checked transform of each asset file (see :func:`stacchip.reader.asset_transform`)
         self._transforms: dict[str, Any] = {}
+        #: (file version, axis, chip row or column) -> what :meth:`_axis` returns
+        self._axes: dict[Any, tuple[np.ndarray, list[Any], bool]] = {}
         self.threads = self._auto_threads() if threads is None else max(1, int(threads))
         # Remote files get several lanes each so read-ahead overlaps their requests.
         spread = max(1, self.threads // max(1, len(self.asset_keys))) if self._remote() else 1
@@ -290,17 +292,37 @@ class Chipper:
         self._transforms[f.href] = transform
         return transform
 
-    def _start_tiles(self, key: str, f: TileFile, x: int, y: int) -> Any:
+    def _axis(self, key: str, f: TileFile, axis: int, i: int) -> tuple[np.ndarray, list[Any], bool]:
+        """Asset indices of chip row (``axis=0``) or column ``i`` of asset ``key``,
+        how they fall into tiles, and whether some lie outside the raster; kept
+        per file version (a scan asks for the same ones many times)."""
+        memo = self._axes
+        mkey = (f.cache_key, axis, i)
+        hit = memo.get(mkey)
+        if hit is not None:
+            return hit
         ix = self.indexer
-        rows, cols = gridmath.chip_asset_indices(ix.affine, self._tile_transform(key, f), x, y, ix.chip_size)
+        both = gridmath.chip_asset_indices(ix.affine, self._tile_transform(key, f), i, i, ix.chip_size)
+        idx = both[axis]
         if self.native:
-            rows, cols = np.unique(rows), np.unique(cols)
-        fill = self.fill_value(key, f.layout.nodata)
+            idx = np.unique(idx)
+        n = f.layout.height if axis == 0 else f.layout.width
+        hit = (idx, f.runs(idx, axis), bool(idx.min() < 0 or idx.max() >= n))
+        if len(memo) >= 16384:
+            memo.clear()
+        memo[mkey] = hit
+        return hit
+
+    def _start_tiles(self, key: str, f: TileFile, x: int, y: int) -> Any:
+        rows, row_runs, rows_out = self._axis(key, f, 0, y)
+        cols, col_runs, cols_out = self._axis(key, f, 1, x)
         layout = f.layout
-        if rows.min() < 0 or cols.min() < 0 or rows.max() >= layout.height or cols.max() >= layout.width:
+        fill = self.fill_value(key, layout.nodata)
+        if rows_out or cols_out:
             # pixels beyond the raster take the fill value: it must fit the band's type
+            ix = self.indexer
             fill = check_fill(fill, layout.dtype, f"item {ix.item.id!r} asset {key!r} (href {f.href!r}) ")
-        return f.read(rows, cols, fill, self._engine())
+        return f.read(rows, cols, fill, self._engine(), runs=(row_runs, col_runs))
 
     def path(self, key: str) -> str:
         """The path GDAL opens for asset ``key``."""
@@ -432,23 +454,31 @@ class Chipper:
         ``order="given"`` yields in the order given; ``order="block"`` reorders
         by block locality first (see :meth:`block_order`; what an export of many
         chips of one scene wants). Up to ``prefetch`` chips are read ahead in
-        parallel, which keeps every lane busy for random access and bounds
-        memory. By default that is 4 per lane (at least 32 when tiles are read),
-        and no more than keeps the distinct decoded tiles they hold within half
-        the tile cache budget: deep in a scan, where chips share tiles, shallow
-        for random chips, whose tiles are all their own.
+        parallel, which keeps every lane busy for random access. By default
+        that is 4 per lane (at least 256 when tiles are read: queued chips cost
+        only the tiles they hold, and a scan needs the next row of tiles in
+        flight while it cuts the chips of the current one).
+
+        Memory is bounded whatever ``prefetch`` is: the chips queued never hold
+        more distinct decoded tiles than half the tile cache budget
+        (``STACCHIP_TILE_CACHE_MB``; at least two chips are always queued), so
+        a read keeps at most about 1.5 budgets of decoded tiles (the cache plus
+        tiles it evicted that queued chips still hold), the compressed bytes of
+        those tiles while in flight, and the chips yielded. That is deep in a
+        scan, where chips share tiles, and shallow for random chips, whose
+        tiles are all their own.
         """
         if order == "block":
             positions = self.block_order(positions)
         elif order != "given":
             raise ConfigError(f"order must be 'given' or 'block', got {order!r}")
         if prefetch is not None:
-            ahead, byte_limit = max(1, prefetch), None
+            ahead = max(1, prefetch)
         else:
             ahead = 4 * self.threads
             if any(self.tile_file(k) is not None for k in self.asset_keys):
-                ahead = max(ahead, 32)
-            byte_limit = shared_cache().budget // 2
+                ahead = max(ahead, 256)
+        byte_limit = shared_cache().budget // 2
         held: dict[Any, int] = {}  # tile -> chips in the queue that use it
         held_bytes = 0
 
@@ -480,7 +510,7 @@ class Chipper:
                     held[tile] = 0
                     held_bytes += nbytes
                 held[tile] += 1
-            while len(queue) >= ahead or (byte_limit is not None and held_bytes > byte_limit and len(queue) > 2):
+            while len(queue) >= ahead or (held_bytes > byte_limit and len(queue) > 2):
                 yield pop()
         while queue:
             yield pop()

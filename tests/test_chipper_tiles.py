@@ -279,9 +279,11 @@ def test_stacchip_index_keeps_the_layouts(s2_item, tmp_path, monkeypatch):
     assert parsed == []  # every header came from the index file
 
 
-def test_read_ahead_bounded_by_tile_bytes(s2_item, monkeypatch):
+@pytest.mark.parametrize("prefetch", [None, 1000])
+def test_read_ahead_bounded_by_tile_bytes(s2_item, monkeypatch, prefetch):
     """With a tiny tile cache budget chips() keeps only two chips in flight and
-    still yields every chip, in order, with GDAL's pixels."""
+    still yields every chip, in order, with GDAL's pixels: also when asked to
+    read far ahead (memory stays within the budget whatever the depth)."""
     tiles, gdal = _pair(s2_item, assets=["red", "swir16"], threads=2)
     cache = shared_cache()
     monkeypatch.setattr(cache, "budget", 1)
@@ -295,7 +297,7 @@ def test_read_ahead_bounded_by_tile_bytes(s2_item, monkeypatch):
     monkeypatch.setattr(tiles, "_submit", submit)
     positions = [(x, y) for y in range(5) for x in range(5)][::-1]
     seen = []
-    for x, y, chip in tiles.chips(positions):
+    for x, y, chip in tiles.chips(positions, prefetch=prefetch):
         assert len(in_flight) - len(seen) <= 3  # the chip being yielded, and two read ahead at most
         seen.append((x, y))
         _same(chip, gdal.chip(x, y))

@@ -28,6 +28,8 @@ def patterns(shape):
     return {
         "window across tiles": (np.arange(100, 356), np.arange(200, 456)),
         "20 m onto 10 m": (_nn(300, 256, 0.5), _nn(512, 256, 0.5)),
+        "20 m onto 10 m, odd start": (_nn(301, 256, 0.5), _nn(513, 255, 0.5)),
+        "30 m onto 10 m": (_nn(3, 252, 1 / 3), _nn(900, 255, 1 / 3)),
         "60 m onto 10 m": (_nn(0, 256, 1 / 6) + 10, _nn(1000, 256, 1 / 6)),
         "ratio 1.7 (coarser fine grid)": (_nn(0, 128, 1.7), _nn(50, 128, 1.7)),
         "past the bottom-right edge": (np.arange(rows - 100, rows + 60), np.arange(cols - 30, cols + 90)),

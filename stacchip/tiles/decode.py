@@ -23,15 +23,17 @@ def _decompress(layout: Layout, data: bytes | memoryview, nbytes: int) -> bytes 
     c = layout.compression
     if c == 1:
         return bytes(data)
+    # Decoded into a writable array of our own: the predictor then works in place
+    # (no copy of a read-only bytes result).
     if c in (8, 32946):
         try:
-            return imagecodecs.deflate_decode(data, out=nbytes)
+            return imagecodecs.deflate_decode(data, out=np.empty(nbytes, np.uint8))
         except Exception:  # noqa: BLE001 - libdeflate wants the exact size; zlib does not
             return zlib.decompress(bytes(data))
     if c == 50000:
-        return imagecodecs.zstd_decode(data, out=nbytes)
+        return imagecodecs.zstd_decode(data, out=np.empty(nbytes, np.uint8))
     if c == 5:
-        return imagecodecs.lzw_decode(data, out=nbytes)
+        return imagecodecs.lzw_decode(data, out=np.empty(nbytes, np.uint8))
     raise ValueError(f"compression {c} is not a byte-stream codec")
 
 

@@ -13,7 +13,8 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
   read are shared, never read twice). A scan in tile order therefore decodes
   every tile once as long as one row of tiles of every band fits (10 Sentinel-2
-  bands of 1024 px tiles: ~160 MB).
+  bands of 1024 px tiles: ~160 MB). ``Chipper.chips`` keeps the tiles its queued
+  chips hold within half this budget, whatever its read-ahead depth.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ DEFAULT_CACHE_MB = 256
 REMOTE_IO_THREADS = 16
 
 TileKey = tuple[int, int, int]  # (plane, tile row, tile col)
+#: One tile along an axis: (tile index, output positions, indices within the tile).
+Run = tuple[int, Any, Any]
 
 
 # --- cache -------------------------------------------------------------------------------
@@ -340,8 +343,6 @@ def shared_cache() -> TileCache:
 def engine(decode_threads: int | None = None, io_threads: int | None = None) -> TileEngine:
     """The shared engine for a pool size (decode defaults: one per core, or
     ``STACCHIP_DECODE_THREADS``)."""
-    from stacchip.reader import _fork_aware
-
     if decode_threads is None:
         env = os.environ.get("STACCHIP_DECODE_THREADS")
         decode_threads = int(env) if env and env.isdigit() else (os.cpu_count() or 1)
@@ -349,6 +350,8 @@ def engine(decode_threads: int | None = None, io_threads: int | None = None) -> 
     key = (max(1, decode_threads), max(1, io_threads))
     eng = _engines.get(key)
     if eng is None:
+        from stacchip.reader import _fork_aware
+
         cache = shared_cache()
         with _engines_lock:
             eng = _engines.get(key)
@@ -394,9 +397,19 @@ class TileFile:
             raise AssetReadError(f"cannot decode a tile of {self.what}href {self.href!r}: {exc}") from exc
 
     def read(self, rows: np.ndarray, cols: np.ndarray, fill: float,
-             eng: TileEngine | None = None) -> PendingRead:
-        """Start reading pixels ``[:, rows][:, :, cols]``; ``.result()`` gives them."""
-        return PendingRead(self, np.asarray(rows), np.asarray(cols), fill, eng or engine())
+             eng: TileEngine | None = None, runs: tuple[list[Run], list[Run]] | None = None) -> PendingRead:
+        """Start reading pixels ``[:, rows][:, :, cols]``; ``.result()`` gives them.
+
+        ``runs`` is ``(self.runs(rows, 0), self.runs(cols, 1))`` when the caller
+        keeps them (a scan reads the same rows and columns many times)."""
+        return PendingRead(self, np.asarray(rows), np.asarray(cols), fill, eng or engine(), runs)
+
+    def runs(self, idx: np.ndarray, axis: int) -> list[Run]:
+        """How pixel indices ``idx`` along ``axis`` (0 rows, 1 columns) fall into tiles."""
+        layout = self.layout
+        if axis == 0:
+            return _runs(np.asarray(idx), layout.height, layout.tile_height)
+        return _runs(np.asarray(idx), layout.width, layout.tile_width)
 
     def close(self) -> None:
         self.source.close()
@@ -406,13 +419,17 @@ class PendingRead:
     """A read in flight; :meth:`result` waits for its tiles and gathers the pixels."""
 
     def __init__(self, f: TileFile, rows: np.ndarray, cols: np.ndarray, fill: float,
-                 eng: TileEngine) -> None:
+                 eng: TileEngine, runs: tuple[list[Run], list[Run]] | None = None) -> None:
         self.f, self.rows, self.cols, self.fill, self.eng = f, rows, cols, fill, eng
-        self._start()
+        self._start(runs)
 
-    def _start(self) -> None:
-        self.plan = _plan(self.f.layout, self.rows, self.cols)
-        keys = [k for k in self.plan.keys] if self.plan is not None else []
+    def _start(self, runs: tuple[list[Run], list[Run]] | None = None) -> None:
+        layout = self.f.layout
+        if runs is None:
+            self.plan = _plan(layout, self.rows, self.cols)
+        else:
+            self.plan = _Plan(runs[0], runs[1], layout.planes) if runs[0] and runs[1] else None
+        keys = self.plan.keys if self.plan is not None else []
         self.futures = self.eng.tiles(self.f, keys) if keys else {}
 
     def result(self) -> np.ndarray:
@@ -421,17 +438,26 @@ class PendingRead:
         except StaleLayoutError:
             logger.info("%s changed since its layout was read; reading its header again", self.f.href)
             self.f.refresh()
-            self._start()
+            self._start()  # the new layout's plan
             tiles = {k: fut.result() for k, fut in self.futures.items()}
         return _assemble(self.f.layout, self.plan, tiles, self.rows, self.cols, self.fill,
                          self.f._sparse_value)
 
 
+class _Rep:
+    """Local indices ``start, start, ..., stop - 1, stop - 1``: each of
+    ``start:stop`` repeated ``factor`` times (a coarser band on the fine grid)."""
+
+    __slots__ = ("start", "stop", "factor")
+
+    def __init__(self, start: int, stop: int, factor: int) -> None:
+        self.start, self.stop, self.factor = start, stop, factor
+
+
 class _Plan:
     """Which tiles a read needs and where their pixels go."""
 
-    def __init__(self, row_runs: list[tuple[int, Any, Any]], col_runs: list[tuple[int, Any, Any]],
-                 planes: int) -> None:
+    def __init__(self, row_runs: list[Run], col_runs: list[Run], planes: int) -> None:
         self.row_runs = row_runs  # (tile row, output positions, local indices)
         self.col_runs = col_runs
         self.keys = [(p, tr, tc) for p in range(planes) for tr, _, _ in row_runs for tc, _, _ in col_runs]
@@ -444,7 +470,21 @@ def _as_slice(idx: np.ndarray) -> Any:
     return idx
 
 
-def _runs(idx: np.ndarray, n: int, tile: int) -> list[tuple[int, Any, Any]]:
+def _as_local(idx: np.ndarray) -> Any:
+    """Indices within a tile: a slice, a :class:`_Rep` (each index repeated alike), or ``idx``."""
+    sl = _as_slice(idx)
+    if isinstance(sl, slice) or len(idx) < 2:
+        return sl
+    first = int(idx[0])
+    factor = int(np.searchsorted(idx, first, side="right"))
+    if factor > 1 and len(idx) % factor == 0:
+        stop = first + len(idx) // factor
+        if np.array_equal(idx, np.repeat(np.arange(first, stop), factor)):
+            return _Rep(first, stop, factor)
+    return idx
+
+
+def _runs(idx: np.ndarray, n: int, tile: int) -> list[Run]:
     inside = np.nonzero((idx >= 0) & (idx < n))[0]
     if len(inside) == 0:
         return []
@@ -454,7 +494,7 @@ def _runs(idx: np.ndarray, n: int, tile: int) -> list[tuple[int, Any, Any]]:
     for t in np.unique(tiles).tolist():
         sel = tiles == t
         pos = inside[sel]
-        out.append((int(t), _as_slice(pos), _as_slice(vals[sel] - t * tile)))
+        out.append((int(t), _as_slice(pos), _as_local(vals[sel] - t * tile)))
     return out
 
 
@@ -469,7 +509,39 @@ def _plan(layout: Layout, rows: np.ndarray, cols: np.ndarray) -> _Plan | None:
 def _take(a: np.ndarray, idx: Any, axis: int) -> np.ndarray:
     if isinstance(idx, slice):
         return a[(slice(None),) * axis + (idx,)]
+    if isinstance(idx, _Rep):
+        idx = np.repeat(np.arange(idx.start, idx.stop), idx.factor)
     return a.take(idx, axis=axis)
+
+
+def _put(out: np.ndarray, rpos: slice, cpos: slice, tile: np.ndarray, rloc: Any, cloc: Any) -> bool:
+    """``out[:, rpos, cpos] = tile[:, rloc][:, :, cloc]`` without temporaries when
+    each local index is a slice or a :class:`_Rep` (broadcast into a reshaped view);
+    False when it cannot be done that way."""
+    if not isinstance(rloc, (slice, _Rep)) or not isinstance(cloc, (slice, _Rep)):
+        return False
+    target = out[:, rpos, cpos]
+    b, h, w = target.shape
+    fr = rloc.factor if isinstance(rloc, _Rep) else 1
+    fc = cloc.factor if isinstance(cloc, _Rep) else 1
+    rs = slice(rloc.start, rloc.stop)
+    cs = slice(cloc.start, cloc.stop)
+    src = tile[:, rs, cs]
+    if src.shape[1] * fr != h or src.shape[2] * fc != w:
+        return False
+    if fr == 1 and fc == 1:
+        target[...] = src
+        return True
+    # Splitting an axis is always a view. Each column phase takes the tile's
+    # pixels at stride fc (long inner loops, not a broadcast with an inner
+    # loop of fc elements), then rows are copied whole.
+    view = target.reshape(b, h // fr, fr, w)
+    first = view[:, :, 0, :]
+    for j in range(fc):
+        first[:, :, j::fc] = src
+    for i in range(1, fr):
+        view[:, :, i, :] = first
+    return True
 
 
 def _assemble(layout: Layout, plan: _Plan | None, tiles: dict[TileKey, Any], rows: np.ndarray,
@@ -487,16 +559,16 @@ def _assemble(layout: Layout, plan: _Plan | None, tiles: dict[TileKey, Any], row
             for p in range(layout.planes):
                 tile = tiles[(p, tr, tc)]
                 dest = slice(None) if layout.planar == 1 else slice(p, p + 1)
-                if tile is None:
-                    block: Any = sparse
-                else:
-                    block = _take(_take(tile, rloc, 1), cloc, 2)
                 if isinstance(rpos, slice) and isinstance(cpos, slice):
-                    out[dest, rpos, cpos] = block
-                else:
-                    r = np.arange(len(rows))[rpos] if isinstance(rpos, slice) else rpos
-                    c = np.arange(len(cols))[cpos] if isinstance(cpos, slice) else cpos
-                    out[dest, r[:, None], c[None, :]] = block
+                    if tile is None:
+                        out[dest, rpos, cpos] = sparse
+                    elif not _put(out[dest], rpos, cpos, tile, rloc, cloc):
+                        out[dest, rpos, cpos] = _take(_take(tile, rloc, 1), cloc, 2)
+                    continue
+                block: Any = sparse if tile is None else _take(_take(tile, rloc, 1), cloc, 2)
+                r = np.arange(len(rows))[rpos] if isinstance(rpos, slice) else rpos
+                c = np.arange(len(cols))[cpos] if isinstance(cpos, slice) else cpos
+                out[dest, r[:, None], c[None, :]] = block
     return out
 
 
