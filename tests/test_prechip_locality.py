@@ -177,7 +177,7 @@ def test_reruns_skip_whole_cubes_and_remake_damaged_ones_identically(
 
 
 def test_another_mode_or_mixing_into_the_same_place_is_refused(made: dict[str, Any]) -> None:
-    for change in ({"mode": "global"}, {"mix_items": 1}, {"items_per_job": 3}):
+    for change in ({"mode": "global"}, {"mix_items": 1}, {"items_per_job": 3}, {"partial": False}):
         cfg = dataclasses.replace(made["cfg"], **change)
         with pytest.raises(ConfigError, match="another selection"):
             prechip.run_job(0, cfg)
@@ -232,3 +232,47 @@ def test_s3_sources_and_output(scenes: dict[str, Any], made: dict[str, Any], s3_
         assert cube["chipids"].tolist() == made["cubes"][k]["chipids"].tolist()
         np.testing.assert_array_equal(cube["pixels"], made["cubes"][k]["pixels"])
     assert prechip.run_job(0, cfg) == []  # whole cubes on S3 are skipped
+
+
+def test_a_task_whose_chips_make_no_cube_succeeds_writing_nothing(
+    scenes: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(scenes, tmp_path, cube_size=30)  # tasks of 50, 50 and 25 chips
+    sel = prechip.prepare(cfg)
+    assert sel.dealing is not None and sel.n_cubes == 2
+    assert prechip.job_ids(2, cfg, sel) == []
+    with caplog.at_level("WARNING"):
+        assert prechip.run_job(2, cfg) == []
+    assert "locality task 2: its 25 chips make no cube of 30" in caplog.text
+    assert not list(tmp_path.rglob("*.npz"))
+    for var in ("AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["--data", scenes["data"], "--indexpath", scenes["index"], "--chips", str(tmp_path / "cli"),
+            "--platform", PLATFORM, "--cube-size", "30", "--max-nodata", "none", "--mode", "locality",
+            "--items-per-job", "2", "--mix-items", "2", "--all", "-q"]
+    assert prechip.main(argv) == 0
+    assert len(list((tmp_path / "cli").rglob("*.npz"))) == 2
+
+
+def test_a_failed_write_stops_the_task_with_its_error(scenes: dict[str, Any], tmp_path: Path) -> None:
+    from stacchip.errors import StorageError
+
+    cfg = config(scenes, tmp_path, partial=True)
+    sel = prechip.prepare(cfg)
+    assert sel.dealing is not None
+    plan = locality.plan_task(sel.table, sel.dealing, 0, cfg.seed, cfg.cube_size, cfg.mix_items, True, STRIP)
+    read_item, _ = prechip._plan_io(cfg, sel)
+    written: list[int] = []
+
+    def write(cube_id: int, rows: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> str:
+        if cube_id == plan.first_cube + 2:
+            raise StorageError(f"cannot write cube {cube_id}: disk full")
+        written.append(cube_id)
+        return str(cube_id)
+
+    for workers in (1, 3):
+        with pytest.raises(StorageError, match="disk full"):
+            locality.run_plan(plan, set(range(plan.first_cube, plan.first_cube + plan.n_cubes)), read_item,
+                              write, workers)
+    assert plan.first_cube + 2 not in written
+    prechip.close_open_items()

@@ -30,9 +30,10 @@ per item and no two chips it reads share a COG tile. In **locality** mode:
   ``first .. first + n - 1`` with ``n = chips // cube_size`` of its chips (plus
   one partial cube of the rest with ``partial``; otherwise the rest, fewer than
   ``cube_size`` chips, is left out and logged). A cube's members depend only on
-  the index, the filters, ``seed``, ``cube_size``, ``items_per_job`` and
-  ``mix_items`` (all in the selection's fingerprint and the manifest), never on
-  which process makes it.
+  the index, the filters, ``seed``, ``cube_size``, ``items_per_job``,
+  ``mix_items`` and ``partial`` (all in the selection's fingerprint and the
+  manifest), never on which process makes it. A task whose chips make no cube
+  (fewer than ``cube_size`` without ``partial``) writes nothing and succeeds.
 
 Compression and writing run in ``workers`` threads beside the reading (zlib and
 SHA-256 release the GIL; tiles decode in the tile engine's threads), at most
@@ -45,6 +46,7 @@ import hashlib
 import logging
 import math
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -150,10 +152,13 @@ def deal(table: pa.Table, seed: int, cube_size: int, items_per_job: int, partial
     return Dealing(tuple(tasks), tuple(chips), tuple(first), total)
 
 
-def fingerprint(global_fingerprint: str, items_per_job: int, mix_items: int, chip_strip: int = STRIP_PX) -> str:
+def fingerprint(global_fingerprint: str, items_per_job: int, mix_items: int, partial: bool,
+                chip_strip: int = STRIP_PX) -> str:
     """Fingerprint of a locality selection: the global one (chip ids, seed, cube size,
-    platform) and what decides the dealing and the mixing."""
-    text = f"{global_fingerprint};mode=locality;items_per_job={items_per_job};mix_items={mix_items};strip={chip_strip}"
+    platform) and what decides the dealing, the cube numbers (``partial``: every task's
+    last cube) and the mixing."""
+    text = (f"{global_fingerprint};mode=locality;items_per_job={items_per_job};mix_items={mix_items};"
+            f"partial={bool(partial)};strip={chip_strip}")
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -233,11 +238,11 @@ def batched_plan(table: pa.Table, cubes: Sequence[tuple[int, np.ndarray]], per_b
         ids = np.asarray(part.column("item_id").to_pylist(), dtype=object)
         ys = part.column("chip_index_y").to_numpy()
         xs = part.column("chip_index_x").to_numpy()
-        reads = []
-        for item_id in sorted(set(ids.tolist())):
-            own = np.flatnonzero(ids == item_id)
-            reads.append((str(item_id), rows[own[np.lexsort((xs[own], ys[own]))]]))
-        rounds.append(Round(tuple(reads), batch))
+        names, codes = np.unique(ids.astype(str), return_inverse=True)
+        order = np.lexsort((xs, ys, codes))  # by item, row order inside
+        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+        reads = tuple((str(names[k]), rows[order[bounds[k]:bounds[k + 1]]]) for k in range(len(names)))
+        rounds.append(Round(reads, batch))
     first = min((k for k, _ in cubes), default=0)
     items = tuple(sorted({i for rnd in rounds for i, _ in rnd.reads}))
     return TaskPlan(0, items, first, len(cubes), tuple(rounds), 0)
@@ -251,37 +256,47 @@ WriteCube = Callable[[int, np.ndarray, np.ndarray, np.ndarray], str]
 
 
 class CubeWriters:
-    """``workers`` threads compressing and writing cubes, at most ``workers + 1`` waiting."""
+    """``workers`` threads compressing and writing cubes; at most ``workers + 1`` cubes exist at
+    once (a slot is reserved before a cube is assembled, freed when it is written)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, int(workers))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stacchip-cube")
         self._slots = threading.BoundedSemaphore(self.workers + 1)
-        self._futures: list[Future[str]] = []
+        self._pending: deque[Future[str]] = deque()
+        self._done: list[str] = []
+
+    def reserve(self) -> None:
+        """Wait for a free slot (before assembling a cube); raises a finished write's failure."""
+        self._slots.acquire()
+        try:
+            self._collect()
+        except BaseException:
+            self._slots.release()
+            raise
 
     def submit(self, fn: Callable[..., str], *args: Any) -> None:
-        """Run ``fn(*args)`` in a writer thread (waits while ``workers + 1`` are pending)."""
-        self._slots.acquire()
+        """Run ``fn(*args)`` in a writer thread, in the slot :meth:`reserve` took."""
         try:
             fut = self._pool.submit(fn, *args)
         except BaseException:
             self._slots.release()
             raise
         fut.add_done_callback(lambda _: self._slots.release())
-        self._futures.append(fut)
-        self._raise_failed()
+        self._pending.append(fut)
 
-    def _raise_failed(self) -> None:
-        for fut in self._futures:
-            if fut.done() and fut.exception() is not None:
-                raise fut.exception()  # type: ignore[misc]
+    def _collect(self) -> None:
+        while self._pending and self._pending[0].done():
+            self._done.append(self._pending.popleft().result())  # a failed write raises here
 
     def results(self) -> list[str]:
         """Wait for every write; their results in submission order (the first failure raises)."""
-        return [fut.result() for fut in self._futures]
+        while self._pending:
+            self._done.append(self._pending.popleft().result())
+        return list(self._done)
 
     def close(self) -> None:
-        for fut in self._futures:
+        for fut in self._pending:
             fut.cancel()
         self._pool.shutdown(wait=True)
 
@@ -336,6 +351,7 @@ def run_plan(
             for cube_id, rows in rnd.cubes:
                 if cube_id not in todo:
                     continue
+                writers.reserve()
                 pixels, mask = _assemble(cube_id, rows, held)
                 writers.submit(write, cube_id, rows, pixels, mask)
                 del pixels, mask

@@ -270,7 +270,7 @@ def prepare(config: SelectionSettings) -> Selection:
     if mode == locality.LOCALITY:
         dealing = locality.deal(table, config.seed, config.cube_size, items_per_job, config.partial)
         n = dealing.n_cubes
-        membership = locality.fingerprint(membership, items_per_job, mix_items,
+        membership = locality.fingerprint(membership, items_per_job, mix_items, config.partial,
                                           int(getattr(config, "strip_px", locality.STRIP_PX)))
         logger.info("locality mode: %d items dealt to %d tasks of %d, cubes mix %d items",
                     sum(len(t) for t in dealing.tasks), len(dealing.tasks), items_per_job, mix_items)
@@ -304,7 +304,8 @@ def items_lacking_bands(table: pa.Table, data: str, platform: str) -> dict[str, 
     read at all is an error naming it.
     """
     spec = platform_bands(platform)
-    pairs = sorted(set(zip(table.column("platform").to_pylist(), table.column("item_id").to_pylist(), strict=True)))
+    distinct = table.select(["platform", "item_id"]).group_by(["platform", "item_id"]).aggregate([])
+    pairs = sorted(zip(distinct.column("platform").to_pylist(), distinct.column("item_id").to_pylist(), strict=True))
 
     def check(pair: tuple[str, str]) -> tuple[str, str | None]:
         row_platform, item_id = pair

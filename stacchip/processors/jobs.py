@@ -279,8 +279,9 @@ def resolve_indices(
     return [found[1]]
 
 
-def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every job shares: ``--index``, ``--range``, ``--workers``, ``--dry-run``, ``-v``."""
+def add_job_arguments(parser: argparse.ArgumentParser, workers_help: str | None = None) -> None:
+    """Flags every job shares: ``--index``, ``--range``, ``--workers``, ``--dry-run``, ``-v``
+    (``workers_help``: what ``--workers`` means for this command, if not processes for ``--range``)."""
     group = parser.add_argument_group("array job")
     group.add_argument(
         "--index", type=int, default=None, metavar="N",
@@ -293,7 +294,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--workers", type=int, default=None, metavar="N",
-        help=f"worker processes for --range (env {POOL_SIZE_VAR}; default 1)",
+        help=f"{workers_help or 'worker processes for --range'} (env {POOL_SIZE_VAR}; default 1)",
     )
     group.add_argument(
         "--dry-run", action="store_true", default=None,

@@ -42,8 +42,8 @@ items once in tile order, and its cubes shuffle chips across ``--mix-items``
 items read side by side. Much faster on a large catalog (no chip shares a tile
 in global mode there), at the price of cubes that mix a few items rather than
 the whole catalog; details and memory in :mod:`stacchip.export.locality`.
-``--cubes-per-job`` does not apply there; ``--all`` runs the tasks one after
-another.
+``--cubes-per-job`` does not apply there; ``--all`` and ``--range`` run the
+tasks one after another in this process.
 
 Item ids and the platform of the index become paths
 (``{data}/{platform}/{item_id}/stac_item.json``): each must be a safe path
@@ -146,8 +146,9 @@ logger = logging.getLogger(__name__)
 #: Seconds after which a temporary file of the shared manifest is a killed task's leftover
 #: (array tasks running side by side write the manifest too).
 MANIFEST_TEMP_AGE = 3600.0
-#: Memory for the pixels of the cubes assembled at once, bytes (two batches
-#: can be in memory: one compressing while the next is read).
+#: Memory for the chips of one global-mode batch of cubes (read before their cubes are
+#: assembled), bytes; besides it, ``--workers + 1`` cubes are being written (float32 pixels
+#: and masks: ~0.4 GB per 128-chip, 10-band, 256 px cube).
 DEFAULT_BATCH_BYTES = 1024**3
 
 
@@ -206,7 +207,8 @@ class PrechipConfig:
         False, flag="--overwrite", env="STACCHIP_OVERWRITE", kind=settings.Bool(), help="rewrite cubes that exist")
     partial: bool = settings.setting(
         False, flag="--partial", env="STACCHIP_PARTIAL_CUBES", kind=settings.Bool(),
-        help="also write the last, incomplete cube")
+        help="also write the last, incomplete cube (locality mode: of every task; without it up to "
+             "cube-size - 1 chips per task are left out)")
     mountpath: str | None = settings.setting(
         None, flag="--mountpath", env="STACCHIP_MOUNTPATH", help="re-root asset hrefs under this local directory")
     #: Memory for the pixels of the cubes assembled at once (not a flag).
@@ -295,8 +297,8 @@ def make_cubes(
         return []
     spec = platform_bands(platform)
     chip_size = int(selection.table.column("chip_size")[0].as_py())
-    # chips held in their source dtype (<= 2 bytes) with their masks until their cube is whole
-    per_cube = config.cube_size * spec.count * chip_size * chip_size * 3
+    # chips held in their source dtype (up to 4 bytes) with their masks until their cube is whole
+    per_cube = config.cube_size * spec.count * chip_size * chip_size * 5
     per_batch = max(1, int(config.batch_bytes // max(per_cube, 1)))
     plan = locality.batched_plan(
         selection.table, [(k, cube_members(selection, k, config.cube_size)) for k in todo], per_batch)
@@ -390,11 +392,20 @@ def jobs_of(config: PrechipConfig, selection: Selection) -> int:
     return job_count(selection.n_cubes, config.cubes_per_job)
 
 
-def run_job(job_index: int, config: PrechipConfig, workers: int = 1) -> list[str]:
-    """Array-job task ``job_index``: make its cubes (see :func:`job_ids`)."""
-    selection = prepare(config)
-    check_selection(config, selection)
+def run_job(job_index: int, config: PrechipConfig, workers: int = 1,
+            selection: Selection | None = None) -> list[str]:
+    """Array-job task ``job_index``: make its cubes (see :func:`job_ids`); ``selection``:
+    the prepared selection of ``config``, if at hand."""
+    if selection is None:
+        selection = prepare(config)
+        check_selection(config, selection)
     ids = job_ids(job_index, config, selection)
+    dealing = selection.dealing
+    if not ids and dealing is not None and 0 <= job_index < len(dealing.tasks):
+        # a share of items whose chips make no whole cube: nothing to write, and nothing wrong
+        logger.warning("locality task %d: its %d chips make no cube of %d (--partial keeps them)",
+                       job_index, dealing.chips[job_index], config.cube_size)
+        return []
     if not ids:
         if selection.n_cubes:  # (no cube at all was reported by check_selection)
             per = ("(--items-per-job, locality mode)" if selection.dealing is not None
@@ -422,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settings.add_arguments(p, PrechipConfig)
     p.add_argument("--all", action="store_true", help="run every job of the array locally")
-    jobs.add_job_arguments(p)
+    jobs.add_job_arguments(p, workers_help=(
+        "threads compressing and writing cubes beside the reading of one task (tiles decode on every "
+        "core); with --all/--range over several global-mode tasks, processes running one task each"))
     return p
 
 
@@ -437,6 +450,7 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
     jobs.setup_logging(args.verbose, args.quiet)
     config = config_from_args(args)
     workers = jobs.resolve_workers(args.workers)
+    selection = None
     if args.all:
         selection = prepare(config)
         check_selection(config, selection)
@@ -446,8 +460,8 @@ def run(argv: Sequence[str] | None = None) -> jobs.RunSummary:
     if len(indices) == 1 or config.mode == locality.LOCALITY:
         # One task, or locality tasks (each holds strips of several items): one after
         # another, each reading with the tile engine's threads and writing in ``workers``.
-        return jobs.run_tasks(functools.partial(run_job, config=config, workers=workers), indices, 1,
-                              desc="prechip jobs")
+        return jobs.run_tasks(functools.partial(run_job, config=config, workers=workers, selection=selection),
+                              indices, 1, desc="prechip jobs")
     # Many tasks locally: one process per job, each reading its chips inline.
     return jobs.run_tasks(functools.partial(run_job, config=config, workers=1), indices, workers,
                           desc="prechip jobs")
