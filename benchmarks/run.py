@@ -357,10 +357,6 @@ class S3rver:
             self.proc.kill()
 
 
-#: Largest chunk the delay proxy relays at once, bytes.
-RELAY_CHUNK = 4 * 2**20
-
-
 class DelayProxy:
     """TCP proxy on loopback delaying every client request by ``delay`` seconds.
 
@@ -389,9 +385,7 @@ class DelayProxy:
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
                        count: bool = False) -> None:
             try:
-                # relay what has arrived, up to RELAY_CHUNK at once (a kernel path hands the client
-                # whatever its socket holds; 64 KB relays woke the client ~20 times per 1.4 MB tile)
-                while data := await reader.read(RELAY_CHUNK):
+                while data := await reader.read(65536):
                     if count and data.startswith(self.METHODS):
                         self.requests += 1
                     if delay:
@@ -405,7 +399,7 @@ class DelayProxy:
 
         async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
             try:
-                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port, limit=RELAY_CHUNK)
+                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             except OSError:
                 cw.close()
                 return
