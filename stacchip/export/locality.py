@@ -162,6 +162,20 @@ def fingerprint(global_fingerprint: str, items_per_job: int, mix_items: int, par
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _by_item(table: pa.Table, rows: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``rows`` of ``table`` grouped by item (sorted ids): ``(item_id, rows, chip_index_y)``
+    with each item's rows in row order (y, then x)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    part = table.take(pa.array(rows))
+    names, codes = np.unique(np.asarray(part.column("item_id").to_pylist(), dtype=str), return_inverse=True)
+    ys = part.column("chip_index_y").to_numpy().astype(np.int64)
+    xs = part.column("chip_index_x").to_numpy().astype(np.int64)
+    order = np.lexsort((xs, ys, codes))
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+    return [(str(names[k]), rows[order[bounds[k]:bounds[k + 1]]], ys[order[bounds[k]:bounds[k + 1]]])
+            for k in range(len(names))]
+
+
 def _task_rng(seed: int, task: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(task), 0x10CA1])
 
@@ -181,34 +195,21 @@ def plan_task(
         raise ConfigError(f"locality task {task} does not exist: the selection deals its items to "
                           f"{len(dealing.tasks)} tasks (0..{len(dealing.tasks) - 1})")
     members = dealing.tasks[task]
-    item_col = table.column("item_id")
-    mask = pc.is_in(item_col, value_set=pa.array(list(members), pa.string()))
+    mask = pc.is_in(table.column("item_id"), value_set=pa.array(list(members), pa.string()))
     rows = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
-    sub = table.take(pa.array(rows))
-    ids = np.asarray(sub.column("item_id").to_pylist(), dtype=object)
-    ys = sub.column("chip_index_y").to_numpy().astype(np.int64)
-    xs = sub.column("chip_index_x").to_numpy().astype(np.int64)
-    sizes = sub.column("chip_size").to_numpy().astype(np.int64)
+    sizes = table.column("chip_size")
+    groups = {item_id: (own, ys // strip_rows(int(sizes[int(own[0])].as_py()), strip_px))
+              for item_id, own, ys in _by_item(table, rows)}
     rng = _task_rng(seed, task)
     carry = np.zeros(0, dtype=np.int64)
     next_cube = dealing.first_cube[task]
     rounds: list[Round] = []
     for w in range(0, len(members), mix_items):
-        window = members[w:w + mix_items]
-        by_item = {}
-        for item_id in window:
-            own = np.flatnonzero(ids == item_id)
-            strips = ys[own] // strip_rows(int(sizes[own[0]]), strip_px) if len(own) else own
-            by_item[item_id] = (own, strips)
-        present = sorted({int(s) for _, strips in by_item.values() for s in strips})
+        window = [(i, *groups[i]) for i in members[w:w + mix_items] if i in groups]
+        present = sorted({int(v) for _, _, strips in window for v in np.unique(strips)})
         for strip in present:
-            reads = []
-            for item_id in window:
-                own, strips = by_item[item_id]
-                part = own[strips == strip]
-                if len(part):
-                    part = part[np.lexsort((xs[part], ys[part]))]
-                    reads.append((item_id, rows[part]))
+            # each item's chips of this strip, in row order (the chipper reads them in block order)
+            reads = [(i, own[strips == strip]) for i, own, strips in window if np.any(strips == strip)]
             # the carry-over first (into the round's first cube), then the round's chips shuffled
             pool = np.concatenate([carry, rng.permutation(np.concatenate([r for _, r in reads]))])
             full = len(pool) // cube_size
@@ -233,16 +234,8 @@ def batched_plan(table: pa.Table, cubes: Sequence[tuple[int, np.ndarray]], per_b
     rounds = []
     for start in range(0, len(cubes), max(1, per_batch)):
         batch = tuple(cubes[start:start + per_batch])
-        rows = np.concatenate([r for _, r in batch]).astype(np.int64)
-        part = table.take(pa.array(rows))
-        ids = np.asarray(part.column("item_id").to_pylist(), dtype=object)
-        ys = part.column("chip_index_y").to_numpy()
-        xs = part.column("chip_index_x").to_numpy()
-        names, codes = np.unique(ids.astype(str), return_inverse=True)
-        order = np.lexsort((xs, ys, codes))  # by item, row order inside
-        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-        reads = tuple((str(names[k]), rows[order[bounds[k]:bounds[k + 1]]]) for k in range(len(names)))
-        rounds.append(Round(reads, batch))
+        reads = _by_item(table, np.concatenate([r for _, r in batch]))
+        rounds.append(Round(tuple((item_id, rows) for item_id, rows, _ in reads), batch))
     first = min((k for k, _ in cubes), default=0)
     items = tuple(sorted({i for rnd in rounds for i, _ in rnd.reads}))
     return TaskPlan(0, items, first, len(cubes), tuple(rounds), 0)
@@ -333,17 +326,14 @@ def run_plan(
     rows, pixels, mask)`` compresses and stores one cube and returns its URL
     (run in ``workers`` threads, beside the reading).
     """
-    needed: set[int] = set()
-    for rnd in plan.rounds:
-        for cube_id, rows in rnd.cubes:
-            if cube_id in todo:
-                needed.update(int(r) for r in rows)
+    wanted = [rows for rnd in plan.rounds for cube_id, rows in rnd.cubes if cube_id in todo]
+    needed = np.concatenate(wanted) if wanted else np.zeros(0, np.int64)
     held: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     writers = CubeWriters(workers)
     try:
         for rnd in plan.rounds:
             for item_id, rows in rnd.reads:
-                want = np.asarray([r for r in rows if int(r) in needed], dtype=np.int64)
+                want = rows[np.isin(rows, needed)]
                 if len(want) == 0:
                     continue
                 for row, pixels, mask in read_item(item_id, want):
