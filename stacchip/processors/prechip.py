@@ -64,7 +64,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,29 +284,47 @@ def make_cubes(
 ) -> list[str]:
     """Make cubes ``cube_ids`` (skipping existing ones unless ``overwrite``); returns written URLs."""
     selection = selection or prepare(config)
-    if selection.dealing is not None:
-        return _make_locality_cubes(config, selection, selection.dealing, cube_ids, workers)
-    platform = selection.platform
     todo = _cubes_to_make(config, selection, cube_ids)
     if not todo:
         return []
-    if config.dry_run:
-        for k in todo:
-            logger.info("dry run: would write cube %d (%d chips) to %s", k,
-                        len(cube_members(selection, k, config.cube_size)), cube_url(config.output, platform, k))
-        return []
-    spec = platform_bands(platform)
+    wanted = set(todo)
+    written: list[str] = []
+    read_item, write = _plan_io(config, selection)
+    try:
+        for plan in _plans(config, selection, todo):
+            mine = {k for rnd in plan.rounds for k, _ in rnd.cubes} & wanted
+            if config.dry_run:
+                for rnd in plan.rounds:
+                    for k, rows in rnd.cubes:
+                        if k in mine:
+                            logger.info("dry run: would write cube %d (%d chips) to %s", k, len(rows),
+                                        cube_url(config.output, selection.platform, k))
+                continue
+            written += locality.run_plan(plan, mine, read_item, write, workers)
+    finally:
+        close_open_items()
+    return written
+
+
+def _plans(config: PrechipConfig, selection: Selection, todo: Sequence[int]) -> Iterator[locality.TaskPlan]:
+    """What reads which chips for cubes ``todo``: in locality mode the plan of every task that
+    makes one of them (:mod:`stacchip.export.locality`); in global mode one plan reading the
+    cubes in batches of ``batch_bytes`` of chips, item by item."""
+    dealing = selection.dealing
+    if dealing is not None:
+        for task_index in sorted({dealing.task_of_cube(k) for k in todo}):
+            plan = locality.plan_task(selection.table, dealing, task_index, config.seed, config.cube_size,
+                                      config.mix_items, config.partial, config.strip_px)
+            logger.info("%s", locality.describe(plan, config.mix_items))
+            yield plan
+        return
+    spec = platform_bands(selection.platform)
     chip_size = int(selection.table.column("chip_size")[0].as_py())
     # chips held in their source dtype (up to 4 bytes) with their masks until their cube is whole
     per_cube = config.cube_size * spec.count * chip_size * chip_size * 5
     per_batch = max(1, int(config.batch_bytes // max(per_cube, 1)))
-    plan = locality.batched_plan(
+    yield locality.batched_plan(
         selection.table, [(k, cube_members(selection, k, config.cube_size)) for k in todo], per_batch)
-    read_item, write = _plan_io(config, selection)
-    try:
-        return locality.run_plan(plan, set(todo), read_item, write, workers)
-    finally:
-        close_open_items()
 
 
 def _plan_io(config: PrechipConfig, selection: Selection) -> tuple[locality.ReadItem, locality.WriteCube]:
@@ -342,34 +360,6 @@ def _plan_io(config: PrechipConfig, selection: Selection) -> tuple[locality.Read
         return url
 
     return read_item, write
-
-
-def _make_locality_cubes(
-    config: PrechipConfig, selection: Selection, dealing: locality.Dealing, cube_ids: Sequence[int], workers: int
-) -> list[str]:
-    """Cubes ``cube_ids`` of a locality selection: the tasks that make them, each reading its
-    items once in tile order (:mod:`stacchip.export.locality`)."""
-    platform = selection.platform
-    todo = _cubes_to_make(config, selection, cube_ids)
-    if not todo:
-        return []
-    table = selection.table
-    read_item, write = _plan_io(config, selection)
-    written: list[str] = []
-    try:
-        for task_index in sorted({dealing.task_of_cube(k) for k in todo}):
-            plan = locality.plan_task(table, dealing, task_index, config.seed, config.cube_size,
-                                      config.mix_items, config.partial, config.strip_px)
-            logger.info("%s", locality.describe(plan, config.mix_items))
-            mine = {k for k in todo if plan.first_cube <= k < plan.first_cube + plan.n_cubes}
-            if config.dry_run:
-                for k in sorted(mine):
-                    logger.info("dry run: would write cube %d to %s", k, cube_url(config.output, platform, k))
-                continue
-            written += locality.run_plan(plan, mine, read_item, write, workers)
-    finally:
-        close_open_items()
-    return written
 
 
 def job_ids(job_index: int, config: PrechipConfig, selection: Selection) -> list[int]:
