@@ -450,16 +450,16 @@ def remove_stale_temps(url: str | os.PathLike[str], before: float | None = None)
     if not _is_local(text):
         return []
     path = local_path(text)
-    pattern = re.compile(re.escape(f".{path.name}") + _TEMP_TAIL)
-    removed: list[str] = []
+    return _remove_temps(path.parent, re.compile(re.escape(f".{path.name}") + _TEMP_TAIL), before)
+
+
+def _remove_temps(folder: Path, pattern: re.Pattern[str], before: float | None) -> list[str]:
+    """Remove the files of ``folder`` named by ``pattern`` and stale (see :func:`_remove_if_stale`)."""
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        if pattern.fullmatch(entry.name) and _remove_if_stale(entry, before):
-            removed.append(entry.path)
-    return removed
+        return []
+    return [entry.path for entry in entries if pattern.fullmatch(entry.name) and _remove_if_stale(entry, before)]
 
 
 def remove_stale_temps_in(folder: str | os.PathLike[str], before: float | None = None) -> list[str]:
@@ -468,15 +468,7 @@ def remove_stale_temps_in(folder: str | os.PathLike[str], before: float | None =
     text = str(folder)
     if not _is_local(text):
         return []
-    removed: list[str] = []
-    try:
-        entries = list(os.scandir(local_path(text)))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        if _ANY_TEMP.fullmatch(entry.name) and _remove_if_stale(entry, before):
-            removed.append(entry.path)
-    return removed
+    return _remove_temps(local_path(text), _ANY_TEMP, before)
 
 
 # --- checksum records ---------------------------------------------------------------------

@@ -118,9 +118,9 @@ def test_sparse_tiles(tmp_path, nodata, interleave):
     """Tiles never written have no bytes (offset and count 0): nodata, else 0, as GDAL gives."""
     path = tmp_path / "s.tif"
     data = pixels("uint16", 2, SHAPE)
-    profile = {"driver": "GTiff", "width": SHAPE[1], "height": SHAPE[0], "count": 2, "dtype": "uint16", "crs": "EPSG:32633",
-                   "transform": TRANSFORM, "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
-                   "interleave": interleave, "sparse_ok": True}
+    profile = {"driver": "GTiff", "width": SHAPE[1], "height": SHAPE[0], "count": 2, "dtype": "uint16",
+               "crs": "EPSG:32633", "transform": TRANSFORM, "tiled": True, "blockxsize": 256, "blockysize": 256,
+               "compress": "deflate", "interleave": interleave, "sparse_ok": True}
     if nodata is not None:
         profile["nodata"] = nodata
     with rasterio.open(path, "w", **profile) as dst:

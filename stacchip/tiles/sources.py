@@ -10,8 +10,10 @@ which costs no request of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -249,18 +251,24 @@ class RemoteSource:
         self.identity: Identity | None = None
         self.requests = 0
 
-    def _get(self, start: int, end: int) -> tuple[Any, Identity]:
-        import obstore
-
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        """One counted request; its failure an :class:`AssetReadError` naming the href."""
         try:
-            result = obstore.get(self.store, self.key, options={"range": (start, end)})
-            data = result.bytes()
+            yield
         except FileNotFoundError as exc:
             raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
         except Exception as exc:
             raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
         finally:
             self.requests += 1
+
+    def _get(self, start: int, end: int) -> tuple[Any, Identity]:
+        import obstore
+
+        with self._request():
+            result = obstore.get(self.store, self.key, options={"range": (start, end)})
+            data = result.bytes()
         meta = result.meta
         return data, Identity(meta.get("size"), meta.get("e_tag"), None)
 
@@ -273,15 +281,9 @@ class RemoteSource:
         waits); raises :class:`StaleLayoutError` when the response contradicts ``expect``."""
         import obstore
 
-        try:
+        with self._request():
             result = await obstore.get_async(self.store, self.key, options={"range": (start, end)})
             data = await result.bytes_async()
-        except FileNotFoundError as exc:
-            raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
-        except Exception as exc:
-            raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
-        finally:
-            self.requests += 1
         meta = result.meta
         if expect is not None and not expect.matches(meta.get("size"), meta.get("e_tag"), None):
             raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
