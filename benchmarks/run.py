@@ -137,6 +137,21 @@ def _ours_chippers(items: list[str], threads: int | None) -> list[Any]:
     return [Chipper(NoStatsChipIndexer(it), assets=CHIP_BANDS, threads=threads) for it in _load_items(items)]
 
 
+def read_picks(chippers: list[Any], picks: Any, batch: bool) -> None:
+    """Read chips ``(scene, x, y)`` one ``chip()`` at a time, or (``batch``) as a training
+    loader with read-ahead does: grouped per scene, ``chips()`` reading ahead in parallel."""
+    if not batch:
+        for s, x, y in picks:
+            chippers[s].chip(x, y)
+        return
+    by_scene: dict[int, list[tuple[int, int]]] = {}
+    for s, x, y in picks:
+        by_scene.setdefault(s, []).append((x, y))
+    for s, pos in by_scene.items():
+        for _ in chippers[s].chips(pos):
+            pass
+
+
 def w_random_ours(items: list[str], n: int, seed: int, threads: int | None = None,
                   batch: bool = False) -> dict[str, float]:
     chippers = _ours_chippers(items, threads)
@@ -144,17 +159,7 @@ def w_random_ours(items: list[str], n: int, seed: int, threads: int | None = Non
     for c in chippers:  # open every dataset first, as the floor does
         c.chip(0, 0)
     t0 = time.perf_counter()
-    if batch:
-        # A training loader with read-ahead: chips grouped per scene, read ahead in parallel.
-        by_scene: dict[int, list[tuple[int, int]]] = {}
-        for s, x, y in picks:
-            by_scene.setdefault(s, []).append((x, y))
-        for s, pos in by_scene.items():
-            for _ in chippers[s].chips(pos):
-                pass
-    else:
-        for s, x, y in picks:
-            chippers[s].chip(x, y)
+    read_picks(chippers, picks, batch)
     dt = time.perf_counter() - t0
     for c in chippers:
         c.close()

@@ -212,19 +212,9 @@ def w_random(items: list[str], picks: list[list[int]], batch: bool = False,
     chippers = _chippers(items, reader)
     _opened(chippers)
 
-    def run() -> None:
-        if batch:
-            by_scene: dict[int, list[tuple[int, int]]] = {}
-            for s, x, y in picks:
-                by_scene.setdefault(s, []).append((x, y))
-            for s, pos in by_scene.items():
-                for _ in chippers[s].chips(pos):
-                    pass
-        else:
-            for s, x, y in picks:
-                chippers[s].chip(x, y)
+    from benchmarks.run import read_picks
 
-    res = _measure(run, len(picks))
+    res = _measure(lambda: read_picks(chippers, picks, batch), len(picks))
     res["threads"] = chippers[0].threads
     res["tile_path"] = all(chippers[0].tile_file(k) is not None for k in chippers[0].asset_keys)
     for c in chippers:
