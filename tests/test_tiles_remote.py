@@ -57,7 +57,9 @@ def _upload(bucket, key, path):
 
 
 @pytest.mark.services
-def test_s3_pixels_equal_gdal(tmp_path, s3_bucket):
+@pytest.mark.parametrize("client", ["http", "obstore"])
+def test_s3_pixels_equal_gdal(tmp_path, s3_bucket, client, monkeypatch):
+    monkeypatch.setenv("STACCHIP_REMOTE_CLIENT", client)
     eng = _engine()
     for name, path in _write_all(tmp_path).items():
         _assert_same(_upload(s3_bucket, f"scenes/{name}", path), path, eng)
@@ -106,7 +108,9 @@ def test_s3_requests_are_the_tiles_and_no_headers_once_known(tmp_path, s3_bucket
 
 
 @pytest.mark.services
-def test_s3_retries_and_missing_objects(tmp_path, s3_bucket, s3_faults):
+@pytest.mark.parametrize("client", ["http", "obstore"])
+def test_s3_retries_and_missing_objects(tmp_path, s3_bucket, s3_faults, client, monkeypatch):
+    monkeypatch.setenv("STACCHIP_REMOTE_CLIENT", client)
     path = write(tmp_path / "a.tif", pixels("uint8", 1, SHAPE))
     url = _upload(s3_bucket, "x/a.tif", path)
     eng = _engine()
@@ -122,7 +126,9 @@ def test_s3_retries_and_missing_objects(tmp_path, s3_bucket, s3_faults):
 
 
 @pytest.mark.services
-def test_s3_changed_object_is_noticed(tmp_path, s3_bucket):
+@pytest.mark.parametrize("client", ["http", "obstore"])
+def test_s3_changed_object_is_noticed(tmp_path, s3_bucket, client, monkeypatch):
+    monkeypatch.setenv("STACCHIP_REMOTE_CLIENT", client)
     old = write(tmp_path / "old.tif", pixels("uint16", 1, SHAPE, seed=1), blocksize=256)
     new = write(tmp_path / "new.tif", pixels("uint16", 1, SHAPE, seed=2), blocksize=512, compress="zstd")
     url = _upload(s3_bucket, "c/a.tif", old)
@@ -138,6 +144,40 @@ def test_s3_changed_object_is_noticed(tmp_path, s3_bucket):
     with rasterio.open(new) as ds:
         np.testing.assert_array_equal(got, read_indexed(ds, rows, cols, 0))
     assert store.get(url).tile_width == 512 and store.get(url).etag != stale.etag
+    eng.shutdown()
+
+
+@pytest.mark.services
+def test_s3_presigned_urls_signed_again_after_403_and_unsigned_access(tmp_path, s3_bucket, s3_faults, monkeypatch):
+    path = write(tmp_path / "a.tif", pixels("uint16", 1, SHAPE))
+    url = _upload(s3_bucket, "p/a.tif", path)
+    eng = _engine()
+    f = TileFile(url, store=LayoutStore())
+    assert f.source.lean
+    first = f.source._url()
+    assert "X-Amz-Signature=" in first
+    with rasterio.open(path) as ds:
+        want = read_indexed(ds, np.arange(40), np.arange(40), 0)
+    s3_faults.fail_next(1, 403, method="GET", path_contains="p/a.tif")  # e.g. temporary credentials expired
+    np.testing.assert_array_equal(f.read(np.arange(40), np.arange(40), 0, eng).result(), want)
+    assert s3_faults.failures == 1
+    s3_faults.fail_next(2, 403, method="GET", path_contains="p/a.tif")  # refused again: an error naming the href
+    with pytest.raises(AssetReadError, match=r"p/a.tif.*HTTP 403"):
+        f.read(np.arange(300, 340), np.arange(40), 0, eng).result()
+    # A public object: plain (unsigned) path-style URLs.
+    import boto3
+
+    from stacchip.tiles.sources import reset_stores
+
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put_object_acl(
+        Bucket=s3_bucket, Key="p/a.tif", ACL="public-read")
+
+    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+    reset_stores()
+    g = TileFile(url, store=LayoutStore())
+    assert "X-Amz-Signature" not in g.source._url() and g.source._url().endswith(f"/{s3_bucket}/p/a.tif")
+    np.testing.assert_array_equal(g.read(np.arange(40), np.arange(40), 0, eng).result(), want)
+    reset_stores()
     eng.shutdown()
 
 

@@ -5,9 +5,10 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
 * :class:`TileFile` is one open raster: its layout and byte source.
 * :class:`TileEngine` owns the decode pool (one worker per core by default,
   ``STACCHIP_DECODE_THREADS``), the I/O for remote files (coalesced ranged GETs,
-  up to 16 in flight, on one event-loop thread with obstore's async API) and
-  the shared :class:`TileCache`. With one thread (``Chipper(threads=1)``)
-  everything runs in the caller's thread.
+  up to 16 in flight: blocking GETs of :mod:`stacchip.tiles.http` in fetch
+  threads, or, with ``STACCHIP_REMOTE_CLIENT=obstore`` or a proxy, obstore's
+  async API on one event-loop thread) and the shared :class:`TileCache`. With
+  one thread (``Chipper(threads=1)``) everything runs in the caller's thread.
 * :class:`TileCache` keeps decoded tiles keyed by file (href + size/ETag/mtime)
   and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
@@ -212,12 +213,14 @@ class TileEngine:
         self._lock = threading.Lock()
         self._decode: Any = None
         self._io: Any = None
+        self._fetch: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._decode = None
         self._io = None
+        self._fetch = None
         self._pid = os.getpid()
 
     def _pools(self) -> tuple[Any, Any]:
@@ -260,17 +263,30 @@ class TileEngine:
         from stacchip.tiles.sources import coalesce
 
         ranges = [(offset, offset + count) for _, _, offset, count in todo]
-        job = _remote_job if isinstance(io, _Inline) else _remote_job_async
+        job: Callable[..., Any] = _remote_job
+        if not isinstance(io, _Inline):
+            if cast(Any, f.source).lean:  # blocking ranged GETs in the fetch threads; decoding in the decode pool
+                io = self._fetch_pool()
+            else:
+                job = _remote_job_async
         for start, end, members in coalesce(ranges):
             group = [todo[i] for i in members]
             io.submit(job, f, group, start, end, decode)
         return out
 
+    def _fetch_pool(self) -> ThreadPoolExecutor:
+        if self._fetch is None:
+            with self._lock:
+                if self._fetch is None:
+                    self._fetch = ThreadPoolExecutor(self.io_threads, thread_name_prefix="stacchip-fetch",
+                                                     initializer=_name_thread, initargs=("stacchip-fetch",))
+        return self._fetch
+
     def shutdown(self) -> None:
-        for pool in (self._decode, self._io):
+        for pool in (self._decode, self._io, self._fetch):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self._decode = self._io = None
+        self._decode = self._io = self._fetch = None
 
 
 def _settle(fut: Future, fn: Callable[[], Any]) -> None:

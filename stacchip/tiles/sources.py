@@ -1,6 +1,9 @@
 """Byte sources for the tile reader: local files (``pread``) and objects over
-``s3://`` and ``http(s)://`` (obstore: one connection pool per bucket or origin,
-shared by every file and thread of the process).
+``s3://`` and ``http(s)://``. Tile bytes of remote files come with plain ranged
+GETs (:mod:`stacchip.tiles.http`: S3 URLs presigned by obstore, one pool of
+keep-alive connections per origin); with ``STACCHIP_REMOTE_CLIENT=obstore``, or
+when the environment sets a proxy, with obstore's client (one connection pool
+per bucket or origin, shared by every file and thread of the process).
 
 Every source tells the file's identity (size plus ETag or modification time)
 so a cached layout is checked against the file it describes: a local file at
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -233,7 +237,8 @@ def reset_stores() -> None:
 
 
 class RemoteSource:
-    """An object over S3 or HTTP, read with ranged GETs through obstore."""
+    """An object over S3 or HTTP, read with ranged GETs (:mod:`stacchip.tiles.http`
+    or obstore's client, see the module)."""
 
     remote = True
 
@@ -248,8 +253,12 @@ class RemoteSource:
         self.path = href
         self.what = what
         self.store, self.key = store_for(href)
+        self.scheme = urlparse(href).scheme.lower()
         self.identity: Identity | None = None
         self.requests = 0
+        self._signed: tuple[str, float] | None = None
+        #: Tile bytes through :mod:`stacchip.tiles.http` (else obstore's client).
+        self.lean = _lean_for(href)
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
@@ -258,12 +267,16 @@ class RemoteSource:
             yield
         except FileNotFoundError as exc:
             raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
+        except AssetReadError:
+            raise
         except Exception as exc:
             raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
         finally:
             self.requests += 1
 
     def _get(self, start: int, end: int) -> tuple[Any, Identity]:
+        if self.lean:
+            return self._get_lean(start, end)
         import obstore
 
         with self._request():
@@ -271,6 +284,36 @@ class RemoteSource:
             data = result.bytes()
         meta = result.meta
         return data, Identity(meta.get("size"), meta.get("e_tag"), None)
+
+    def _url(self, fresh: bool = False) -> str:
+        """The URL a plain ranged GET of this object goes to: S3 presigned by obstore
+        (kept until :data:`SIGN_MARGIN` s before it expires), HTTP the href itself."""
+        if self.scheme != "s3":
+            return self.href
+        signed = self._signed
+        now = time.monotonic()
+        if signed is not None and not fresh and signed[1] > now:
+            return signed[0]
+        url = _s3_url(self.store, self.key)
+        self._signed = (url, now + SIGN_SECONDS - SIGN_MARGIN)
+        return url
+
+    def _get_lean(self, start: int, end: int) -> tuple[Any, Identity]:
+        from stacchip.tiles.http import HTTPStatusError, pool
+
+        with self._request():
+            try:
+                got = pool().get_range(self._url(), start, end)
+            except HTTPStatusError as exc:
+                if exc.status == 404:
+                    raise FileNotFoundError(f"HTTP {exc.status}") from None
+                if exc.status == 416:
+                    raise StaleLayoutError(f"{self.what}href {self.href!r} is shorter than its layout says "
+                                           f"(bytes {start}-{end - 1} not satisfiable)") from None
+                if exc.status not in (400, 403) or self.scheme != "s3":
+                    raise
+                got = pool().get_range(self._url(fresh=True), start, end)  # credentials renewed
+        return got.data, Identity(got.size, got.etag, None)
 
     def read(self, start: int, length: int) -> bytes:
         data, _ident = self._get(start, start + length)
@@ -312,6 +355,39 @@ class RemoteSource:
 
     def close(self) -> None:
         pass
+
+
+#: Lifetime of a presigned S3 URL, and how long before its end it is signed again, s.
+SIGN_SECONDS = 3600
+SIGN_MARGIN = 600
+
+
+def _lean_for(href: str) -> bool:
+    from stacchip.tiles.http import lean_client_wanted, proxied
+
+    if not lean_client_wanted():
+        return False
+    if urlparse(href).scheme.lower() == "s3":
+        from stacchip.reader import s3_endpoint
+
+        endpoint = s3_endpoint() or "https://s3.amazonaws.com"
+        return not proxied(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return not proxied(href)
+
+
+def _s3_url(store: Any, key: str) -> str:
+    """A presigned GET URL of ``key`` (the plain path-style URL for unsigned access)."""
+    from datetime import timedelta
+    from urllib.parse import quote
+
+    import obstore
+
+    config = store.config
+    if _truthy(str(config.get("skip_signature", ""))):
+        region = config.get("region") or "us-east-1"
+        base = str(config.get("endpoint") or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        return f"{base}/{quote(str(config['bucket']))}/{quote(key)}"
+    return str(obstore.sign(store, "GET", key, timedelta(seconds=SIGN_SECONDS)))
 
 
 def tile_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> str | None:

@@ -1,0 +1,251 @@
+"""The tile bytes client (stacchip.tiles.http) against a scripted loopback server:
+keep-alive reuse, servers closing connections, chunked bodies, retries, redirects,
+servers ignoring Range, bad Content-Range, the client setting and proxies."""
+
+import http.server
+import os
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from stacchip.errors import AssetReadError, ConfigError
+from stacchip.tiles import http as tile_http
+from stacchip.tiles.sources import RemoteSource, StaleLayoutError
+
+DATA = np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+
+
+class _Script:
+    """What the server does: per path a body, plus faults taken in order."""
+
+    def __init__(self) -> None:
+        self.faults: list[str] = []
+        self.requests: list[tuple[str, str]] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+
+    def take(self) -> str:
+        with self.lock:
+            return self.faults.pop(0) if self.faults else ""
+
+
+def _handler(script):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def setup(self):
+            super().setup()
+            with script.lock:
+                script.connections += 1
+
+        def do_GET(self):  # noqa: C901 - one branch per scripted behaviour
+            with script.lock:
+                script.requests.append((self.path, self.headers.get("Range", "")))
+            fault = script.take()
+            if self.path.startswith("/missing"):
+                return self._send(404, {}, b"no such object")
+            if fault == "503":
+                return self._send(503, {}, b"slow down")
+            if fault == "redirect":
+                return self._send(307, {"Location": "/moved" + self.path}, b"")
+            if fault == "drop":  # the connection dies before any response
+                self.close_connection = True
+                return
+            rng = self.headers.get("Range", "")
+            start_s, _, end_s = rng[len("bytes="):].partition("-")
+            start, end = int(start_s), min(int(end_s), len(DATA) - 1)
+            body = DATA[start:end + 1]
+            headers = {"ETag": '"v1"'}
+            if fault == "ignore-range":
+                return self._send(200, headers, DATA)
+            if fault == "bad-range":
+                headers["Content-Range"] = f"bytes {start + 1}-{end + 1}/{len(DATA)}"
+                return self._send(206, headers, body)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(DATA)}"
+            if fault == "chunked":
+                self.send_response(206)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(body), 7000):
+                    part = body[i:i + 7000]
+                    self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+                return None
+            if fault == "close":
+                headers["Connection"] = "close"
+                self.close_connection = True
+            return self._send(206, headers, body)
+
+        def _send(self, status, headers, body):
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def server():
+    script = _Script()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield script, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def _get(pool, url, start, end):
+    got = pool.get_range(url, start, end)
+    assert bytes(got.data) == DATA[start:end], (start, end)
+    return got
+
+
+def test_ranges_reuse_one_keep_alive_connection(server):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    for start, end in [(0, 1000), (5000, 250_000), (299_000, 300_000)]:
+        got = _get(pool, f"{base}/a.tif", start, end)
+        assert got.size == len(DATA) and got.etag == '"v1"'
+    got = pool.get_range(f"{base}/a.tif", 290_000, 400_000)  # past the end: the server clips the range
+    assert bytes(got.data) == DATA[290_000:]
+    assert script.connections == 1
+    assert script.requests[1] == ("/a.tif", "bytes=5000-249999")
+    pool.clear()
+
+
+def test_server_closing_connections(server):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    script.faults = ["close"]
+    _get(pool, f"{base}/a.tif", 10, 200_000)  # "Connection: close": not kept
+    _get(pool, f"{base}/a.tif", 10, 20)
+    assert script.connections == 2
+    # An idle connection the server dropped meanwhile is replaced, not an error.
+    script.faults = ["drop"]
+    _get(pool, f"{base}/a.tif", 100, 90_000)
+    assert len(script.requests) == 4 and script.connections == 3
+    pool.clear()
+
+
+def test_chunked_body(server):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    script.faults = ["chunked"]
+    _get(pool, f"{base}/a.tif", 1234, 100_000)
+    _get(pool, f"{base}/a.tif", 0, 10)  # the connection is still usable
+    assert script.connections == 1
+    pool.clear()
+
+
+def test_retries_5xx_and_follows_redirects(server, monkeypatch):
+    script, base = server
+    monkeypatch.setattr(tile_http, "BACKOFF", 0.01)
+    pool = tile_http.ConnectionPool()
+    script.faults = ["503", "503", "redirect"]
+    _get(pool, f"{base}/a.tif", 0, 5000)
+    assert [p for p, _ in script.requests] == ["/a.tif"] * 3 + ["/moved/a.tif"]
+    script.faults = ["503"] * (tile_http.RETRIES + 1)
+    with pytest.raises(tile_http.HTTPStatusError, match="503"):
+        pool.get_range(f"{base}/a.tif", 0, 10)
+    script.faults = ["redirect"] * (tile_http.MAX_REDIRECTS + 1)
+    with pytest.raises(tile_http.HTTPStatusError, match="too many redirects"):
+        pool.get_range(f"{base}/a.tif", 0, 10)
+    pool.clear()
+
+
+def test_unusable_responses_are_clear_errors(server, monkeypatch):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    n = len(script.requests)
+    with pytest.raises(tile_http.HTTPStatusError, match="404"):
+        pool.get_range(f"{base}/missing.tif", 0, 10)
+    assert len(script.requests) == n + 1  # not retried
+    script.faults = ["bad-range"]
+    with pytest.raises(tile_http.ProtocolError, match="Content-Range"):
+        pool.get_range(f"{base}/a.tif", 0, 10)
+    script.faults = ["ignore-range"]  # a small object sent whole: the range is cut out of it
+    _get(pool, f"{base}/a.tif", 70_000, 80_000)
+    monkeypatch.setattr(tile_http, "WHOLE_MAX", 1000)
+    script.faults = ["ignore-range"]
+    with pytest.raises(tile_http.ProtocolError, match="ignored the Range header"):
+        pool.get_range(f"{base}/a.tif", 0, 10)
+    pool.clear()
+
+
+def test_remote_source_errors_name_the_href(server, monkeypatch):
+    script, base = server
+    src = RemoteSource(f"{base}/a.tif", "item 'x' asset 'red' ")
+    assert src.lean
+    assert src.read(100, 50) == DATA[100:150]
+    data, ident = src._get(0, 10)
+    assert (ident.size, ident.etag) == (len(DATA), '"v1"')
+    missing = RemoteSource(f"{base}/missing.tif", "item 'x' asset 'red' ")
+    with pytest.raises(AssetReadError, match=r"asset 'red' href '.*missing.tif'.*not found"):
+        missing.read(0, 10)
+    from stacchip.tiles.sources import Identity
+
+    with pytest.raises(StaleLayoutError, match="changed since its layout was read"):
+        src.read_ranges([(0, 10)], expect=Identity(len(DATA), '"v0"', None))
+
+
+def test_client_setting_and_proxies(server, monkeypatch):
+    _script, base = server
+    monkeypatch.setenv("STACCHIP_REMOTE_CLIENT", "obstore")
+    assert not RemoteSource(f"{base}/a.tif").lean
+    monkeypatch.setenv("STACCHIP_REMOTE_CLIENT", "curl")
+    with pytest.raises(ConfigError, match="STACCHIP_REMOTE_CLIENT"):
+        RemoteSource(f"{base}/a.tif")
+    monkeypatch.delenv("STACCHIP_REMOTE_CLIENT")
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # reads behind a proxy stay with obstore
+    assert not RemoteSource("http://example.invalid/a.tif").lean
+    monkeypatch.setenv("NO_PROXY", "example.invalid")
+    assert RemoteSource("http://example.invalid/a.tif").lean
+
+
+def test_forked_pool_does_not_reuse_the_parents_sockets(server):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    _get(pool, f"{base}/a.tif", 0, 10)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        ok = b"0"
+        try:
+            got = pool.get_range(f"{base}/a.tif", 20, 30)
+            ok = b"1" if bytes(got.data) == DATA[20:30] else b"0"
+        finally:
+            os.write(w, ok)
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert script.connections == 2  # the child opened its own
+    _get(pool, f"{base}/a.tif", 40, 50)  # the parent's connection still works
+    assert script.connections == 2
+    pool.clear()
+
+
+def test_unreachable_server_fails_after_retries(monkeypatch):
+    monkeypatch.setattr(tile_http, "BACKOFF", 0.01)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    pool = tile_http.ConnectionPool()
+    with pytest.raises(ConnectionRefusedError):
+        pool.get_range(f"http://127.0.0.1:{port}/a.tif", 0, 10)
