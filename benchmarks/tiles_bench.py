@@ -287,8 +287,9 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
     """The bound of the one-scene read-ahead case, from its two parts measured apart.
 
     * **transfer**: the loopback server's bare transfer of exactly the tiles the
-      chips need (each distinct tile once, ``in_flight`` concurrent ranged GETs
-      with obstore, bytes received, nothing decoded): ``T`` seconds;
+      chips need (each distinct tile once, ``in_flight`` concurrent ranged GETs,
+      bytes received, nothing decoded), with obstore's async API and with bare
+      ``http.client`` threads: ``T`` seconds, the faster of the two;
     * **decode**: decoding those same bytes (already in memory) on ``threads``
       threads: ``D`` seconds.
 
@@ -326,11 +327,45 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
 
         return await asyncio.gather(*[one(k, o, c) for k, o, c, _ in tiles])
 
-    r0 = _counter()
-    c0, t0 = time.process_time(), time.perf_counter()
-    blobs = asyncio.run(fetch_all())
-    transfer, transfer_cpu = time.perf_counter() - t0, time.process_time() - c0
-    requests = _counter() - r0
+    def fetch_plain() -> list[Any]:
+        """The same GETs with bare ``http.client`` (presigned URLs), ``in_flight`` threads."""
+        import http.client
+        import queue
+        from datetime import timedelta
+        from urllib.parse import urlsplit
+
+        import numpy as np
+
+        urls = {k: urlsplit(obstore.sign(*store_for(h), timedelta(hours=1))) for k, h in hrefs.items()}
+        conns: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(in_flight):
+            u = next(iter(urls.values()))
+            conns.put(http.client.HTTPConnection(u.hostname, u.port))
+
+        def one(t: Any) -> Any:
+            key, offset, count, _ = t
+            u, conn = urls[key], conns.get()
+            conn.request("GET", f"{u.path}?{u.query}", headers={"Range": f"bytes={offset}-{offset + count - 1}"})
+            resp = conn.getresponse()
+            buf = np.empty(count, np.uint8)
+            view, got = memoryview(buf), 0
+            while got < count:
+                got += resp.readinto(view[got:])
+            resp.read()
+            conns.put(conn)
+            return buf
+
+        with ThreadPoolExecutor(in_flight) as pool:
+            return list(pool.map(one, tiles))
+
+    timings = {}
+    for name, fetch in (("obstore", lambda: asyncio.run(fetch_all())), ("http.client", fetch_plain)):
+        r0 = _counter()
+        c0, t0 = time.process_time(), time.perf_counter()
+        blobs = fetch()
+        timings[name] = (time.perf_counter() - t0, time.process_time() - c0, _counter() - r0)
+    fastest = min(timings, key=lambda k: timings[k][0])  # the stricter bound
+    transfer, transfer_cpu, requests = timings[fastest]
     c0, t0 = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda a: decode_tile(a[0][3], a[1]), zip(tiles, blobs, strict=True)))
@@ -341,7 +376,8 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
             "cpu_ms_per_chip": 1000 * (transfer_cpu + decode_cpu) / n, "requests_per_chip": requests / n,
             "transfer_cpu_ms_per_tile": 1000 * transfer_cpu / len(tiles),
             "decode_cpu_ms_per_tile": 1000 * decode_cpu / len(tiles),
-            "tiles": len(tiles), "mb": sum(t[2] for t in tiles) / 1e6, "rss_mb": _rss_mb(), "chips": n}
+            "tiles": len(tiles), "mb": sum(t[2] for t in tiles) / 1e6, "rss_mb": _rss_mb(), "chips": n,
+            "transfer_s_obstore": timings["obstore"][0], "transfer_s_http_client": timings["http.client"][0]}
 
 
 WORKERS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("w_") and callable(fn)}
@@ -480,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
               f" decode {b['decode_s']:.2f} s ({b['decode_chips_per_s']:.1f} chips/s,"
               f" {b['decode_cpu_ms_per_tile']:.2f} ms CPU/tile); bound = n / (T + D);"
               f" perfect-overlap ceiling n / max(T, D) = {b['chips'] / max(b['transfer_s'], b['decode_s']):.1f}"
-              " chips/s")
+              f" chips/s; bare transfer obstore {b['transfer_s_obstore']:.2f} s,"
+              f" http.client {b['transfer_s_http_client']:.2f} s")
         for name in ("one_s3", "one_s3_deep", "one_s3_deep64"):
             if name in results:
                 print(f"  {name}: tile cache {results[name]['cache_mb']:.0f} MB,"
@@ -492,7 +529,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
         print(f"client CPU per chip, s3 / local: "
               f"{results['random_s3']['cpu_ms_per_chip'] / results['random_local']['cpu_ms_per_chip']:.2f}x (chip()), "
               f"{results['random_s3_batch']['cpu_ms_per_chip'] / results['random_local_batch']['cpu_ms_per_chip']:.2f}x"
-              " (chips())")
+              " (chips()) [ratio of medians]")
+        for s3_case, local_case in (("random_s3", "random_local"), ("random_s3_batch", "random_local_batch")):
+            pairs = [a["cpu_ms_per_chip"] / b["cpu_ms_per_chip"] for a, b in zip(runs[s3_case], runs[local_case])]
+            results[f"{s3_case}_cpu_ratio_per_repeat"] = pairs
+            print(f"  {s3_case} / {local_case} CPU per repeat: {[round(x, 2) for x in pairs]},"
+                  f" median {statistics.median(pairs):.2f}x")
     print(f"tiles per chip in the random cases: 10 (no two chips share a tile); "
           f"load average before/after: {results['load_average_before']} / {results['load_average_after']}")
     if args.json:

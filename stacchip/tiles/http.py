@@ -34,6 +34,8 @@ import os
 import random
 import socket
 import ssl
+import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -229,21 +231,39 @@ def _retryable(status: int) -> bool:
 
 
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
+#: Blocking ``MSG_WAITALL`` reads with a kernel receive timeout (``SO_RCVTIMEO``).
+_KERNEL_WAIT = sys.platform.startswith("linux") and bool(_WAITALL)
+_RCVTIMEO = struct.pack("@ll", int(TIMEOUT), 0)
 
 
 def _read_exact(resp: http.client.HTTPResponse, sock: Any, buf: np.ndarray) -> None:
     """Fill ``buf`` with the body: what the response's reader holds, then straight
-    from the socket, the kernel filling the rest in one call (``MSG_WAITALL``: no
-    return to Python per arriving segment) on a plain socket."""
+    from the socket. On Linux a plain socket is read blocking with ``MSG_WAITALL``
+    (the kernel fills the buffer as segments arrive, without a return to Python and
+    a ``poll`` per segment), bounded by a receive timeout of :data:`TIMEOUT` s."""
     view = memoryview(cast(Any, buf))
     total = len(view)
     got = resp.fp.readinto1(view) if total else 0  # bytes read with the headers, at most one more recv
-    flags = _WAITALL if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket) else 0
-    while got < total:
-        n = sock.recv_into(view[got:], total - got, flags)
-        if not n:
-            raise http.client.IncompleteRead(bytes(view[:got]), total - got)
-        got += n
+    if got >= total:
+        return _done(resp)
+    kernel = _KERNEL_WAIT and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+    timeout = sock.gettimeout()
+    if kernel:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
+        sock.settimeout(None)
+    try:
+        while got < total:
+            n = sock.recv_into(view[got:], total - got, _WAITALL if kernel else 0)
+            if not n:
+                raise http.client.IncompleteRead(bytes(view[:got]), total - got)
+            got += n
+    finally:
+        if kernel:
+            sock.settimeout(timeout)
+    return _done(resp)
+
+
+def _done(resp: http.client.HTTPResponse) -> None:
     resp.length = 0
     resp.close()  # the body is read: the connection is ready for the next request
 
