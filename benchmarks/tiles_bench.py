@@ -336,7 +336,8 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
 
         import numpy as np
 
-        urls = {k: urlsplit(obstore.sign(*store_for(h), timedelta(hours=1))) for k, h in hrefs.items()}
+        urls = {k: urlsplit(obstore.sign(store_for(h)[0], "GET", store_for(h)[1], timedelta(hours=1)))
+                for k, h in hrefs.items()}
         conns: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(in_flight):
             u = next(iter(urls.values()))
