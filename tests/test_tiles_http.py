@@ -25,6 +25,7 @@ class _Script:
         self.requests: list[tuple[str, str]] = []
         self.connections = 0
         self.lock = threading.Lock()
+        self.release = threading.Event()
 
     def take(self) -> str:
         with self.lock:
@@ -53,12 +54,16 @@ def _handler(script):
                 return self._send(503, {}, b"slow down")
             if fault == "redirect":
                 return self._send(307, {"Location": "/moved" + self.path}, b"")
+            if fault == "redirect-file":
+                return self._send(302, {"Location": "file:///etc/passwd"}, b"")
             if fault == "drop":  # the connection dies before any response
                 self.close_connection = True
                 return
             rng = self.headers.get("Range", "")
             start_s, _, end_s = rng[len("bytes="):].partition("-")
             start, end = int(start_s), min(int(end_s), len(DATA) - 1)
+            if start >= len(DATA):
+                return self._send(416, {"Content-Range": f"bytes */{len(DATA)}"}, b"")
             body = DATA[start:end + 1]
             headers = {"ETag": '"v1"'}
             if fault == "ignore-range":
@@ -81,6 +86,23 @@ def _handler(script):
             if fault == "close":
                 headers["Connection"] = "close"
                 self.close_connection = True
+            if fault == "close-quietly":  # closed after the response, without saying so
+                self.close_connection = True
+            if fault == "gzip":
+                headers["Content-Encoding"] = "gzip"
+            if fault == "no-range-header":
+                del headers["Content-Range"]
+            if fault == "stall":  # headers and part of the body, then nothing
+                self.send_response(206)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:100])
+                self.wfile.flush()
+                script.release.wait(10)
+                self.close_connection = True
+                return None
             return self._send(206, headers, body)
 
         def _send(self, status, headers, body):
@@ -102,6 +124,7 @@ def server():
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield script, f"http://127.0.0.1:{srv.server_address[1]}"
+    script.release.set()
     srv.shutdown()
     srv.server_close()
     thread.join(timeout=10)
@@ -163,6 +186,9 @@ def test_retries_5xx_and_follows_redirects(server, monkeypatch):
     script.faults = ["redirect"] * (tile_http.MAX_REDIRECTS + 1)
     with pytest.raises(tile_http.HTTPStatusError, match="too many redirects"):
         pool.get_range(f"{base}/a.tif", 0, 10)
+    script.faults = ["redirect-file"]  # only http(s), never https -> http
+    with pytest.raises(tile_http.HTTPStatusError, match="does not follow: file:///etc/passwd"):
+        pool.get_range(f"{base}/a.tif", 0, 10)
     pool.clear()
 
 
@@ -178,6 +204,12 @@ def test_unusable_responses_are_clear_errors(server, monkeypatch):
         pool.get_range(f"{base}/a.tif", 0, 10)
     script.faults = ["ignore-range"]  # a small object sent whole: the range is cut out of it
     _get(pool, f"{base}/a.tif", 70_000, 80_000)
+    script.faults = ["ignore-range"]  # ... also when the range reaches past its end
+    assert bytes(pool.get_range(f"{base}/a.tif", 299_000, 365_536).data) == DATA[299_000:]
+    for fault, what in (("gzip", "Content-Encoding 'gzip'"), ("no-range-header", "without Content-Range")):
+        script.faults = [fault]
+        with pytest.raises(tile_http.ProtocolError, match=what):
+            pool.get_range(f"{base}/a.tif", 0, 10)
     monkeypatch.setattr(tile_http, "WHOLE_MAX", 1000)
     script.faults = ["ignore-range"]
     with pytest.raises(tile_http.ProtocolError, match="ignored the Range header"):
@@ -249,3 +281,51 @@ def test_unreachable_server_fails_after_retries(monkeypatch):
     pool = tile_http.ConnectionPool()
     with pytest.raises(ConnectionRefusedError):
         pool.get_range(f"http://127.0.0.1:{port}/a.tif", 0, 10)
+
+
+def test_idle_connections_too_old_or_closed_are_not_reused(server, monkeypatch):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    script.faults = ["close-quietly"]
+    _get(pool, f"{base}/a.tif", 0, 10)
+    import time
+
+    deadline = time.monotonic() + 5
+    while script.connections < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the server has closed its end by now
+    _get(pool, f"{base}/a.tif", 10, 20)  # the closed idle socket is seen before a request is wasted on it
+    assert len(script.requests) == 2 and script.connections == 2
+    monkeypatch.setattr(tile_http, "MAX_IDLE_SECONDS", 0.0)
+    _get(pool, f"{base}/a.tif", 20, 30)
+    assert script.connections == 3  # too old: a new one
+    pool.clear()
+
+
+def test_paths_are_percent_encoded(server):
+    script, base = server
+    pool = tile_http.ConnectionPool()
+    _get(pool, f"{base}/scenes/a b\u00e9.tif", 0, 10)
+    _get(pool, f"{base}/scenes/already%20encoded.tif", 0, 10)
+    assert [p for p, _ in script.requests] == ["/scenes/a%20b%C3%A9.tif", "/scenes/already%20encoded.tif"]
+    pool.clear()
+
+
+def test_a_stalled_body_times_out(server, monkeypatch):
+    script, base = server
+    monkeypatch.setattr(tile_http, "TIMEOUT", 0.5)
+    monkeypatch.setattr(tile_http, "_RCVTIMEO", __import__("struct").pack("@ll", 0, 500_000))
+    monkeypatch.setattr(tile_http, "RETRIES", 0)
+    pool = tile_http.ConnectionPool()
+    script.faults = ["stall"]
+    with pytest.raises(TimeoutError, match="timed out"):
+        pool.get_range(f"{base}/a.tif", 0, 200_000)
+    script.release.set()
+    pool.clear()
+
+
+def test_range_past_the_end_is_a_stale_layout(server):
+    _script, base = server
+    src = RemoteSource(f"{base}/a.tif", "item 'x' asset 'red' ")
+    with pytest.raises(StaleLayoutError, match="shorter than its layout"):
+        src.read(len(DATA) + 10, 100)

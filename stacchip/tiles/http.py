@@ -32,6 +32,7 @@ from __future__ import annotations
 import http.client
 import os
 import random
+import select
 import socket
 import ssl
 import struct
@@ -40,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import numpy as np
 
@@ -50,8 +51,11 @@ BACKOFF = 0.2
 MAX_BACKOFF = 10.0
 #: No retry starts later than this many seconds after the first attempt.
 RETRY_TIMEOUT = 120.0
-#: Socket timeout (connect and every read), s.
+#: Time allowed for connecting (incl. the TLS handshake) and for each response, s.
+CONNECT_TIMEOUT = 10.0
 TIMEOUT = 60.0
+#: Idle keep-alive connections older than this are closed, not reused (s).
+MAX_IDLE_SECONDS = 30.0
 MAX_REDIRECTS = 5
 #: Idle connections kept per origin.
 MAX_IDLE = 32
@@ -59,6 +63,9 @@ MAX_IDLE = 32
 WHOLE_MAX = 64 * 2**20
 
 CLIENT_ENV = "STACCHIP_REMOTE_CLIENT"
+#: Characters kept as they are when the request path is percent-encoded (``%`` too:
+#: an href already encoded stays as it is).
+_PATH_SAFE = "/%:@!$&'()*+,;=~"
 
 
 class HTTPStatusError(OSError):
@@ -112,54 +119,75 @@ def proxied(url: str) -> bool:
 
 
 def _tls_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()  # the system's CAs; SSL_CERT_FILE / SSL_CERT_DIR honoured
-    try:
-        import certifi
+    """The system's CAs (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` honoured); ``certifi``'s
+    only where the system has none (e.g. python.org builds on macOS)."""
+    ctx = ssl.create_default_context()
+    if not ctx.cert_store_stats().get("x509_ca"):
+        try:
+            import certifi
 
-        ctx.load_verify_locations(cafile=certifi.where())
-    except (ImportError, OSError, ssl.SSLError):
-        pass
+            ctx.load_verify_locations(cafile=certifi.where())
+        except (ImportError, OSError, ssl.SSLError):
+            pass
     return ctx
 
 
 class ConnectionPool:
-    """Idle keep-alive connections per origin ``(scheme, host, port)``; one process's."""
+    """Idle keep-alive connections per origin ``(scheme, host, port)``; one process's.
+
+    A connection idle for more than :data:`MAX_IDLE_SECONDS`, or whose socket
+    has become readable while idle (the server closed it), is not used again."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._idle: dict[tuple[str, str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._tls: ssl.SSLContext | None = None
 
     def _take(self, origin: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
+        now = time.monotonic()
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
-                self._idle = {}
-                self._pid = os.getpid()
-            idle = self._idle.get(origin)
-            if idle:
-                return idle.pop(), True
-            if origin[0] == "https" and self._tls is None:
-                self._tls = _tls_context()
-            tls = self._tls
+            if self._pid != os.getpid():  # forked: the parent's sockets and lock are not ours
+                self._idle, self._pid = {}, os.getpid()
+            idle = self._idle.get(origin) or []
+            while idle:
+                since, conn = idle.pop()
+                if now - since <= MAX_IDLE_SECONDS and _alive(conn):
+                    return conn, True
+                conn.close()
+        return self._connect(origin), False
+
+    def _connect(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
         scheme, host, port = origin
+        conn: http.client.HTTPConnection
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=TIMEOUT, context=tls), False
-        return http.client.HTTPConnection(host, port, timeout=TIMEOUT), False
+            if self._tls is None:
+                self._tls = _tls_context()  # outside the lock: loading CA files takes a while
+            conn = http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT, context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
+        conn.connect()  # connect (and TLS handshake) within CONNECT_TIMEOUT, then reads within TIMEOUT
+        if conn.sock is not None:
+            conn.sock.settimeout(TIMEOUT)
+        return conn
 
     def _give(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(origin, [])
             if self._pid == os.getpid() and len(idle) < MAX_IDLE:
-                idle.append(conn)
+                idle.append((time.monotonic(), conn))
                 return
         conn.close()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._idle, self._pid = {}, os.getpid()
 
     def clear(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, {}
         for conns in idle.values():
-            for conn in conns:
+            for _, conn in conns:
                 conn.close()
 
     def get_range(self, url: str, start: int, end: int) -> Ranged:
@@ -174,11 +202,16 @@ class ConnectionPool:
                 redirects += 1
                 if redirects > MAX_REDIRECTS:
                     raise HTTPStatusError(red.status, url, b"too many redirects") from None
-                url = urljoin(url, red.location)
+                target = urljoin(url, red.location)
+                if urlsplit(target).scheme.lower() not in ("http", "https") or \
+                        (urlsplit(url).scheme.lower() == "https" and urlsplit(target).scheme.lower() != "https"):
+                    raise HTTPStatusError(red.status, url, b"redirect to a URL this client does not follow: "
+                                          + target.split("?")[0].encode()) from None
+                url = target
             except (OSError, http.client.HTTPException) as exc:
                 if isinstance(exc, HTTPStatusError) and not _retryable(exc.status):
                     raise
-                if isinstance(exc, ssl.SSLCertVerificationError):
+                if isinstance(exc, (ssl.SSLCertVerificationError, http.client.InvalidURL)):
                     raise
                 attempt += 1
                 wait = min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
@@ -191,7 +224,7 @@ class ConnectionPool:
         scheme = parts.scheme.lower()
         port = parts.port or (443 if scheme == "https" else 80)
         origin = (scheme, parts.hostname or "", port)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = quote(parts.path or "/", safe=_PATH_SAFE) + (f"?{parts.query}" if parts.query else "")
         headers = {"Range": f"bytes={start}-{end - 1}"}
         while True:
             conn, reused = self._take(origin)
@@ -199,10 +232,10 @@ class ConnectionPool:
                 conn.request("GET", target, headers=headers)
                 sock = conn.sock  # http.client lets go of it when the server closes after this response
                 resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except (OSError, http.client.HTTPException):
                 conn.close()
                 if reused:
-                    continue  # the server closed an idle keep-alive connection: a fresh one
+                    continue  # a kept connection the server (or a middlebox) dropped: a fresh one, at once
                 raise
             except BaseException:
                 conn.close()
@@ -218,6 +251,19 @@ class ConnectionPool:
         else:
             self._give(origin, conn)
         return out
+
+
+def _alive(conn: http.client.HTTPConnection) -> bool:
+    """False when an idle connection's socket is readable: closed by the server (or
+    holding bytes nobody asked for)."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 class _Redirect(Exception):
@@ -240,7 +286,8 @@ def _read_exact(resp: http.client.HTTPResponse, sock: Any, buf: np.ndarray) -> N
     """Fill ``buf`` with the body: what the response's reader holds, then straight
     from the socket. On Linux a plain socket is read blocking with ``MSG_WAITALL``
     (the kernel fills the buffer as segments arrive, without a return to Python and
-    a ``poll`` per segment), bounded by a receive timeout of :data:`TIMEOUT` s."""
+    a ``poll`` per segment), under a receive timeout; the whole body must arrive
+    within :data:`TIMEOUT` s."""
     view = memoryview(cast(Any, buf))
     total = len(view)
     got = resp.fp.readinto1(view) if total else 0  # bytes read with the headers, at most one more recv
@@ -248,14 +295,20 @@ def _read_exact(resp: http.client.HTTPResponse, sock: Any, buf: np.ndarray) -> N
         return _done(resp)
     kernel = _KERNEL_WAIT and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
     timeout = sock.gettimeout()
+    deadline = time.monotonic() + TIMEOUT
     if kernel:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         sock.settimeout(None)
     try:
         while got < total:
-            n = sock.recv_into(view[got:], total - got, _WAITALL if kernel else 0)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {TIMEOUT:.0f} s reading a {total}-byte body")
+            try:
+                n = sock.recv_into(view[got:], total - got, _WAITALL if kernel else 0)
+            except BlockingIOError:  # the kernel receive timeout passed without a byte
+                raise TimeoutError(f"timed out after {TIMEOUT:.0f} s reading a {total}-byte body") from None
             if not n:
-                raise http.client.IncompleteRead(bytes(view[:got]), total - got)
+                raise http.client.IncompleteRead(b"", total - got)
             got += n
     finally:
         if kernel:
@@ -274,15 +327,22 @@ def _read_chunked(resp: http.client.HTTPResponse, buf: np.ndarray) -> None:
     while got < len(view):
         n = resp.readinto(view[got:])
         if not n:
-            raise http.client.IncompleteRead(bytes(view[:got]), len(view) - got)
+            raise http.client.IncompleteRead(b"", len(view) - got)
         got += n
-    resp.read()  # the last chunk and trailers: lets the connection be reused
+    if resp.read(1):  # the last chunk (and trailers) only: a longer body is not what was asked
+        raise ProtocolError(f"a chunked body longer than the {len(view)} bytes of its Content-Range")
 
 
 def _body(resp: http.client.HTTPResponse, sock: Any, url: str, start: int, end: int) -> Ranged:
     status = resp.status
     etag = resp.getheader("ETag")
+    if status in (200, 206):
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise ProtocolError(f"Content-Encoding {encoding!r} for a byte range")
     if status == 206:
+        if "multipart/" in (resp.getheader("Content-Type") or "").lower():
+            raise ProtocolError("a multipart response to a single range")
         last, size = _content_range(resp.getheader("Content-Range"), start, end)
         length = resp.length
         if length is not None and length != last + 1 - start:
@@ -298,9 +358,10 @@ def _body(resp: http.client.HTTPResponse, sock: Any, url: str, start: int, end: 
             raise ProtocolError(f"the server ignored the Range header and sent the whole object "
                                 f"({resp.length or 'unknown'} bytes) for bytes {start}-{end - 1}")
         data = resp.read()
-        if len(data) < end:
+        if start >= len(data):
             raise ProtocolError(f"bytes {start}-{end - 1} asked of a {len(data)}-byte object")
-        return Ranged(np.frombuffer(data, np.uint8, end - start, start), len(data), etag)
+        stop = min(end, len(data))  # a range reaching past the end is cut there, as a 206 would be
+        return Ranged(np.frombuffer(data, np.uint8, stop - start, start), len(data), etag)
     body = resp.read(4096)
     if status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
         raise _Redirect(status, resp.getheader("Location") or "")
@@ -312,7 +373,7 @@ def _content_range(value: str | None, start: int, end: int) -> tuple[int, int | 
     be ``start``, ``b`` the last byte asked for, or the object's last byte when the
     range reaches past its end."""
     if not value:
-        return end - 1, None
+        raise ProtocolError(f"a 206 response without Content-Range for bytes {start}-{end - 1}")
     try:
         unit, _, rest = value.strip().partition(" ")
         span, _, total_s = rest.partition("/")
@@ -320,7 +381,8 @@ def _content_range(value: str | None, start: int, end: int) -> tuple[int, int | 
         first, last = int(a), int(b)
         total = None if total_s.strip() == "*" else int(total_s)
         clipped = total is not None and last == total - 1 and last < end - 1
-        if unit.lower() != "bytes" or first != start or not (last == end - 1 or clipped):
+        if unit.lower() != "bytes" or first != start or last < first or (total is not None and last >= total) \
+                or not (last == end - 1 or clipped):
             raise ValueError
     except ValueError:
         raise ProtocolError(f"unexpected Content-Range {value!r} for bytes {start}-{end - 1}") from None
@@ -329,6 +391,16 @@ def _content_range(value: str | None, start: int, end: int) -> tuple[int, int | 
 
 _pool: ConnectionPool | None = None
 _pool_lock = threading.Lock()
+
+
+def _forked_child() -> None:
+    global _pool, _pool_lock
+    _pool_lock = threading.Lock()
+    if _pool is not None:
+        _pool._after_fork()
+
+
+os.register_at_fork(after_in_child=_forked_child)
 
 
 def pool() -> ConnectionPool:

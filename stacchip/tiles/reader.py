@@ -283,7 +283,7 @@ class TileEngine:
         return self._fetch
 
     def shutdown(self) -> None:
-        for pool in (self._decode, self._io, self._fetch):
+        for pool in (self._fetch, self._io, self._decode):  # fetches hand tiles to the decode pool: it goes last
             if pool is not None:
                 pool.shutdown(wait=True)
         self._decode = self._io = self._fetch = None
@@ -326,9 +326,12 @@ def _decode_group(f: TileFile, group: list[tuple[TileKey, Future, int, int]], st
                   decode: Any) -> None:
     """Decode each tile of one fetched byte range (``data`` starts at file offset ``start``)."""
     view = memoryview(data)
-    for _, fut, offset, count in group:
-        chunk = view[offset - start:offset - start + count]
-        decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+    try:
+        for _, fut, offset, count in group:
+            chunk = view[offset - start:offset - start + count]
+            decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+    except RuntimeError as exc:  # the decode pool was shut down meanwhile: no tile is left waiting
+        _fail_group(group, exc)
 
 
 async def _remote_job_async(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,

@@ -258,7 +258,8 @@ class RemoteSource:
         self.requests = 0
         self._signed: tuple[str, float] | None = None
         #: Tile bytes through :mod:`stacchip.tiles.http` (else obstore's client).
-        self.lean = _lean_for(href)
+        self.lean = _lean_for(href, self.store)
+        self._count = threading.Lock()
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
@@ -272,7 +273,8 @@ class RemoteSource:
         except Exception as exc:
             raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
         finally:
-            self.requests += 1
+            with self._count:  # fetch threads share one source
+                self.requests += 1
 
     def _get(self, start: int, end: int) -> tuple[Any, Identity]:
         if self.lean:
@@ -362,17 +364,21 @@ SIGN_SECONDS = 3600
 SIGN_MARGIN = 600
 
 
-def _lean_for(href: str) -> bool:
+def _lean_for(href: str, store: Any) -> bool:
     from stacchip.tiles.http import lean_client_wanted, proxied
 
     if not lean_client_wanted():
         return False
     if urlparse(href).scheme.lower() == "s3":
-        from stacchip.reader import s3_endpoint
-
-        endpoint = s3_endpoint() or "https://s3.amazonaws.com"
-        return not proxied(endpoint if "://" in endpoint else f"https://{endpoint}")
+        return not proxied(_s3_base(store))
     return not proxied(href)
+
+
+def _s3_base(store: Any) -> str:
+    """Where the S3 requests of ``store`` go (path style): its endpoint, else AWS's for its region."""
+    config = store.config
+    region = config.get("region") or "us-east-1"
+    return str(config.get("endpoint") or f"https://s3.{region}.amazonaws.com").rstrip("/")
 
 
 def _s3_url(store: Any, key: str) -> str:
@@ -384,9 +390,7 @@ def _s3_url(store: Any, key: str) -> str:
 
     config = store.config
     if _truthy(str(config.get("skip_signature", ""))):
-        region = config.get("region") or "us-east-1"
-        base = str(config.get("endpoint") or f"https://s3.{region}.amazonaws.com").rstrip("/")
-        return f"{base}/{quote(str(config['bucket']))}/{quote(key)}"
+        return f"{_s3_base(store)}/{quote(str(config['bucket']))}/{quote(key)}"
     return str(obstore.sign(store, "GET", key, timedelta(seconds=SIGN_SECONDS)))
 
 
