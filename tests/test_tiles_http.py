@@ -302,6 +302,25 @@ def test_idle_connections_too_old_or_closed_are_not_reused(server, monkeypatch):
     pool.clear()
 
 
+def test_connections_are_reused_whatever_the_descriptor_numbers(server):
+    script, base = server
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip("needs 1200 descriptors")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # what a long process may hold
+    try:
+        pool = tile_http.ConnectionPool()
+        for start in (0, 100, 200):
+            _get(pool, f"{base}/a.tif", start, start + 50)
+        assert script.connections == 1
+        pool.clear()
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def test_paths_are_percent_encoded(server):
     script, base = server
     pool = tile_http.ConnectionPool()

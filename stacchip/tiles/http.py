@@ -260,6 +260,10 @@ def _alive(conn: http.client.HTTPConnection) -> bool:
     if sock is None:
         return False
     try:
+        if hasattr(select, "poll"):  # any descriptor number (select() stops at FD_SETSIZE)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
         readable, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):
         return False
