@@ -348,3 +348,63 @@ def test_range_past_the_end_is_a_stale_layout(server):
     src = RemoteSource(f"{base}/a.tif", "item 'x' asset 'red' ")
     with pytest.raises(StaleLayoutError, match="shorter than its layout"):
         src.read(len(DATA) + 10, 100)
+
+
+def _self_signed(tmp_path):
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_pem, key_pem
+
+
+def test_https_ranges_verified_against_the_trusted_certificates(tmp_path, monkeypatch):
+    import ssl
+
+    cert_pem, key_pem = _self_signed(tmp_path)
+    script = _Script()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+    srv.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_pem, key_pem)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    base = f"https://127.0.0.1:{srv.server_address[1]}"
+    try:
+        # Not trusted: a certificate error, at once (not retried).
+        monkeypatch.setattr(tile_http, "BACKOFF", 5.0)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tile_http.ConnectionPool().get_range(f"{base}/a.tif", 0, 10)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_pem))  # trusted as the system's CAs would be
+        pool = tile_http.ConnectionPool()
+        for start, end in [(0, 1000), (5000, 250_000), (299_000, 300_000)]:
+            _get(pool, f"{base}/a.tif", start, end)
+        assert script.connections == 1  # one kept connection (the refused handshake never reached a handler)
+        src = RemoteSource(f"{base}/a.tif", "item 'x' asset 'red' ")
+        assert src.lean and src.read(10, 20) == DATA[10:30]
+        pool.clear()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
