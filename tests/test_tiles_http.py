@@ -33,87 +33,89 @@ class _Script:
 
 
 def _handler(script):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    return type("Handler", (_Handler,), {"script": script})
 
-        def log_message(self, *args):
-            pass
 
-        def setup(self):
-            super().setup()
-            with script.lock:
-                script.connections += 1
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    script: _Script
 
-        def do_GET(self):  # noqa: C901 - one branch per scripted behaviour
-            with script.lock:
-                script.requests.append((self.path, self.headers.get("Range", "")))
-            fault = script.take()
-            if self.path.startswith("/missing"):
-                return self._send(404, {}, b"no such object")
-            if fault == "503":
-                return self._send(503, {}, b"slow down")
-            if fault == "redirect":
-                return self._send(307, {"Location": "/moved" + self.path}, b"")
-            if fault == "redirect-file":
-                return self._send(302, {"Location": "file:///etc/passwd"}, b"")
-            if fault == "drop":  # the connection dies before any response
-                self.close_connection = True
-                return
-            rng = self.headers.get("Range", "")
-            start_s, _, end_s = rng[len("bytes="):].partition("-")
-            start, end = int(start_s), min(int(end_s), len(DATA) - 1)
-            if start >= len(DATA):
-                return self._send(416, {"Content-Range": f"bytes */{len(DATA)}"}, b"")
-            body = DATA[start:end + 1]
-            headers = {"ETag": '"v1"'}
-            if fault == "ignore-range":
-                return self._send(200, headers, DATA)
-            if fault == "bad-range":
-                headers["Content-Range"] = f"bytes {start + 1}-{end + 1}/{len(DATA)}"
-                return self._send(206, headers, body)
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(DATA)}"
-            if fault == "chunked":
-                self.send_response(206)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                for i in range(0, len(body), 7000):
-                    part = body[i:i + 7000]
-                    self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
-                self.wfile.write(b"0\r\n\r\n")
-                return None
-            if fault == "close":
-                headers["Connection"] = "close"
-                self.close_connection = True
-            if fault == "close-quietly":  # closed after the response, without saying so
-                self.close_connection = True
-            if fault == "gzip":
-                headers["Content-Encoding"] = "gzip"
-            if fault == "no-range-header":
-                del headers["Content-Range"]
-            if fault == "stall":  # headers and part of the body, then nothing
-                self.send_response(206)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:100])
-                self.wfile.flush()
-                script.release.wait(10)
-                self.close_connection = True
-                return None
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        with self.script.lock:
+            self.script.connections += 1
+
+    def do_GET(self):  # noqa: C901 - one branch per scripted behaviour
+        with self.script.lock:
+            self.script.requests.append((self.path, self.headers.get("Range", "")))
+        fault = self.script.take()
+        if self.path.startswith("/missing"):
+            return self._send(404, {}, b"no such object")
+        if fault == "503":
+            return self._send(503, {}, b"slow down")
+        if fault == "redirect":
+            return self._send(307, {"Location": "/moved" + self.path}, b"")
+        if fault == "redirect-file":
+            return self._send(302, {"Location": "file:///etc/passwd"}, b"")
+        if fault == "drop":  # the connection dies before any response
+            self.close_connection = True
+            return
+        rng = self.headers.get("Range", "")
+        start_s, _, end_s = rng[len("bytes="):].partition("-")
+        start, end = int(start_s), min(int(end_s), len(DATA) - 1)
+        if start >= len(DATA):
+            return self._send(416, {"Content-Range": f"bytes */{len(DATA)}"}, b"")
+        body = DATA[start:end + 1]
+        headers = {"ETag": '"v1"'}
+        if fault == "ignore-range":
+            return self._send(200, headers, DATA)
+        if fault == "bad-range":
+            headers["Content-Range"] = f"bytes {start + 1}-{end + 1}/{len(DATA)}"
             return self._send(206, headers, body)
-
-        def _send(self, status, headers, body):
-            self.send_response(status)
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(DATA)}"
+        if fault == "chunked":
+            self.send_response(206)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 7000):
+                part = body[i:i + 7000]
+                self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return None
+        if fault == "close":
+            headers["Connection"] = "close"
+            self.close_connection = True
+        if fault == "close-quietly":  # closed after the response, without saying so
+            self.close_connection = True
+        if fault == "gzip":
+            headers["Content-Encoding"] = "gzip"
+        if fault == "no-range-header":
+            del headers["Content-Range"]
+        if fault == "stall":  # headers and part of the body, then nothing
+            self.send_response(206)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            self.script.release.wait(10)
+            self.close_connection = True
+            return None
+        return self._send(206, headers, body)
 
-    return Handler
+    def _send(self, status, headers, body):
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 @pytest.fixture
@@ -333,7 +335,6 @@ def test_paths_are_percent_encoded(server):
 def test_a_stalled_body_times_out(server, monkeypatch):
     script, base = server
     monkeypatch.setattr(tile_http, "TIMEOUT", 0.5)
-    monkeypatch.setattr(tile_http, "_RCVTIMEO", __import__("struct").pack("@ll", 0, 500_000))
     monkeypatch.setattr(tile_http, "RETRIES", 0)
     pool = tile_http.ConnectionPool()
     script.faults = ["stall"]

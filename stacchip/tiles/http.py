@@ -4,8 +4,8 @@ The tile read path fetches each tile (or coalesced run of tiles) of an ``s3://``
 or ``http(s)://`` file with one ``GET`` carrying a ``Range`` header, straight into
 a buffer of its own (no chunk lists joined, no copy before the decoder). Next to
 obstore's async client this costs about a third less CPU per tile, and it has no
-runtime threads of its own: the tiles are fetched by the engine's fetch threads,
-each decoding what it fetched.
+runtime threads of its own: the engine's fetch threads make the requests and hand
+the bytes to its decode pool.
 
 * S3 requests carry a URL presigned by obstore (:func:`obstore.sign`, so
   credentials come from obstore's chain exactly as for every other request);
@@ -13,7 +13,7 @@ each decoding what it fetched.
   again after a ``403`` (temporary credentials renewed). Public buckets
   (``AWS_NO_SIGN_REQUEST``) get the plain path-style URL.
 * :class:`ConnectionPool` keeps idle keep-alive connections per origin
-  (HTTPS with the system's certificates, plus ``certifi``'s when installed).
+  (HTTPS with the system's certificates; ``certifi``'s where the system has none).
 * Failures are retried as obstore's client does (connection errors, ``5xx``,
   ``429``: up to :data:`RETRIES` times with exponential backoff, at most
   :data:`RETRY_TIMEOUT` seconds); a keep-alive connection the server closed is
@@ -167,8 +167,12 @@ class ConnectionPool:
         else:
             conn = http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT)
         conn.connect()  # connect (and TLS handshake) within CONNECT_TIMEOUT, then reads within TIMEOUT
-        if conn.sock is not None:
-            conn.sock.settimeout(TIMEOUT)
+        sock = conn.sock
+        if sock is not None:
+            sock.settimeout(TIMEOUT)
+            if _kernel_wait(sock):  # the bound of the blocking body reads (see _read_exact)
+                timeval = struct.pack("@ll", int(TIMEOUT), int(TIMEOUT % 1 * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         return conn
 
     def _give(self, origin: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
@@ -203,8 +207,8 @@ class ConnectionPool:
                 if redirects > MAX_REDIRECTS:
                     raise HTTPStatusError(red.status, url, b"too many redirects") from None
                 target = urljoin(url, red.location)
-                if urlsplit(target).scheme.lower() not in ("http", "https") or \
-                        (urlsplit(url).scheme.lower() == "https" and urlsplit(target).scheme.lower() != "https"):
+                to, was = urlsplit(target).scheme.lower(), urlsplit(url).scheme.lower()
+                if to not in ("http", "https") or (was == "https" and to != "https"):  # no downgrade
                     raise HTTPStatusError(red.status, url, b"redirect to a URL this client does not follow: "
                                           + target.split("?")[0].encode()) from None
                 url = target
@@ -281,9 +285,12 @@ def _retryable(status: int) -> bool:
 
 
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
-#: Blocking ``MSG_WAITALL`` reads with a kernel receive timeout (``SO_RCVTIMEO``).
+#: Blocking ``MSG_WAITALL`` reads under a kernel receive timeout (``SO_RCVTIMEO``, set at connect).
 _KERNEL_WAIT = sys.platform.startswith("linux") and bool(_WAITALL)
-_RCVTIMEO = struct.pack("@ll", int(TIMEOUT), 0)
+
+
+def _kernel_wait(sock: Any) -> bool:
+    return _KERNEL_WAIT and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
 
 
 def _read_exact(resp: http.client.HTTPResponse, sock: Any, buf: np.ndarray) -> None:
@@ -297,11 +304,10 @@ def _read_exact(resp: http.client.HTTPResponse, sock: Any, buf: np.ndarray) -> N
     got = resp.fp.readinto1(view) if total else 0  # bytes read with the headers, at most one more recv
     if got >= total:
         return _done(resp)
-    kernel = _KERNEL_WAIT and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+    kernel = _kernel_wait(sock)
     timeout = sock.gettimeout()
     deadline = time.monotonic() + TIMEOUT
     if kernel:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         sock.settimeout(None)
     try:
         while got < total:

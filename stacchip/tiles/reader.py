@@ -223,22 +223,40 @@ class TileEngine:
         self._fetch = None
         self._pid = os.getpid()
 
-    def _pools(self) -> tuple[Any, Any]:
+    def _pool(self, name: str, make: Callable[[], Any]) -> Any:
+        """The pool ``self._<name>``, made on first use (and again in a forked child)."""
         if os.getpid() != self._pid:
             self._after_fork()
-        if self._decode is None:
+        pool = getattr(self, name)
+        if pool is None:
             with self._lock:
-                if self._decode is None:
-                    self._io = _Inline() if self.io_threads == 1 else _AsyncIO(self.io_threads)
-                    self._decode = (_Inline() if self.decode_threads == 1 else
-                                    ThreadPoolExecutor(self.decode_threads, thread_name_prefix="stacchip-decode",
-                                                       initializer=_name_thread, initargs=("stacchip-decode",)))
-        return self._decode, self._io
+                pool = getattr(self, name)
+                if pool is None:
+                    pool = make()
+                    setattr(self, name, pool)
+        return pool
+
+    def _decode_pool(self) -> Any:
+        return self._pool("_decode", lambda: _Inline() if self.decode_threads == 1 else ThreadPoolExecutor(
+            self.decode_threads, thread_name_prefix="stacchip-decode", initializer=_name_thread,
+            initargs=("stacchip-decode",)))
+
+    def _remote_pool(self, lean: bool) -> tuple[Any, Callable[..., Any]]:
+        """Where remote byte ranges are fetched, and the job that fetches one: the
+        caller's thread (one I/O thread), fetch threads with blocking GETs
+        (:mod:`stacchip.tiles.http`), or obstore's async API on one event-loop thread."""
+        if self.io_threads == 1:
+            return _Inline(), _remote_job
+        if lean:
+            return self._pool("_fetch", lambda: ThreadPoolExecutor(
+                self.io_threads, thread_name_prefix="stacchip-fetch", initializer=_name_thread,
+                initargs=("stacchip-fetch",))), _remote_job
+        return self._pool("_io", lambda: _AsyncIO(self.io_threads)), _remote_job_async
 
     def tiles(self, f: TileFile, keys: list[TileKey]) -> dict[TileKey, Future]:
         """Futures of the decoded tiles ``keys`` of ``f`` (``None`` for sparse tiles);
         missing ones are fetched together (remote: coalesced ranges, in parallel)."""
-        decode, io = self._pools()
+        decode = self._decode_pool()
         layout = f.layout
         out: dict[TileKey, Future] = {}
         todo: list[tuple[TileKey, Future, int, int]] = []
@@ -263,28 +281,15 @@ class TileEngine:
         from stacchip.tiles.sources import coalesce
 
         ranges = [(offset, offset + count) for _, _, offset, count in todo]
-        job: Callable[..., Any] = _remote_job
-        if not isinstance(io, _Inline):
-            if cast(Any, f.source).lean:  # blocking ranged GETs in the fetch threads; decoding in the decode pool
-                io = self._fetch_pool()
-            else:
-                job = _remote_job_async
+        io, job = self._remote_pool(cast(Any, f.source).lean)  # decoding stays in the decode pool
         for start, end, members in coalesce(ranges):
             group = [todo[i] for i in members]
             io.submit(job, f, group, start, end, decode)
         return out
 
-    def _fetch_pool(self) -> ThreadPoolExecutor:
-        if self._fetch is None:
-            with self._lock:
-                if self._fetch is None:
-                    self._fetch = ThreadPoolExecutor(self.io_threads, thread_name_prefix="stacchip-fetch",
-                                                     initializer=_name_thread, initargs=("stacchip-fetch",))
-        return self._fetch
-
     def shutdown(self) -> None:
         for pool in (self._fetch, self._io, self._decode):  # fetches hand tiles to the decode pool: it goes last
-            if pool is not None:
+            if pool is not None and not isinstance(pool, _Inline):
                 pool.shutdown(wait=True)
         self._decode = self._io = self._fetch = None
 
