@@ -303,3 +303,28 @@ def test_read_ahead_bounded_by_tile_bytes(s2_item, monkeypatch, prefetch):
         _same(chip, gdal.chip(x, y))
     assert seen == positions
     tiles.close()
+
+
+def test_chippers_dropped_unclosed_hold_no_descriptors(s2_item):
+    """Upstream code makes a Chipper per item and never closes it: once dropped, its
+    open files (tile path and GDAL path alike) are closed."""
+    import gc
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    item = pystac.Item.from_dict(s2_item)
+    for reader in ("tiles", "gdal"):
+        warm = Chipper(NoStatsChipIndexer(item, chip_size=64), reader=reader)
+        warm.chip(0, 0)
+        del warm
+        gc.collect()
+        before = open_fds()
+        for _ in range(30):
+            chipper = Chipper(NoStatsChipIndexer(item, chip_size=64), reader=reader)
+            chipper.chip(1, 1)
+            held = chipper._tiles if reader == "tiles" else chipper._datasets
+            assert held.open_count() >= 4  # files were opened (and are not closed yet)
+        del chipper, held
+        gc.collect()
+        assert open_fds() <= before + 2, reader  # 30 chippers x 5 files each would be 150

@@ -17,6 +17,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +99,15 @@ class LocalSource:
         self.what = what
         try:
             self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
+        # Closed by close(), or when the source is dropped unclosed (a Chipper per item,
+        # never closed, as upstream code makes them, holds no descriptor once gone).
+        self._closer = weakref.finalize(self, _close_fd, self._fd)
+        try:
             st = os.fstat(self._fd)
         except OSError as exc:
+            self.close()
             raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
         self.identity = Identity(st.st_size, None, st.st_mtime_ns)
 
@@ -118,12 +126,15 @@ class LocalSource:
         return self.read(0, HEADER_BYTES), self.identity
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._fd = -1
+        self._closer()  # at most once
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 # --- remote ------------------------------------------------------------------------------
