@@ -237,7 +237,7 @@ class Chipper:
             _log_fallback(reason.split(":")[0], href)
             return None
         except ForkedRuntimeError:
-            reason = "remote file in a child forked after its parent made remote requests"
+            reason = "remote file in a child forked after its parent used obstore's runtime"
             self._gdal_only[href] = reason
             _log_fallback(reason, href)
             return None

@@ -181,6 +181,42 @@ def test_s3_presigned_urls_signed_again_after_403_and_unsigned_access(tmp_path, 
     eng.shutdown()
 
 
+def test_s3_temporary_credentials_from_boto3_are_renewed(tmp_path, s3_bucket, monkeypatch):
+    """Credentials boto3 refreshes (SSO, assume-role, container roles) are asked of it
+    again, so URLs signed after they rotate carry the new keys (obstore would keep
+    credentials without an expiry for good)."""
+    import datetime
+
+    import boto3
+    import botocore.credentials
+
+    from stacchip.tiles import sources
+
+    path = write(tmp_path / "a.tif", pixels("uint16", 1, SHAPE))
+    url = _upload(s3_bucket, "t/a.tif", path)
+    issued = []
+
+    def refresh():
+        issued.append(f"TEMPKEY{len(issued)}")
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+        return {"access_key": issued[-1], "secret_key": "s", "token": "t", "expiry_time": expiry.isoformat()}
+
+    creds = botocore.credentials.RefreshableCredentials.create_from_metadata(refresh(), refresh, "assume-role")
+    monkeypatch.setattr(boto3.session.Session, "get_credentials", lambda self: creds)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.setattr(sources, "CREDENTIALS_TTL", 0)  # asked again at every signing
+    sources.reset_stores()
+    src = sources.RemoteSource(url)
+    assert "TEMPKEY0" in src._url()
+    creds._expiry_time = datetime.datetime.now(datetime.timezone.utc)  # the role's keys ran out: boto3 refreshes
+    assert "TEMPKEY1" in src._url(fresh=True)
+    static = botocore.credentials.Credentials("STATICKEY", "s")
+    monkeypatch.setattr(boto3.session.Session, "get_credentials", lambda self: static)
+    assert sources._boto3_credentials()()["expires_at"] is None  # static keys never expire
+    sources.reset_stores()
+
+
 @pytest.fixture
 def http_root(tmp_path):
     root = tmp_path / "www"
@@ -205,6 +241,24 @@ def test_http_pixels_equal_gdal(tmp_path, http_root):
     eng.shutdown()
 
 
+def test_receive_buffers_reused_without_changing_pixels(tmp_path, http_root, monkeypatch):
+    """Remote ranges land in buffers reused once their tiles are decoded: many reads in
+    parallel through a small pool give GDAL's pixels, and the pool stays in its budget."""
+    from stacchip.tiles import reader as tile_reader
+
+    monkeypatch.setattr(tile_reader, "_buffers", tile_reader._Buffers(4 * tile_reader.BUFFER_STEP))
+    root, base = http_root
+    eng = _engine()
+    for name, path in _write_all(tmp_path).items():
+        os.link(path, root / name)
+        tile_reader.shared_cache().clear()
+        _assert_same(f"{base}/{name}", path, eng)
+    pool = tile_reader._buffers
+    assert pool.reused > 0 and pool.made > 0  # ranges went into memory used before
+    assert pool.nbytes <= pool.budget
+    eng.shutdown()
+
+
 def _child_remote_read(chipper, queue):
     try:
         chip = chipper.chip(1, 1)
@@ -213,12 +267,16 @@ def _child_remote_read(chipper, queue):
         queue.put((None, repr(exc)))
 
 
+@pytest.mark.parametrize("client", ["http", "obstore"])
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_remote_reads_in_forked_and_spawned_children(tmp_path, http_root, method):
-    """A child forked after the parent made remote requests cannot use obstore's
-    runtime (its threads are the parent's): it reads through GDAL, same pixels,
-    instead of hanging; a spawned child reads through tiles."""
+def test_remote_reads_in_forked_and_spawned_children(tmp_path, http_root, method, client, monkeypatch):
+    """A child forked after the parent made remote requests with obstore cannot use
+    its runtime (its threads are the parent's): it reads through GDAL, same pixels,
+    instead of hanging. Plain http(s) reads of the default client need no runtime,
+    so a forked child reads them through tiles, as a spawned child always does."""
     import multiprocessing as mp
+
+    monkeypatch.setenv("STACCHIP_REMOTE_CLIENT", client)
 
     import pystac
 
@@ -243,6 +301,6 @@ def test_remote_reads_in_forked_and_spawned_children(tmp_path, http_root, method
     tiles, got = queue.get(timeout=60)
     proc.join(timeout=30)
     assert tiles is not None, got
-    assert tiles == (method == "spawn")
+    assert tiles == (method == "spawn" or client == "http")
     np.testing.assert_array_equal(np.array(got["a"], dtype=want["a"].dtype), want["a"])
     chipper.close()

@@ -257,14 +257,15 @@ class ConnectionPool:
             for _, conn in conns:
                 conn.close()
 
-    def get_range(self, url: str, start: int, end: int) -> Ranged:
-        """Bytes ``start:end`` of ``url``, retried and redirected as the module says."""
+    def get_range(self, url: str, start: int, end: int, out: np.ndarray | None = None) -> Ranged:
+        """Bytes ``start:end`` of ``url``, retried and redirected as the module says;
+        received into ``out`` (a ``uint8`` array of at least ``end - start`` bytes) when given."""
         first = time.monotonic()
         attempt = 0
         redirects = 0
         while True:
             try:
-                return self._once(url, start, end)
+                return self._once(url, start, end, out)
             except _Redirect as red:
                 redirects += 1
                 if redirects > MAX_REDIRECTS:
@@ -286,7 +287,7 @@ class ConnectionPool:
                     raise
                 time.sleep(wait)
 
-    def _once(self, url: str, start: int, end: int) -> Ranged:
+    def _once(self, url: str, start: int, end: int, out: np.ndarray | None = None) -> Ranged:
         origin, request = _request_head(url)
         request += f"Range: bytes={start}-{end - 1}\r\n\r\n".encode("ascii")
         while True:
@@ -306,7 +307,7 @@ class ConnectionPool:
                 raise
             break
         try:
-            return _body(conn, head, url, start, end)
+            return _body(conn, head, url, start, end, out)
         finally:
             if conn.reusable and not conn.pending:
                 self._give(origin, conn)
@@ -557,7 +558,7 @@ def _read_body(conn: _Conn, head: _Head, limit: int) -> bytes:
     return conn.pending[:limit]
 
 
-def _body(conn: _Conn, head: _Head, url: str, start: int, end: int) -> Ranged:
+def _body(conn: _Conn, head: _Head, url: str, start: int, end: int, out: np.ndarray | None = None) -> Ranged:
     status = head.status
     etag = head.headers.get("etag")
     if status in (200, 206):
@@ -571,7 +572,8 @@ def _body(conn: _Conn, head: _Head, url: str, start: int, end: int) -> Ranged:
         kind, length = _framing(head)
         if kind == "length" and length != last + 1 - start:
             raise ProtocolError(f"Content-Length {length} for bytes {start}-{last}")
-        buf = np.empty(last + 1 - start, np.uint8)
+        n = last + 1 - start
+        buf = out[:n] if out is not None and len(out) >= n else np.empty(n, np.uint8)
         view = memoryview(cast(Any, buf))
         if kind == "chunked":
             if _chunks(conn, view) != len(view):

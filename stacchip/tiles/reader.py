@@ -9,6 +9,8 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
   threads, or, with ``STACCHIP_REMOTE_CLIENT=obstore`` or a proxy, obstore's
   async API on one event-loop thread) and the shared :class:`TileCache`. With
   one thread (``Chipper(threads=1)``) everything runs in the caller's thread.
+* Remote byte ranges are received into buffers that are reused once their tiles
+  are decoded (at most :data:`BUFFER_POOL_BYTES` kept free).
 * :class:`TileCache` keeps decoded tiles keyed by file (href + size/ETag/mtime)
   and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
@@ -49,6 +51,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_MB = 256
 #: I/O workers for remote files (requests wait on the network, not the CPU).
 REMOTE_IO_THREADS = 16
+#: Receive buffers of remote reads kept for reuse once their tiles are decoded (bytes),
+#: and the size step they are kept by: fresh memory costs page faults and cache misses
+#: on every tile, reused memory does not.
+BUFFER_POOL_BYTES = 32 * 2**20
+BUFFER_STEP = 256 * 1024
 
 TileKey = tuple[int, int, int]  # (plane, tile row, tile col)
 #: One tile along an axis: (tile index, output positions, indices within the tile).
@@ -311,14 +318,56 @@ def _local_job(f: TileFile, fut: Future, offset: int, count: int) -> None:
     _settle(fut, work)
 
 
+class _Buffers:
+    """Free receive buffers by size step, at most :data:`BUFFER_POOL_BYTES` in all."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.made = self.reused = 0
+
+    def take(self, n: int) -> np.ndarray:
+        size = -(-n // BUFFER_STEP) * BUFFER_STEP
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._bytes -= size
+                self.reused += 1
+                return free.pop()
+            self.made += 1
+        return np.empty(size, np.uint8)
+
+    def give(self, buf: np.ndarray) -> None:
+        with self._lock:
+            if self._bytes + buf.size <= self.budget:
+                self._free.setdefault(buf.size, []).append(buf)
+                self._bytes += buf.size
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+_buffers = _Buffers(BUFFER_POOL_BYTES)
+
+
 def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
                 decode: Any) -> None:
+    source = cast(Any, f.source)  # remote files only
+    buf = _buffers.take(end - start) if source.lean else None
     try:
-        (data,) = f.source.read_ranges([(start, end)], expect=f.expect)
+        if buf is None:
+            (data,) = source.read_ranges([(start, end)], expect=f.expect)
+        else:
+            data = source.read_into(start, end, buf, expect=f.expect)
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
+        if buf is not None:
+            _buffers.give(buf)
         _fail_group(group, exc)
         return
-    _decode_group(f, group, start, data, decode)
+    _decode_group(f, group, start, data, decode, buf)
 
 
 def _fail_group(group: list[tuple[TileKey, Future, int, int]], exc: BaseException) -> None:
@@ -328,15 +377,42 @@ def _fail_group(group: list[tuple[TileKey, Future, int, int]], exc: BaseExceptio
 
 
 def _decode_group(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, data: Any,
-                  decode: Any) -> None:
-    """Decode each tile of one fetched byte range (``data`` starts at file offset ``start``)."""
+                  decode: Any, buf: np.ndarray | None = None) -> None:
+    """Decode each tile of one fetched byte range (``data`` starts at file offset
+    ``start``); ``buf``, the memory it was received into, is reused once every
+    tile of the group is decoded (decoding never keeps a view of its input)."""
     view = memoryview(data)
+    done = _Countdown(len(group), buf) if buf is not None else None
     try:
         for _, fut, offset, count in group:
             chunk = view[offset - start:offset - start + count]
-            decode.submit(_settle, fut, lambda chunk=chunk: f.decode(chunk))
+            decode.submit(_decode_one, f, fut, chunk, done)
     except RuntimeError as exc:  # the decode pool was shut down meanwhile: no tile is left waiting
-        _fail_group(group, exc)
+        _fail_group(group, exc)  # (its buffer is not reused: tiles submitted before may still read it)
+
+
+def _decode_one(f: TileFile, fut: Future, chunk: memoryview, done: _Countdown | None) -> None:
+    _settle(fut, lambda: f.decode(chunk))
+    if done is not None:
+        done.one()
+
+
+class _Countdown:
+    """Gives ``buf`` back to the buffer pool when ``n`` tiles are decoded."""
+
+    def __init__(self, n: int, buf: np.ndarray) -> None:
+        self.n = n
+        self.buf: np.ndarray | None = buf
+        self._lock = threading.Lock()
+
+    def one(self) -> None:
+        with self._lock:
+            self.n -= 1
+            buf = self.buf if self.n == 0 else None
+            if buf is not None:
+                self.buf = None
+        if buf is not None:
+            _buffers.give(buf)
 
 
 async def _remote_job_async(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
@@ -656,9 +732,10 @@ class TileFiles:
 def _after_fork_in_child() -> None:
     """A forked child starts with no pools, an empty tile cache (the parent's
     reads in flight never finish here) and fresh locks."""
-    global _cache, _engines_lock
+    global _cache, _engines_lock, _buffers
     _engines.clear()
     _cache = None
+    _buffers = _Buffers(BUFFER_POOL_BYTES)
     _engines_lock = threading.Lock()
     DEFAULT_STORE._lock = threading.Lock()
     from stacchip.tiles import sources

@@ -45,7 +45,7 @@ _runtime_pid: int | None = None
 
 
 def remote_usable() -> bool:
-    """False in a child forked after its parent made remote requests with obstore."""
+    """False in a child forked after its parent used obstore's runtime (requests or S3 signing)."""
     return _runtime_pid is None or _runtime_pid == os.getpid()
 
 
@@ -196,12 +196,25 @@ def _boto3_credentials() -> Any:
     if creds is None:
         return None
 
+    # obstore keeps a credential until its expires_at (None: for good). Temporary ones
+    # (SSO, assume-role, container and instance roles) are asked of boto3 again every
+    # CREDENTIALS_TTL s, which refreshes them when they near their end; a long job
+    # then never signs with expired keys.
+    refreshable = callable(getattr(creds, "refresh_needed", None))
+
     def provide() -> dict[str, Any]:
+        from datetime import datetime, timedelta, timezone
+
         frozen = creds.get_frozen_credentials()
+        expires = datetime.now(timezone.utc) + timedelta(seconds=CREDENTIALS_TTL) if refreshable else None
         return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
-                "token": frozen.token, "expires_at": None}
+                "token": frozen.token, "expires_at": expires}
 
     return provide
+
+
+#: How long obstore keeps temporary credentials from boto3 before asking again, s.
+CREDENTIALS_TTL = 600
 
 
 def _http_store(origin: str) -> Any:
@@ -254,12 +267,6 @@ class RemoteSource:
     remote = True
 
     def __init__(self, href: str, what: str = "") -> None:
-        if not remote_usable():
-            raise ForkedRuntimeError(
-                f"{what}href {href!r}: this process was forked after its parent read remote files "
-                "with obstore, whose runtime does not survive a fork"
-            )
-        _runtime_started()
         self.href = href
         self.path = href
         self.what = what
@@ -271,6 +278,19 @@ class RemoteSource:
         #: Tile bytes through :mod:`stacchip.tiles.http` (else obstore's client).
         self.lean = _lean_for(href, self.store)
         self._count = threading.Lock()
+        if self.uses_runtime() and not remote_usable():
+            raise ForkedRuntimeError(
+                f"{what}href {href!r}: this process was forked after its parent used obstore's runtime "
+                "(remote reads or S3 signing), which does not survive a fork"
+            )
+
+    def uses_runtime(self) -> bool:
+        """Whether reads of this object need obstore's runtime: its client, or signing
+        S3 URLs (plain http(s) reads of :mod:`stacchip.tiles.http` do not, so they
+        also work in a child forked after its parent used that runtime)."""
+        if not self.lean:
+            return True
+        return self.scheme == "s3" and not _truthy(str(self.store.config.get("skip_signature", "")))
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
@@ -292,6 +312,7 @@ class RemoteSource:
             return self._get_lean(start, end)
         import obstore
 
+        _runtime_started()
         with self._request():
             result = obstore.get(self.store, self.key, options={"range": (start, end)})
             data = result.bytes()
@@ -311,12 +332,12 @@ class RemoteSource:
         self._signed = (url, now + SIGN_SECONDS - SIGN_MARGIN)
         return url
 
-    def _get_lean(self, start: int, end: int) -> tuple[Any, Identity]:
+    def _get_lean(self, start: int, end: int, out: Any = None) -> tuple[Any, Identity]:
         from stacchip.tiles.http import HTTPStatusError, pool
 
         with self._request():
             try:
-                got = pool().get_range(self._url(), start, end)
+                got = pool().get_range(self._url(), start, end, out)
             except HTTPStatusError as exc:
                 if exc.status == 404:
                     raise FileNotFoundError(f"HTTP {exc.status}") from None
@@ -325,18 +346,29 @@ class RemoteSource:
                                            f"(bytes {start}-{end - 1} not satisfiable)") from None
                 if exc.status not in (400, 403) or self.scheme != "s3":
                     raise
-                got = pool().get_range(self._url(fresh=True), start, end)  # credentials renewed
+                got = pool().get_range(self._url(fresh=True), start, end, out)  # credentials renewed
         return got.data, Identity(got.size, got.etag, None)
 
     def read(self, start: int, length: int) -> bytes:
         data, _ident = self._get(start, start + length)
         return bytes(data)
 
+    def read_into(self, start: int, end: int, out: Any, expect: Identity | None = None) -> Any:
+        """Bytes ``start:end`` with one GET, received into ``out`` (a ``uint8`` array of
+        at least ``end - start`` bytes) where this client can; returns them (a view of
+        ``out``, or other memory). :class:`StaleLayoutError` when the response
+        contradicts ``expect``."""
+        data, ident = self._get_lean(start, end, out) if self.lean else self._get(start, end)
+        if expect is not None and not expect.matches(ident.size, ident.etag, None):
+            raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+        return data
+
     async def read_async(self, start: int, end: int, expect: Identity | None = None) -> Any:
         """Bytes ``start:end`` with one GET on obstore's own runtime (no thread of ours
         waits); raises :class:`StaleLayoutError` when the response contradicts ``expect``."""
         import obstore
 
+        _runtime_started()
         with self._request():
             result = await obstore.get_async(self.store, self.key, options={"range": (start, end)})
             data = await result.bytes_async()
@@ -402,6 +434,7 @@ def _s3_url(store: Any, key: str) -> str:
     config = store.config
     if _truthy(str(config.get("skip_signature", ""))):
         return f"{_s3_base(store)}/{quote(str(config['bucket']))}/{quote(key)}"
+    _runtime_started()
     return str(obstore.sign(store, "GET", key, timedelta(seconds=SIGN_SECONDS)))
 
 
