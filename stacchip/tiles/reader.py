@@ -22,8 +22,8 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
 
 from __future__ import annotations
 
+import bisect
 import functools
-
 import logging
 import os
 import threading
@@ -52,8 +52,8 @@ DEFAULT_CACHE_MB = 256
 #: I/O workers for remote files (requests wait on the network, not the CPU).
 REMOTE_IO_THREADS = 16
 #: Receive buffers of remote reads kept for reuse once their tiles are decoded (bytes),
-#: and the size step they are kept by: fresh memory costs page faults and cache misses
-#: on every tile, reused memory does not.
+#: and the step new ones are rounded up to: fresh memory costs page faults and cache
+#: misses on every tile, reused memory does not.
 BUFFER_POOL_BYTES = 32 * 2**20
 BUFFER_STEP = 256 * 1024
 
@@ -319,31 +319,43 @@ def _local_job(f: TileFile, fut: Future, offset: int, count: int) -> None:
 
 
 class _Buffers:
-    """Free receive buffers by size step, at most :data:`BUFFER_POOL_BYTES` in all."""
+    """Free receive buffers, at most :data:`BUFFER_POOL_BYTES` in all; a range takes
+    the smallest one that holds it (if at most twice its size plus :data:`BUFFER_STEP`),
+    else new memory."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._free: dict[int, list[np.ndarray]] = {}
+        self._sizes: list[int] = []  # sorted, beside the buffers of those sizes
+        self._free: list[np.ndarray] = []
         self._bytes = 0
         self._lock = threading.Lock()
         self.made = self.reused = 0
 
     def take(self, n: int) -> np.ndarray:
-        size = -(-n // BUFFER_STEP) * BUFFER_STEP
         with self._lock:
-            free = self._free.get(size)
-            if free:
+            i = bisect.bisect_left(self._sizes, n)
+            if i < len(self._sizes) and self._sizes[i] <= 2 * n + BUFFER_STEP:
+                size = self._sizes.pop(i)
                 self._bytes -= size
                 self.reused += 1
-                return free.pop()
+                return self._free.pop(i)
             self.made += 1
-        return np.empty(size, np.uint8)
+        return np.empty(-(-n // BUFFER_STEP) * BUFFER_STEP, np.uint8)
 
     def give(self, buf: np.ndarray) -> None:
+        size = int(buf.size)
         with self._lock:
-            if self._bytes + buf.size <= self.budget:
-                self._free.setdefault(buf.size, []).append(buf)
-                self._bytes += buf.size
+            if self._bytes + size > self.budget:
+                if not self._sizes or self._sizes[0] >= size:
+                    return
+                self._bytes -= self._sizes.pop(0)  # a larger buffer serves more ranges than the smallest
+                self._free.pop(0)
+                if self._bytes + size > self.budget:
+                    return
+            i = bisect.bisect_left(self._sizes, size)
+            self._sizes.insert(i, size)
+            self._free.insert(i, buf)
+            self._bytes += size
 
     @property
     def nbytes(self) -> int:
