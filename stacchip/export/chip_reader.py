@@ -18,6 +18,7 @@ boundary.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import multiprocessing
 import os
@@ -72,11 +73,25 @@ class ChipperCache:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[Hashable, Hashable], Closable] = OrderedDict()
+        #: Owners released by a finalizer, closed at the next use of the cache.
+        self._released: collections.deque[Hashable] = collections.deque()
 
     def _here(self) -> OrderedDict[tuple[Hashable, Hashable], Closable]:
         if os.getpid() != self._pid:  # forked: the parent's handles are not ours
             self._reset()
+        while self._released:
+            try:
+                owner = self._released.popleft()
+            except IndexError:  # another thread took it
+                break
+            self.close(owner)
         return self._entries
+
+    def release(self, owner: Hashable) -> None:
+        """Close ``owner``'s entries at the next use of the cache. For finalizers: the
+        garbage collector may run one while this thread holds the cache's lock (a
+        plain close would then wait for itself), so this takes no lock."""
+        self._released.append(owner)
 
     def new_owner(self) -> int:
         """A fresh owner id (unique in this process)."""
@@ -114,7 +129,9 @@ class ChipperCache:
 
     def close(self, owner: Hashable | None = None) -> None:
         """Close the entries of ``owner`` (every entry when None) in this process."""
-        entries = self._here()
+        if os.getpid() != self._pid:
+            self._reset()
+        entries = self._entries
         with self._lock:
             gone = [k for k in entries if owner is None or k[0] == owner]
             closing = [entries.pop(k) for k in gone]

@@ -288,7 +288,7 @@ class ChipDataset:
         """A fresh owner in the process's chipper cache (closed when the dataset is collected)."""
         self._pid = os.getpid()
         self._owner = CHIPPERS.new_owner()
-        weakref.finalize(self, CHIPPERS.close, self._owner)
+        weakref.finalize(self, CHIPPERS.release, self._owner)  # closed at the cache's next use
 
     @property
     def _chippers(self) -> dict[Any, Chipper]:
