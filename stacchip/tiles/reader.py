@@ -368,12 +368,9 @@ _buffers = _Buffers(BUFFER_POOL_BYTES)
 def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
                 decode: Any) -> None:
     source = cast(Any, f.source)  # remote files only
-    buf = _buffers.take(end - start) if source.lean else None
+    buf = _buffers.take(end - start) if source.lean else None  # (obstore's client brings its own memory)
     try:
-        if buf is None:
-            (data,) = source.read_ranges([(start, end)], expect=f.expect)
-        else:
-            data = source.read_into(start, end, buf, expect=f.expect)
+        data = source.read_into(start, end, buf, expect=f.expect)
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
         if buf is not None:
             _buffers.give(buf)

@@ -290,7 +290,7 @@ class RemoteSource:
         also work in a child forked after its parent used that runtime)."""
         if not self.lean:
             return True
-        return self.scheme == "s3" and not _truthy(str(self.store.config.get("skip_signature", "")))
+        return self.scheme == "s3" and not _unsigned(self.store)
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
@@ -307,9 +307,11 @@ class RemoteSource:
             with self._count:  # fetch threads share one source
                 self.requests += 1
 
-    def _get(self, start: int, end: int) -> tuple[Any, Identity]:
+    def _get(self, start: int, end: int, out: Any = None) -> tuple[Any, Identity]:
+        """Bytes ``start:end`` and the object's identity; the default client receives
+        them into ``out`` when given (a ``uint8`` array of at least ``end - start`` bytes)."""
         if self.lean:
-            return self._get_lean(start, end)
+            return self._get_lean(start, end, out)
         import obstore
 
         _runtime_started()
@@ -358,10 +360,14 @@ class RemoteSource:
         at least ``end - start`` bytes) where this client can; returns them (a view of
         ``out``, or other memory). :class:`StaleLayoutError` when the response
         contradicts ``expect``."""
-        data, ident = self._get_lean(start, end, out) if self.lean else self._get(start, end)
-        if expect is not None and not expect.matches(ident.size, ident.etag, None):
-            raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+        data, ident = self._get(start, end, out)
+        self._check(expect, ident)
         return data
+
+    def _check(self, expect: Identity | None, got: Identity) -> None:
+        """:class:`StaleLayoutError` when a response contradicts the identity the layout was read with."""
+        if expect is not None and not expect.matches(got.size, got.etag, None):
+            raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
 
     async def read_async(self, start: int, end: int, expect: Identity | None = None) -> Any:
         """Bytes ``start:end`` with one GET on obstore's own runtime (no thread of ours
@@ -373,8 +379,7 @@ class RemoteSource:
             result = await obstore.get_async(self.store, self.key, options={"range": (start, end)})
             data = await result.bytes_async()
         meta = result.meta
-        if expect is not None and not expect.matches(meta.get("size"), meta.get("e_tag"), None):
-            raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+        self._check(expect, Identity(meta.get("size"), meta.get("e_tag"), None))
         return data
 
     def head(self) -> tuple[bytes, Identity]:
@@ -390,8 +395,7 @@ class RemoteSource:
         out: list[Any] = [None] * len(ranges)
         for start, end, members in coalesce(ranges):
             data, ident = self._get(start, end)
-            if expect is not None and not expect.matches(ident.size, ident.etag, None):
-                raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read")
+            self._check(expect, ident)
             view = memoryview(data)
             for i in members:
                 s, e = ranges[i]
@@ -424,6 +428,11 @@ def _s3_base(store: Any) -> str:
     return str(config.get("endpoint") or f"https://s3.{region}.amazonaws.com").rstrip("/")
 
 
+def _unsigned(store: Any) -> bool:
+    """Whether ``store`` reads a public bucket without signing (``AWS_NO_SIGN_REQUEST``)."""
+    return _truthy(str(store.config.get("skip_signature", "")))
+
+
 def _s3_url(store: Any, key: str) -> str:
     """A presigned GET URL of ``key`` (the plain path-style URL for unsigned access)."""
     from datetime import timedelta
@@ -431,9 +440,8 @@ def _s3_url(store: Any, key: str) -> str:
 
     import obstore
 
-    config = store.config
-    if _truthy(str(config.get("skip_signature", ""))):
-        return f"{_s3_base(store)}/{quote(str(config['bucket']))}/{quote(key)}"
+    if _unsigned(store):
+        return f"{_s3_base(store)}/{quote(str(store.config['bucket']))}/{quote(key)}"
     _runtime_started()
     return str(obstore.sign(store, "GET", key, timedelta(seconds=SIGN_SECONDS)))
 
