@@ -532,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
               f"{results['random_s3_batch']['cpu_ms_per_chip'] / results['random_local_batch']['cpu_ms_per_chip']:.2f}x"
               " (chips()) [ratio of medians]")
         for s3_case, local_case in (("random_s3", "random_local"), ("random_s3_batch", "random_local_batch")):
-            pairs = [a["cpu_ms_per_chip"] / b["cpu_ms_per_chip"] for a, b in zip(runs[s3_case], runs[local_case])]
+            pairs = [a["cpu_ms_per_chip"] / b["cpu_ms_per_chip"]
+                     for a, b in zip(runs[s3_case], runs[local_case], strict=True)]
             results[f"{s3_case}_cpu_ratio_per_repeat"] = pairs
             print(f"  {s3_case} / {local_case} CPU per repeat: {[round(x, 2) for x in pairs]},"
                   f" median {statistics.median(pairs):.2f}x")

@@ -35,6 +35,7 @@ and mark tests that use these fixtures with ``@pytest.mark.services``.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import importlib.util
 import json
 import logging

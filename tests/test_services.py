@@ -289,7 +289,8 @@ def test_stac_api_query_and_filter(stac_api: Any, s2_collection: Any) -> None:
             "op": "and",
             "args": [
                 {"op": "=", "args": [{"property": "id"}, first["id"]]},
-                {"op": "t_intersects", "args": [{"property": "datetime"}, {"interval": ["2024-03-01T00:00:00Z", "2024-03-31T23:59:59Z"]}]},
+                {"op": "t_intersects", "args": [{"property": "datetime"},
+                                                {"interval": ["2024-03-01T00:00:00Z", "2024-03-31T23:59:59Z"]}]},
             ],
         },
     )
@@ -326,7 +327,7 @@ def test_stac_api_queryables_make_sort_numeric(stac_api: Any, s2_collection: Any
     cid, items = s2_collection
     # A numeric property without a queryable yet, with values whose text order differs.
     scores = [9.0, 10.0, 100.0, 2.5, 0.75]
-    for item, score in zip(items, scores):
+    for item, score in zip(items, scores, strict=True):
         item["properties"]["test:score"] = score
     stac_api.load_items(items)
     stac_api.load_queryables({"test:score": {"type": "number"}}, collection_ids=[cid])
@@ -336,7 +337,8 @@ def test_stac_api_queryables_make_sort_numeric(stac_api: Any, s2_collection: Any
     queryables = json.loads(body)
     assert queryables["properties"]["test:score"]["type"] == "number"
     client = _client(stac_api.url)
-    got = [it["properties"]["test:score"] for it in client.search(collections=[cid], sortby="properties.test:score").items_as_dicts()]
+    found = client.search(collections=[cid], sortby="properties.test:score").items_as_dicts()
+    got = [it["properties"]["test:score"] for it in found]
     assert got == sorted(scores)
 
 
