@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             server = S3rver(Path(tmp) / "s3rver")
             saved = {k: os.environ.get(k) for k in server.environ()}
             os.environ.update(server.environ())
-            storage._client.cache_clear()
+            storage.reset()
             try:
                 t0 = time.perf_counter()
                 upload(items, data, index)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-                storage._client.cache_clear()
+                storage.reset()
     header = (f"{'source':<12} {'cubes':>5} {'chips':>6} {'ours cubes/min':>15} {'ours zlib-6':>12} "
               f"{'upstream cubes/min':>19} {'speedup':>8}")
     print(f"scene {a.size}² px x {a.copies} items, {a.cube_size} chips/cube, {a.workers} workers, "

@@ -41,7 +41,7 @@ from stacchip.reader import (
 from stacchip.tiles.layouts import DEFAULT_STORE, LayoutStore
 from stacchip.tiles.reader import REMOTE_IO_THREADS, PendingRead, TileFile, TileFiles, shared_cache
 from stacchip.tiles.reader import engine as tile_engine
-from stacchip.tiles.sources import ForkedRuntimeError, tile_href
+from stacchip.tiles.sources import ForkedRuntimeError, NoRangeSupportError, tile_href
 from stacchip.tiles.tiff import TiffError
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,12 @@ class Chipper:
             _log_fallback(reason.split(":")[0], href)
             return None
         except ForkedRuntimeError:
-            reason = "remote file in a child forked after its parent used obstore's runtime"
+            reason = "a gs:// or az:// file in a child forked after its parent used obstore's runtime"
+            self._gdal_only[href] = reason
+            _log_fallback(reason, href)
+            return None
+        except NoRangeSupportError:
+            reason = "a large file on a server that ignores Range requests"
             self._gdal_only[href] = reason
             _log_fallback(reason, href)
             return None

@@ -116,6 +116,24 @@ class StorageNotFoundError(StorageError, FileNotFoundError):
     exit_code = EXIT_INPUT
 
 
+class StorageRefusedError(StorageError):
+    """The store refused the request for a reason a retry cannot fix: credentials,
+    permissions, a certificate the CA bundle does not trust, the wrong region, clock skew,
+    another HTTP 4xx. Never retried."""
+
+    exit_code = EXIT_INPUT
+
+
+class StoragePreconditionError(StorageError):
+    """A conditional request lost: the object changed since its ETag was recorded
+    (``If-Match``), or something was created first (create-if-absent)."""
+
+
+class StorageRangeError(StorageError):
+    """A ranged read cannot be served: the server ignores ``Range`` requests, or the
+    range lies beyond the object's end."""
+
+
 # --- services --------------------------------------------------------------------
 
 

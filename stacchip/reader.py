@@ -2,9 +2,10 @@
 
 * :func:`resolve_href` turns an asset href (local path, ``file://``, ``s3://``,
   ``http(s)://``, with upstream's ``mountpath``) into a path GDAL opens.
-* :func:`gdal_options` is the GDAL configuration for cloud COGs, derived once
-  from the environment (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` point
-  GDAL's ``/vsis3/`` at any S3-compatible store, as they point boto3).
+* :func:`gdal_options` is the GDAL configuration for cloud COGs: fixed options
+  plus what :mod:`stacchip.storage.config` derives from the one I/O configuration
+  (region, endpoint, credentials, CA bundle, proxies, requester-pays, retries), so
+  GDAL's ``/vsis3/`` and ``/vsicurl/`` reach the same stores the same way.
 * :class:`DatasetCache` keeps one open dataset per href per thread per process:
   datasets are opened once, never shared across threads, and a forked child
   never reuses its parent's handles.
@@ -30,7 +31,8 @@ from rasterio.session import DummySession
 from rasterio.windows import Window
 
 from stacchip.errors import AssetReadError
-from stacchip.storage import s3_endpoint  # (one place for the endpoint; importable here as before)
+from stacchip.storage import s3_endpoint  # noqa: F401 (importable here as before)
+from stacchip.storage.config import settings as io_settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +45,13 @@ CLOUD_COG_OPTIONS: dict[str, str] = {
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
     # Not VSI_CACHE: it wraps local files too and cost 40 % of the chip rate on
     # local COGs (benchmarks/); /vsicurl/ and /vsis3/ keep their own chunk cache.
-    "GDAL_HTTP_MAX_RETRY": "5",
-    "GDAL_HTTP_RETRY_DELAY": "0.5",
 }
 
 
 def gdal_options() -> dict[str, str]:
-    """GDAL configuration options for the current environment."""
-    options = dict(CLOUD_COG_OPTIONS)
-    endpoint = s3_endpoint()
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        options["AWS_S3_ENDPOINT"] = parsed.netloc + parsed.path.rstrip("/")
-        options["AWS_HTTPS"] = "NO" if parsed.scheme == "http" else "YES"
-        options["AWS_VIRTUAL_HOSTING"] = "FALSE"
-    if os.environ.get("AWS_REQUEST_PAYER"):
-        options["AWS_REQUEST_PAYER"] = os.environ["AWS_REQUEST_PAYER"]
-    return options
+    """GDAL configuration options for the current environment: :data:`CLOUD_COG_OPTIONS`
+    plus those of the one I/O configuration (:meth:`~stacchip.storage.config.IOSettings.gdal_options`)."""
+    return {**CLOUD_COG_OPTIONS, **io_settings().gdal_options()}
 
 
 _config_lock = threading.Lock()
@@ -90,6 +82,12 @@ def _ensure_block_cache() -> None:
         set_gdal_config("GDAL_CACHEMAX", MIN_BLOCK_CACHE_MB)
 
 
+#: GDAL keys set from the I/O configuration whatever their current value, even the
+#: environment's: rasterio puts certifi's bundle in ``GDAL_CURL_CA_BUNDLE`` at import,
+#: and the configuration already followed the user's own CA variables.
+MANAGED_KEYS = frozenset({"GDAL_CURL_CA_BUNDLE"})
+
+
 def configure_gdal(**extra: str) -> None:
     """Apply :func:`gdal_options` (plus ``extra``) as GDAL configuration, once.
 
@@ -97,14 +95,16 @@ def configure_gdal(**extra: str) -> None:
     current value and never for a key the user set (in the environment, or as
     GDAL configuration with ``rasterio.Env``/``set_gdal_config``: any value
     stacchip did not set itself), so the user's own settings win; ``extra``
-    always applies. They are not unset afterwards: a scoped
+    always applies, and so do the CA bundle keys when the I/O configuration names a bundle
+    (:data:`MANAGED_KEYS`: libraries set them at import, e.g. to certifi's bundle, and the
+    user's own choice is already what the configuration read). They are not unset afterwards: a scoped
     ``rasterio.Env(**options)`` would unset them for every thread on exit while
     other threads still read.
     """
     _ensure_block_cache()
     todo = {}
     for key, value in {**gdal_options(), **extra}.items():
-        if key in extra:
+        if key in extra or key in MANAGED_KEYS:
             if get_gdal_config(key, normalize=False) != value:
                 todo[key] = value
             continue
@@ -127,11 +127,14 @@ def configure_gdal(**extra: str) -> None:
 
 @contextmanager
 def gdal_env(**extra: str) -> Iterator[None]:
-    """GDAL environment for stacchip's reads: :func:`configure_gdal` plus a
-    rasterio environment without a boto3 session (GDAL reads credentials itself
-    from the environment or ``~/.aws``, so no session is built per call)."""
+    """GDAL environment for stacchip's reads: :func:`configure_gdal`, then a rasterio
+    environment without a boto3 session (credentials, region and the rest come from the
+    one I/O configuration, as GDAL options) that also carries :data:`MANAGED_KEYS`
+    (rasterio's environment sets its own CA bundle for its thread, over the global one)."""
     configure_gdal(**extra)
-    with rasterio.Env(session=DummySession()):
+    options = gdal_options()
+    managed = {k: options[k] for k in MANAGED_KEYS if k in options}
+    with rasterio.Env(session=DummySession(), **managed):
         yield
 
 
@@ -155,6 +158,10 @@ def resolve_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> 
         return url.path
     if scheme == "s3":
         return f"/vsis3/{url.netloc}{url.path}"
+    if scheme == "gs":
+        return f"/vsigs/{url.netloc}{url.path}"
+    if scheme == "az":
+        return f"/vsiaz/{url.netloc}{url.path}"
     if scheme in ("http", "https"):
         return f"/vsicurl/{href}"
     return href

@@ -201,11 +201,11 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     no_proxy = ",".join(p for p in (os.environ.get("NO_PROXY"), LOOPBACK, "localhost") if p)
     monkeypatch.setenv("NO_PROXY", no_proxy)
     monkeypatch.setenv("no_proxy", no_proxy)
-    storage._client.cache_clear()
+    storage.reset()
     try:
         yield s3_server.endpoint
     finally:
-        storage._client.cache_clear()
+        storage.reset()
 
 
 @pytest.fixture
@@ -219,23 +219,34 @@ def s3_bucket(s3_env: str) -> str:
 
 
 class FaultyS3Proxy:
-    """A loopback HTTP proxy in front of the S3 server that can answer with errors.
+    """A loopback HTTP(S) endpoint in front of the S3 server that can answer as S3 does
+    when something is wrong.
 
-    Every request is forwarded to ``upstream`` unchanged, except the next
-    ``n`` matching ones after :meth:`fail_next`, which get ``status`` and an
-    S3 XML error (``SlowDown`` for 503) without reaching the server. GDAL
-    and boto3 in this process or in subprocesses reach it the same way.
+    Every request is forwarded to ``upstream`` unchanged, except:
+
+    * the next ``n`` matching ones after :meth:`fail_next`, which get ``status`` and an
+      S3 XML error (``SlowDown`` for 503), with ``Retry-After`` when asked, without
+      reaching the server;
+    * with ``region`` set, a request signed for another region gets S3's answer,
+      ``400 AuthorizationHeaderMalformed`` (the bucket lives in ``region``).
+
+    ``tls=(certfile, keyfile)`` serves HTTPS (a private CA's certificate). Every
+    request's method, path, status, headers and arrival time are recorded. GDAL and
+    boto3 in this process or in subprocesses reach it the same way.
     """
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, region: str | None = None, tls: tuple[str, str] | None = None) -> None:
         import http.server
         import threading
 
         self.upstream = upstream
+        self.region = region
         self._lock = threading.Lock()
         self._rules: list[dict[str, Any]] = []
         #: ``(method, path, status, injected)`` of every request, in arrival order.
         self.requests: list[tuple[str, str, int, bool]] = []
+        #: ``(arrival time.monotonic(), method, path, headers (lower-case names))`` of every request.
+        self.log: list[tuple[float, str, str, dict[str, str]]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -248,11 +259,22 @@ class FaultyS3Proxy:
                 return read_request_body(self)
 
             def _handle(self) -> None:
+                import time
+
                 body = self._body()
+                with proxy._lock:
+                    proxy.log.append((time.monotonic(), self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
                 fault = proxy._take_fault(self.command, self.path)
                 if fault is not None:
-                    self._send(fault, {"Content-Type": "application/xml"}, _s3_error_xml(fault, self.path))
-                    proxy._record(self.command, self.path, fault, True)
+                    status, retry_after = fault
+                    extra = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+                    self._send(status, {"Content-Type": "application/xml", **extra}, _s3_error_xml(status, self.path))
+                    proxy._record(self.command, self.path, status, True)
+                    return
+                wrong = proxy._wrong_region(self.path, self.headers.get("Authorization", ""))
+                if wrong is not None:
+                    self._send(400, {"Content-Type": "application/xml"}, _region_error_xml(wrong, proxy.region or ""))
+                    proxy._record(self.command, self.path, 400, True)
                     return
                 import http.client
 
@@ -292,20 +314,39 @@ class FaultyS3Proxy:
 
         parsed = urlparse(upstream)
         self._host, self._port = parsed.hostname or LOOPBACK, parsed.port or 80
-        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def get_request(self) -> Any:
+                with proxy._lock:
+                    proxy.connections += 1  # counted before a TLS handshake, which may fail
+                return super().get_request()
+
+        #: Connections accepted (TLS ones counted before their handshake).
+        self.connections = 0
+        self._server = Server((LOOPBACK, 0), Handler)
         self._server.daemon_threads = True
-        self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.endpoint = f"{scheme}://{LOOPBACK}:{self._server.server_address[1]}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="faulty-s3-proxy", daemon=True
         )
         self._thread.start()
 
     def fail_next(
-        self, n: int, status: int = 503, method: str | None = None, path_contains: str | None = None
+        self, n: int, status: int = 503, method: str | None = None, path_contains: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
-        """Answer the next ``n`` requests (of ``method``, whose path contains ``path_contains``) with ``status``."""
+        """Answer the next ``n`` requests (of ``method``, whose path contains ``path_contains``) with
+        ``status`` (and a ``Retry-After`` of ``retry_after`` seconds when given)."""
         with self._lock:
-            self._rules.append({"n": n, "status": status, "method": method, "path": path_contains})
+            self._rules.append({"n": n, "status": status, "method": method, "path": path_contains,
+                                "retry_after": retry_after})
 
     def clear_faults(self) -> None:
         """Forget every pending :meth:`fail_next`."""
@@ -318,7 +359,7 @@ class FaultyS3Proxy:
         with self._lock:
             return sum(1 for r in self.requests if r[3])
 
-    def _take_fault(self, method: str, path: str) -> int | None:
+    def _take_fault(self, method: str, path: str) -> tuple[int, int | None] | None:
         with self._lock:
             for rule in self._rules:
                 if rule["n"] <= 0:
@@ -328,8 +369,23 @@ class FaultyS3Proxy:
                 if rule["path"] and rule["path"] not in path:
                     continue
                 rule["n"] -= 1
-                return int(rule["status"])
+                return int(rule["status"]), rule["retry_after"]
         return None
+
+    def _wrong_region(self, path: str, authorization: str) -> str | None:
+        """The region a request was signed for when it is not :attr:`region` (header or
+        presigned query), else None."""
+        import re
+        from urllib.parse import unquote
+
+        if self.region is None:
+            return None
+        found = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/s3/", authorization) or \
+            re.search(r"X-Amz-Credential=[^&]+?%2F\d{8}%2F([^&%]+)%2Fs3%2F", path)
+        if found is None:
+            return None  # unsigned
+        signed = unquote(found.group(1))
+        return None if signed == self.region else signed
 
     def _record(self, method: str, path: str, status: int, injected: bool) -> None:
         with self._lock:
@@ -340,6 +396,14 @@ class FaultyS3Proxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=STOP_TIMEOUT)
+
+
+def _region_error_xml(signed: str, region: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AuthorizationHeaderMalformed</Code>'
+        f"<Message>The authorization header is malformed; the region '{signed}' is wrong; "
+        f"expecting '{region}'</Message><Region>{region}</Region><RequestId>test</RequestId></Error>"
+    ).encode()
 
 
 def _s3_error_xml(status: int, path: str) -> bytes:
@@ -363,12 +427,180 @@ def s3_faults(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3
     proxy = FaultyS3Proxy(s3_env)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-    storage._client.cache_clear()
+    storage.reset()
     try:
         yield proxy
     finally:
         proxy.close()
-        storage._client.cache_clear()
+        storage.reset()
+
+
+@pytest.fixture(scope="session")
+def private_ca(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A private certificate authority (trustme) and a server certificate it signed for
+    127.0.0.1 and localhost: ``{"ca": pem path, "cert": ..., "key": ...}``."""
+    try:
+        import trustme
+    except ImportError as exc:  # pragma: no cover - installed by the test extra
+        service_unavailable(f"trustme is not installed ({exc}); pip install trustme")
+    folder = tmp_path_factory.mktemp("ca")
+    ca = trustme.CA()
+    server = ca.issue_cert(LOOPBACK, "localhost")
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture
+def s3_https(s3_env: str, private_ca: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyS3Proxy]:
+    """Like ``s3_env``, but the S3 endpoint is HTTPS with a certificate of a private CA
+    (as MinIO, Ceph or a company gateway); no CA variable is set (tests set one)."""
+    from stacchip import storage
+
+    proxy = FaultyS3Proxy(s3_env, tls=(private_ca["cert"], private_ca["key"]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    for name in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    storage.reset()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        storage.reset()
+
+
+@dataclass
+class ForwardProxy:
+    """proxy.py, a forward HTTP proxy, on loopback; :meth:`lines` reads its access log."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    logfile: Path
+
+    def lines(self) -> list[str]:
+        """Access-log lines, once the log stops growing (proxy.py writes a line after answering)."""
+        seen, stable_since, text = -1, time.monotonic(), ""
+        while time.monotonic() - stable_since < 0.3:
+            text = self.logfile.read_text(errors="replace")
+            if len(text) != seen:
+                seen, stable_since = len(text), time.monotonic()
+            time.sleep(0.05)
+        return [line for line in text.splitlines() if "access_log" in line]
+
+
+@pytest.fixture
+def forward_proxy(tmp_path: Path) -> Iterator[ForwardProxy]:
+    """A real forward proxy (proxy.py) on 127.0.0.1, stopped after the test."""
+    if not _has_module("proxy"):
+        service_unavailable("proxy.py is not installed; pip install proxy.py")
+    for _attempt in range(3):
+        port = free_port()
+        logfile = tmp_path / f"proxy-{port}.log"
+        with open(logfile, "wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "--hostname", LOOPBACK, "--port", str(port),
+                 "--num-workers", "1", "--num-acceptors", "1", "--log-level", "INFO"],
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        start = time.monotonic()
+        while time.monotonic() - start < START_TIMEOUT and proc.poll() is None:
+            try:
+                with socket.create_connection((LOOPBACK, port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        if proc.poll() is None:
+            try:
+                yield ForwardProxy(f"http://{LOOPBACK}:{port}", proc, logfile)
+            finally:
+                stop_process(proc)
+            return
+        stop_process(proc)
+    service_unavailable(f"proxy.py did not start on {LOOPBACK}:\n{_tail(logfile)}")
+
+
+@dataclass
+class Nginx:
+    """nginx serving ``root`` on loopback (ETags, ``If-Match``, ranges as real servers do);
+    :meth:`requests` reads its access log: ``(method, path, status, Range, If-Match)``."""
+
+    url: str
+    root: Path
+    process: subprocess.Popen[bytes]
+    access_log: Path
+
+    def requests(self) -> list[tuple[str, str, int, str, str]]:
+        out = []
+        for line in self.access_log.read_text(errors="replace").splitlines():
+            method, path, status, rng, if_match = line.split("\t")
+            out.append((method, path, int(status), rng, if_match))
+        return out
+
+
+def _start_nginx(workdir: Path, root: Path, ranges: bool = True) -> Nginx:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        service_unavailable("nginx is not installed (Debian package nginx-light)")
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    last = ""
+    for _attempt in range(3):
+        port = free_port()
+        access = workdir / f"access-{port}.log"
+        access.touch()
+        conf = workdir / f"nginx-{port}.conf"
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conf.write_text(
+            f"{user}worker_processes 1;\ndaemon off;\npid {workdir}/nginx-{port}.pid;\n"
+            f"error_log {workdir}/error-{port}.log warn;\nevents {{ worker_connections 64; }}\n"
+            "http {\n"
+            "  log_format t '$request_method\\t$uri\\t$status\\t$http_range\\t$http_if_match';\n"
+            f"  access_log {access} t;\n"
+            f"  client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;\n"
+            f"  fastcgi_temp_path {workdir}/fastcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;\n"
+            "  default_type application/octet-stream;\n"
+            f"  server {{ listen {LOOPBACK}:{port}; root {root}; {'' if ranges else 'max_ranges 0;'} }}\n"
+            "}\n"
+        )
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(workdir)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        start = time.monotonic()
+        while time.monotonic() - start < START_TIMEOUT and proc.poll() is None:
+            try:
+                with socket.create_connection((LOOPBACK, port), timeout=1):
+                    return Nginx(f"http://{LOOPBACK}:{port}", root, proc, access)
+            except OSError:
+                time.sleep(0.05)
+        stop_process(proc)
+        last = _tail(workdir / f"error-{port}.log")
+    service_unavailable(f"nginx did not start on {LOOPBACK}:\n{last}")
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    """nginx serving ``tmp_path/www`` on 127.0.0.1 (stopped after the test)."""
+    root = tmp_path / "www"
+    root.mkdir(exist_ok=True)
+    server = _start_nginx(tmp_path / "nginx", root)
+    try:
+        yield server
+    finally:
+        stop_process(server.process)
+
+
+@pytest.fixture
+def nginx_no_ranges(tmp_path: Path) -> Iterator[Nginx]:
+    """nginx configured to ignore ``Range`` (``max_ranges 0``: whole files, status 200)."""
+    root = tmp_path / "www-whole"
+    root.mkdir(exist_ok=True)
+    server = _start_nginx(tmp_path / "nginx-whole", root, ranges=False)
+    try:
+        yield server
+    finally:
+        stop_process(server.process)
 
 
 # --------------------------------------------------------------------- STAC API

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import threading
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pystac
 import pytest
 
 from stacchip import storage
-from stacchip.errors import ConfigError, StorageError, StorageNotFoundError
+from stacchip.errors import ConfigError, StorageNotFoundError
 from stacchip.processors import jobs
 from stacchip.processors.catalog import Catalog, Rule, Sort, apply, wants_signing
 from stacchip.processors.publish import Bucket, Publisher, copy_plan, s3_form
@@ -319,37 +318,6 @@ def test_publisher_claims_are_per_task(tmp_path):
     assert first.claim("p", "item") is None
     assert second.claim("p", "item") == "s2/0"
     assert first.claim("p", "item") is None  # a re-run of the owner may continue
-
-
-def test_retry_backs_off_on_transient_errors_only(monkeypatch):
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.001)
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionResetError("dropped")
-        return "ok"
-
-    assert storage.retry(flaky, attempts=5) == "ok" and len(calls) == 3
-
-    def broken():
-        calls.append(1)
-        raise StorageError("bad request")
-
-    calls.clear()
-    with pytest.raises(StorageError):
-        storage.retry(broken, attempts=5)
-    assert len(calls) == 1
-    calls.clear()
-    with pytest.raises(ConnectionResetError):
-        storage.retry(functools.partial(_always_dropped, calls), attempts=3)
-    assert len(calls) == 3
-
-
-def _always_dropped(calls):
-    calls.append(1)
-    raise ConnectionResetError("dropped again")
 
 
 def test_bucket_layout(tmp_path):

@@ -75,22 +75,8 @@ def list_files(root: str, suffix: str = ".parquet") -> list[FileEntry]:
 
 
 def remove(url: str) -> None:
-    """Delete a file or object (missing is fine); transient S3 errors are retried."""
-    if storage.is_s3(url):
-        bucket, key = storage.split_s3(url)
-
-        def delete() -> None:
-            storage.s3_client().delete_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
-
-        try:
-            storage.retry(delete, what=f"delete {url}")
-        except Exception as exc:
-            raise StorageError(f"cannot delete {url!r}: {exc}") from exc
-        return
-    try:
-        storage.local_path(url).unlink(missing_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot delete {url!r}: {exc}") from exc
+    """Delete a file or object (missing is fine)."""
+    storage.delete(url)
 
 
 def under(url: str, roots: Iterable[str]) -> bool:

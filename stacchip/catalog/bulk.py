@@ -339,7 +339,7 @@ def _is_directory(source: str) -> bool:
     if storage.is_s3(source):
         if source.endswith("/"):
             return True
-        return not storage.retry(storage.exists, source, what=f"stat {source}")
+        return not storage.exists(source)
     return storage.local_path(source).is_dir()
 
 
@@ -715,10 +715,10 @@ def index_record(record: Record, settings: Settings) -> Outcome:
             from stacchip.utils import item_url
 
             href = item_url(settings.out, platform, item.id)
-            storage.retry(storage.write_bytes, href, json.dumps(record.item).encode(), what=f"write {href}")
+            storage.write_bytes(href, json.dumps(record.item).encode())
             meta["item_href"] = href
         _remove_stale_temps(path)
-        storage.retry(write_index, table, path, extra_metadata=meta, what=f"write {path}")
+        write_index(table, path, extra_metadata=meta)
         times["write"] = time.perf_counter() - t4
         return Outcome(record.key, "indexed", path=path, chips=table.num_rows, times=times, note=note)
     except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the others

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,6 +22,7 @@ import pystac
 import pystac_client
 import requests
 from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
 from pystac_client.conformance import ConformanceClasses
 
 from stacchip.errors import ConfigError, ServiceError
@@ -121,9 +121,10 @@ def _sas_token(account: str, container: str) -> str:
         cached = _tokens.get((account, container))
         if cached and cached[1] > time.time() + 300:
             return cached[0]
+    from stacchip import storage
+
     url = _SAS_URL.format(account=account, container=container)
-    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - fixed https URL
-        data = json.loads(response.read())
+    data = json.loads(storage.read_bytes(url))
     token = data["token"]
     expiry = time.time() + 1800
     with _tokens_lock:
@@ -172,6 +173,17 @@ class _Transient(ConnectionError):
     """A search failure worth retrying (5xx, 429, dropped connection)."""
 
 
+def stac_io() -> StacApiIO:
+    """pystac_client's I/O with the one I/O configuration: the retry policy (searches
+    are POSTs, retried too), the CA bundle, the proxies and the timeouts."""
+    from stacchip.storage import settings
+
+    conf = settings()
+    io = StacApiIO(max_retries=None, timeout=(conf.connect_timeout, conf.read_timeout))
+    conf.requests_session(io.session)
+    return io
+
+
 class Catalog:
     """A STAC API, opened once per process, with its conformance looked up once."""
 
@@ -188,17 +200,16 @@ class Catalog:
 
     @staticmethod
     def _open(url: str) -> pystac_client.Client:
-        """Open the API, retrying transient failures (5xx, 429, dropped connections).
+        """Open the API; its session retries transient failures (5xx, 429, dropped
+        connections) with the one retry policy (:mod:`stacchip.storage.config`).
 
         A refusal (4xx) or a response that is not a STAC API is a configuration
         error; an API still unreachable after the retries is not (the task
         fails with exit status 1 and can be re-run).
         """
-        from stacchip import storage
-
         def once() -> pystac_client.Client:
             try:
-                return pystac_client.Client.open(url)
+                return pystac_client.Client.open(url, stac_io=stac_io())
             except APIError as exc:
                 status = getattr(exc, "status_code", None)
                 if status is None or int(status) >= 500 or int(status) == 429:
@@ -208,7 +219,7 @@ class Catalog:
                 raise _Transient(str(exc)) from exc
 
         try:
-            return storage.retry(once, what=f"open STAC API {url}")
+            return once()
         except _Transient as exc:
             raise ServiceError(f"STAC API {url!r} is unreachable: {exc}") from exc
         except Exception as exc:  # pystac_client raises APIError, pystac errors, ...
@@ -221,8 +232,6 @@ class Catalog:
             return False
 
     def _fetch(self, params: dict[str, Any]) -> list[pystac.Item]:
-        from stacchip import storage
-
         def once() -> list[pystac.Item]:
             try:
                 return list(self.client.search(**params).items())
@@ -235,7 +244,7 @@ class Catalog:
                 raise _Transient(f"STAC search on {self.url} failed: {exc}") from exc
 
         try:
-            return storage.retry(once, what=f"STAC search on {self.url}")
+            return once()
         except _Rejected:
             raise
         except _Transient as exc:

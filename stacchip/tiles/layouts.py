@@ -152,7 +152,11 @@ def open_layout(href: str, source: LocalSource | RemoteSource, store: LayoutStor
     cached = store.get(href)
     if cached is not None:
         if source.remote:
-            return cached  # checked against every response (size, ETag)
+            if cached.etag:
+                return cached  # every GET carries If-Match with it (a replaced object answers 412)
+            if href in _fresh_here:
+                return cached  # no ETag to check: read again once in this process, then kept
+            logger.info("layout of %s has no ETag to check; reading its header again", href)
         ident = source.identity
         if ident is not None and cached.size is not None and cached.mtime is not None and \
                 Identity(cached.size, cached.etag, cached.mtime).matches(ident.size, None, ident.mtime):
@@ -166,7 +170,14 @@ def read_layout(href: str, source: LocalSource | RemoteSource, store: LayoutStor
     first, ident = source.head()
     layout = parse_layout(source.read, first).with_identity(ident.size, ident.etag, ident.mtime)
     store.put(href, layout)
+    if source.remote:
+        _fresh_here.add(href)
     return layout
+
+
+#: Remote hrefs whose header this process read itself (a layout without an ETag is
+#: trusted only then: nothing else tells a replaced file of the same size).
+_fresh_here: set[str] = set()
 
 
 def item_layouts(item: Any, keys: Iterable[str] | None = None, mountpath: str | None = None,

@@ -5,12 +5,12 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
 * :class:`TileFile` is one open raster: its layout and byte source.
 * :class:`TileEngine` owns the decode pool (one worker per core by default,
   ``STACCHIP_DECODE_THREADS``), the I/O for remote files (coalesced ranged GETs,
-  up to 16 in flight: blocking GETs of :mod:`stacchip.tiles.http` in fetch
-  threads, or, with ``STACCHIP_REMOTE_CLIENT=obstore`` or a proxy, obstore's
-  async API on one event-loop thread) and the shared :class:`TileCache`. With
-  one thread (``Chipper(threads=1)``) everything runs in the caller's thread.
-* Remote byte ranges are received into buffers that are reused once their tiles
-  are decoded (at most :data:`BUFFER_POOL_BYTES` kept free).
+  up to 16 in flight: obstore's async API on one event-loop thread, or, in a child
+  forked after its parent used obstore, blocking GETs of the synchronous client in
+  fetch threads) and the shared :class:`TileCache`. With one thread
+  (``Chipper(threads=1)``) everything runs in the caller's thread.
+* Ranges the synchronous client fetches are received into buffers that are reused
+  once their tiles are decoded (at most :data:`BUFFER_POOL_BYTES` kept free).
 * :class:`TileCache` keeps decoded tiles keyed by file (href + size/ETag/mtime)
   and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
@@ -248,13 +248,13 @@ class TileEngine:
             self.decode_threads, thread_name_prefix="stacchip-decode", initializer=_name_thread,
             initargs=("stacchip-decode",)))
 
-    def _remote_pool(self, lean: bool) -> tuple[Any, Callable[..., Any]]:
+    def _remote_pool(self, blocking: bool) -> tuple[Any, Callable[..., Any]]:
         """Where remote byte ranges are fetched, and the job that fetches one: the
-        caller's thread (one I/O thread), fetch threads with blocking GETs
-        (:mod:`stacchip.tiles.http`), or obstore's async API on one event-loop thread."""
+        caller's thread (one I/O thread), fetch threads with blocking GETs (the
+        synchronous client), or obstore's async API on one event-loop thread."""
         if self.io_threads == 1:
             return _Inline(), _remote_job
-        if lean:
+        if blocking:
             return self._pool("_fetch", lambda: ThreadPoolExecutor(
                 self.io_threads, thread_name_prefix="stacchip-fetch", initializer=_name_thread,
                 initargs=("stacchip-fetch",))), _remote_job
@@ -288,7 +288,7 @@ class TileEngine:
         from stacchip.tiles.sources import coalesce
 
         ranges = [(offset, offset + count) for _, _, offset, count in todo]
-        io, job = self._remote_pool(cast(Any, f.source).lean)  # decoding stays in the decode pool
+        io, job = self._remote_pool(cast(Any, f.source).blocking)  # decoding stays in the decode pool
         for start, end, members in coalesce(ranges):
             group = [todo[i] for i in members]
             io.submit(job, f, group, start, end, decode)
@@ -368,7 +368,7 @@ _buffers = _Buffers(BUFFER_POOL_BYTES)
 def _remote_job(f: TileFile, group: list[tuple[TileKey, Future, int, int]], start: int, end: int,
                 decode: Any) -> None:
     source = cast(Any, f.source)  # remote files only
-    buf = _buffers.take(end - start) if source.lean else None  # (obstore's client brings its own memory)
+    buf = _buffers.take(end - start) if source.blocking else None  # (obstore brings its own memory)
     try:
         data = source.read_into(start, end, buf, expect=f.expect)
     except BaseException as exc:  # noqa: BLE001 - every tile of the group fails with it
@@ -747,10 +747,6 @@ def _after_fork_in_child() -> None:
     _buffers = _Buffers(BUFFER_POOL_BYTES)
     _engines_lock = threading.Lock()
     DEFAULT_STORE._lock = threading.Lock()
-    from stacchip.tiles import sources
-
-    sources._stores_lock = threading.Lock()
-    sources._stores.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,29 +1,38 @@
-"""Byte sources for the tile reader: local files (``pread``) and objects over
-``s3://`` and ``http(s)://``. Tile bytes of remote files come with plain ranged
-GETs (:mod:`stacchip.tiles.http`: S3 URLs presigned by obstore, one pool of
-keep-alive connections per origin); with ``STACCHIP_REMOTE_CLIENT=obstore``, or
-when the environment sets a proxy, with obstore's client (one connection pool
-per bucket or origin, shared by every file and thread of the process).
+"""Byte sources for the tile reader: local files (``pread``) and remote objects
+(``s3://``, ``http(s)://``, ``gs://``, ``az://``) through the client of their root
+(:mod:`stacchip.storage.clients`: obstore's store, one connection pool per bucket
+or origin shared by every file and thread of the process; in a child forked after
+its parent used obstore, the synchronous client, which receives tile bytes straight
+into the decoder's buffer).
 
-Every source tells the file's identity (size plus ETag or modification time)
-so a cached layout is checked against the file it describes: a local file at
-open, a remote one with every response (``Content-Range`` size and ``ETag``),
-which costs no request of its own.
+Every source tells the file's identity so a cached layout is checked against the
+file it describes: a local file at open, a remote one with every request -- each GET
+carries ``If-Match`` with the layout's ETag (a replaced object answers 412), and the
+response's size and ETag are compared too -- which costs no request of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from stacchip.errors import AssetReadError
+from stacchip.errors import (
+    AssetReadError,
+    StorageError,
+    StorageNotFoundError,
+    StoragePreconditionError,
+    StorageRangeError,
+)
+from stacchip.storage import clients
+
+logger = logging.getLogger(__name__)
 
 #: Largest gap (bytes) between two tiles fetched with one request, and the most
 #: bytes one coalesced request may carry (beyond it, requests run in parallel).
@@ -36,23 +45,8 @@ class StaleLayoutError(AssetReadError):
 
 
 class ForkedRuntimeError(AssetReadError):
-    """obstore's I/O runtime was started by a parent process: its threads do not
-    exist in this forked child, so remote reads here must go another way (GDAL)."""
-
-
-#: pid of the process that started obstore's runtime (its first request).
-_runtime_pid: int | None = None
-
-
-def remote_usable() -> bool:
-    """False in a child forked after its parent used obstore's runtime (requests or S3 signing)."""
-    return _runtime_pid is None or _runtime_pid == os.getpid()
-
-
-def _runtime_started() -> None:
-    global _runtime_pid
-    if _runtime_pid is None:
-        _runtime_pid = os.getpid()
+    """No client can read this href in a child forked after its parent used obstore's
+    runtime (``gs://``, ``az://``): it is read through GDAL there."""
 
 
 @dataclass(frozen=True)
@@ -139,130 +133,21 @@ def _close_fd(fd: int) -> None:
 
 # --- remote ------------------------------------------------------------------------------
 
-_stores: dict[tuple[str, str, str], Any] = {}
-_stores_lock = threading.Lock()
-_stores_pid = os.getpid()
+#: A file on a server that ignores ``Range`` is fetched whole, once per process, into
+#: an unlinked temporary file (``TMPDIR``), up to this size (bytes).
+WHOLE_MAX = 4 * 2**30
 
 
-def _retry() -> dict[str, Any]:
-    from datetime import timedelta
-
-    return {"max_retries": 5, "retry_timeout": timedelta(seconds=120),
-            "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=10),
-                        "base": 2}}
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().upper() in ("YES", "TRUE", "1", "ON")
-
-
-def _s3_store(bucket: str) -> Any:
-    from obstore.store import S3Store
-
-    from stacchip.reader import s3_endpoint
-
-    kwargs: dict[str, Any] = {}
-    client: dict[str, Any] = {"timeout": "60s", "connect_timeout": "10s"}
-    endpoint = s3_endpoint()
-    if endpoint:
-        if "://" not in endpoint:
-            endpoint = f"https://{endpoint}"
-        kwargs["endpoint"] = endpoint.rstrip("/")
-        kwargs["virtual_hosted_style_request"] = False
-        if endpoint.startswith("http://"):
-            client["allow_http"] = True
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs["region"] = region or "us-east-1"
-    if _truthy(os.environ.get("AWS_NO_SIGN_REQUEST")):
-        kwargs["skip_signature"] = True
-    if os.environ.get("AWS_REQUEST_PAYER", "").lower() == "requester":
-        kwargs["request_payer"] = True
-    provider = None
-    if not kwargs.get("skip_signature") and not os.environ.get("AWS_ACCESS_KEY_ID"):
-        provider = _boto3_credentials()
-    return S3Store(bucket, client_options=client, credential_provider=provider,
-                   retry_config=_retry(), **kwargs)
-
-
-def _boto3_credentials() -> Any:
-    """Credentials from boto3's chain (``~/.aws``, SSO, ...), as GDAL would find them;
-    ``None`` lets obstore look itself (instance metadata, web identity)."""
-    try:
-        import boto3
-
-        creds = boto3.session.Session().get_credentials()
-    except Exception:  # noqa: BLE001 - no boto3 session: obstore's own chain
-        return None
-    if creds is None:
-        return None
-
-    # obstore keeps a credential until its expires_at (None: for good). Temporary ones
-    # (SSO, assume-role, container and instance roles) are asked of boto3 again every
-    # CREDENTIALS_TTL s, which refreshes them when they near their end; a long job
-    # then never signs with expired keys.
-    refreshable = callable(getattr(creds, "refresh_needed", None))
-
-    def provide() -> dict[str, Any]:
-        from datetime import datetime, timedelta, timezone
-
-        frozen = creds.get_frozen_credentials()
-        expires = datetime.now(timezone.utc) + timedelta(seconds=CREDENTIALS_TTL) if refreshable else None
-        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
-                "token": frozen.token, "expires_at": expires}
-
-    return provide
-
-
-#: How long obstore keeps temporary credentials from boto3 before asking again, s.
-CREDENTIALS_TTL = 600
-
-
-def _http_store(origin: str) -> Any:
-    from obstore.store import HTTPStore
-
-    client: dict[str, Any] = {"timeout": "60s", "connect_timeout": "10s"}
-    if origin.startswith("http://"):
-        client["allow_http"] = True
-    return HTTPStore.from_url(origin, client_options=client,
-                              retry_config=_retry())
-
-
-def store_for(href: str) -> tuple[Any, str]:
-    """``(obstore store, object path)`` for an ``s3://`` or ``http(s)://`` href;
-    stores are shared per bucket / origin (one connection pool each)."""
-    global _stores_pid
-    url = urlparse(href)
-    scheme = url.scheme.lower()
-    if scheme == "s3":
-        from stacchip.reader import s3_endpoint
-
-        key = ("s3", url.netloc, s3_endpoint() or "")
-        path = url.path.lstrip("/")
-    elif scheme in ("http", "https"):
-        key = ("http", f"{scheme}://{url.netloc}", "")
-        path = url.path.lstrip("/")
-    else:
-        raise ValueError(f"not a remote href: {href!r}")
-    with _stores_lock:
-        if os.getpid() != _stores_pid:  # forked child: the parent's clients are not ours
-            _stores.clear()
-            _stores_pid = os.getpid()
-        store = _stores.get(key)
-        if store is None:
-            store = _s3_store(key[1]) if scheme == "s3" else _http_store(key[1])
-            _stores[key] = store
-    return store, path
-
-
-def reset_stores() -> None:
-    """Forget every store (new connection pools on next use)."""
-    with _stores_lock:
-        _stores.clear()
+class NoRangeSupportError(AssetReadError):
+    """The server ignores ``Range`` requests and the file is too large to fetch whole."""
 
 
 class RemoteSource:
-    """An object over S3 or HTTP, read with ranged GETs (:mod:`stacchip.tiles.http`
-    or obstore's client, see the module)."""
+    """An object over ``s3://``, ``http(s)://``, ``gs://`` or ``az://``, read with ranged
+    GETs through the client of its root (:mod:`stacchip.storage.clients`: obstore, or
+    the synchronous client in a forked child). Every GET carries ``If-Match`` with the
+    ETag the caller expects, so a replaced object is noticed by the request that
+    would have read it (:class:`StaleLayoutError`), at no request of its own."""
 
     remote = True
 
@@ -270,97 +155,59 @@ class RemoteSource:
         self.href = href
         self.path = href
         self.what = what
-        self.store, self.key = store_for(href)
-        self.scheme = urlparse(href).scheme.lower()
+        try:
+            self.client, self.key = clients.client_for(href)
+        except clients.ForkedClientError as exc:
+            raise ForkedRuntimeError(f"{what}href {href!r}: {exc}") from exc
+        except StorageError as exc:
+            raise AssetReadError(f"cannot open {what}href {href!r}: {exc}") from exc
+        #: Whether reads block (fetch threads) rather than run on obstore's event loop.
+        self.blocking = bool(self.client.blocking)
         self.identity: Identity | None = None
         self.requests = 0
-        self._signed: tuple[str, float] | None = None
-        #: Tile bytes through :mod:`stacchip.tiles.http` (else obstore's client).
-        self.lean = _lean_for(href, self.store)
+        self._whole: tuple[int, Identity] | None = None  # a server ignoring Range: the file, spooled
         self._count = threading.Lock()
-        if self.uses_runtime() and not remote_usable():
-            raise ForkedRuntimeError(
-                f"{what}href {href!r}: this process was forked after its parent used obstore's runtime "
-                "(remote reads or S3 signing), which does not survive a fork"
-            )
-
-    def uses_runtime(self) -> bool:
-        """Whether reads of this object need obstore's runtime: its client, or signing
-        S3 URLs (plain http(s) reads of :mod:`stacchip.tiles.http` do not, so they
-        also work in a child forked after its parent used that runtime)."""
-        if not self.lean:
-            return True
-        return self.scheme == "s3" and not _unsigned(self.store)
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
-        """One counted request; its failure an :class:`AssetReadError` naming the href."""
+        """One counted request; its failure an :class:`AssetReadError` naming the href
+        (:class:`StaleLayoutError` when the object changed)."""
         try:
             yield
-        except FileNotFoundError as exc:
-            raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found ({exc})") from exc
         except AssetReadError:
             raise
         except Exception as exc:
-            raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {exc}") from exc
+            err = clients.translate(exc, self.href, "read")
+            if isinstance(err, StoragePreconditionError):
+                raise StaleLayoutError(f"{self.what}href {self.href!r} changed since its layout was read") from exc
+            if isinstance(err, StorageNotFoundError):
+                raise AssetReadError(f"cannot open {self.what}href {self.href!r}: not found") from exc
+            if isinstance(err, StorageRangeError) and "416" in str(err):
+                raise StaleLayoutError(f"{self.what}href {self.href!r} is shorter than its layout says") from exc
+            raise AssetReadError(f"cannot read {self.what}href {self.href!r}: {err}") from exc
         finally:
             with self._count:  # fetch threads share one source
                 self.requests += 1
 
-    def _get(self, start: int, end: int, out: Any = None) -> tuple[Any, Identity]:
-        """Bytes ``start:end`` and the object's identity; the default client receives
-        them into ``out`` when given (a ``uint8`` array of at least ``end - start`` bytes)."""
-        if self.lean:
-            return self._get_lean(start, end, out)
-        import obstore
-
-        _runtime_started()
+    def _get(self, start: int, end: int, out: Any = None, expect: Identity | None = None) -> tuple[Any, Identity]:
+        """Bytes ``start:end`` and the object's identity (received into ``out`` where the
+        client can: a ``uint8`` array of at least ``end - start`` bytes)."""
+        if self._whole is not None:
+            fd, ident = self._whole
+            return os.pread(fd, end - start, start), ident
+        etag = expect.etag if expect is not None else None
         with self._request():
-            result = obstore.get(self.store, self.key, options={"range": (start, end)})
-            data = result.bytes()
-        meta = result.meta
-        return data, Identity(meta.get("size"), meta.get("e_tag"), None)
-
-    def _url(self, fresh: bool = False) -> str:
-        """The URL a plain ranged GET of this object goes to: S3 presigned by obstore
-        (kept until :data:`SIGN_MARGIN` s before it expires), HTTP the href itself."""
-        if self.scheme != "s3":
-            return self.href
-        signed = self._signed
-        now = time.monotonic()
-        if signed is not None and not fresh and signed[1] > now:
-            return signed[0]
-        url = _s3_url(self.store, self.key)
-        self._signed = (url, now + SIGN_SECONDS - SIGN_MARGIN)
-        return url
-
-    def _get_lean(self, start: int, end: int, out: Any = None) -> tuple[Any, Identity]:
-        from stacchip.tiles.http import HTTPStatusError, pool
-
-        with self._request():
-            try:
-                got = pool().get_range(self._url(), start, end, out)
-            except HTTPStatusError as exc:
-                if exc.status == 404:
-                    raise FileNotFoundError(f"HTTP {exc.status}") from None
-                if exc.status == 416:
-                    raise StaleLayoutError(f"{self.what}href {self.href!r} is shorter than its layout says "
-                                           f"(bytes {start}-{end - 1} not satisfiable)") from None
-                if exc.status not in (400, 403) or self.scheme != "s3":
-                    raise
-                got = pool().get_range(self._url(fresh=True), start, end, out)  # credentials renewed
-        return got.data, Identity(got.size, got.etag, None)
+            data, meta = self.client.get(self.key, start, end, if_match=etag, out=out)
+        return data, Identity(meta.size, meta.etag, None)
 
     def read(self, start: int, length: int) -> bytes:
         data, _ident = self._get(start, start + length)
         return bytes(data)
 
     def read_into(self, start: int, end: int, out: Any, expect: Identity | None = None) -> Any:
-        """Bytes ``start:end`` with one GET, received into ``out`` (a ``uint8`` array of
-        at least ``end - start`` bytes) where this client can; returns them (a view of
-        ``out``, or other memory). :class:`StaleLayoutError` when the response
-        contradicts ``expect``."""
-        data, ident = self._get(start, end, out)
+        """Bytes ``start:end`` with one GET (received into ``out`` where the client can);
+        :class:`StaleLayoutError` when the object is not the one ``expect`` describes."""
+        data, ident = self._get(start, end, out, expect)
         self._check(expect, ident)
         return data
 
@@ -371,30 +218,69 @@ class RemoteSource:
 
     async def read_async(self, start: int, end: int, expect: Identity | None = None) -> Any:
         """Bytes ``start:end`` with one GET on obstore's own runtime (no thread of ours
-        waits); raises :class:`StaleLayoutError` when the response contradicts ``expect``."""
-        import obstore
-
-        _runtime_started()
+        waits); :class:`StaleLayoutError` when the object is not the one ``expect`` describes."""
+        if self._whole is not None:
+            return self._get(start, end, None, expect)[0]
+        etag = expect.etag if expect is not None else None
         with self._request():
-            result = await obstore.get_async(self.store, self.key, options={"range": (start, end)})
-            data = await result.bytes_async()
-        meta = result.meta
-        self._check(expect, Identity(meta.get("size"), meta.get("e_tag"), None))
+            data, meta = await self.client.get_async(self.key, start, end, if_match=etag)
+        self._check(expect, Identity(meta.size, meta.etag, None))
         return data
 
     def head(self) -> tuple[bytes, Identity]:
-        """The first bytes of the file (one request) and its identity."""
+        """The first bytes of the file (one request) and its identity. A file on a server
+        that ignores ``Range`` is fetched whole once (see :data:`WHOLE_MAX`)."""
         from stacchip.tiles.tiff import HEADER_BYTES
 
-        data, ident = self._get(0, HEADER_BYTES)
+        self.close()
+        try:
+            data, ident = self._get(0, HEADER_BYTES)
+        except AssetReadError as exc:
+            if not isinstance(exc.__cause__, Exception) or not _ignores_range(exc.__cause__, self.href):
+                raise
+            ident = self._fetch_whole()
+            data = self._get(0, HEADER_BYTES)[0]
         self.identity = ident
-        return bytes(data), ident
+        return bytes(data[:HEADER_BYTES]), ident
+
+    def _fetch_whole(self) -> Identity:
+        """Stream the whole file into an unlinked temporary file read with ``pread`` from
+        then on (forked children share it); its identity."""
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix="stacchip-whole-")
+        os.unlink(tmp)  # gone with the descriptor, whatever happens
+        total = 0
+        try:
+            with self._request():
+                meta = self.client.get_head(self.key)
+                if meta.size is not None and meta.size > WHOLE_MAX:
+                    raise NoRangeSupportError(
+                        f"{self.what}href {self.href!r}: the server ignores Range requests and the file is "
+                        f"{meta.size} bytes, more than the {WHOLE_MAX} fetched whole")
+                for chunk in self.client.stream(self.key):
+                    view = memoryview(chunk).cast("B")
+                    total += len(view)
+                    if total > WHOLE_MAX:
+                        raise NoRangeSupportError(
+                            f"{self.what}href {self.href!r}: the server ignores Range requests and the file is "
+                            f"more than the {WHOLE_MAX} bytes fetched whole")
+                    while len(view):
+                        view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            raise
+        logger.warning("%s ignores Range requests: the file (%d bytes) was fetched whole", self.href, total)
+        ident = Identity(total, meta.etag, None)
+        self._whole = (fd, ident)
+        self._closer = weakref.finalize(self, _close_fd, fd)
+        return ident
 
     def read_ranges(self, ranges: list[tuple[int, int]], expect: Identity | None = None) -> list[Any]:
         """Bytes of each range, one GET per coalesced group (callers run groups in parallel)."""
         out: list[Any] = [None] * len(ranges)
         for start, end, members in coalesce(ranges):
-            data, ident = self._get(start, end)
+            data, ident = self._get(start, end, None, expect)
             self._check(expect, ident)
             view = memoryview(data)
             for i in members:
@@ -403,53 +289,21 @@ class RemoteSource:
         return out
 
     def close(self) -> None:
-        pass
+        whole, self._whole = self._whole, None
+        if whole is not None:
+            self._closer()
 
 
-#: Lifetime of a presigned S3 URL, and how long before its end it is signed again, s.
-SIGN_SECONDS = 3600
-SIGN_MARGIN = 600
-
-
-def _lean_for(href: str, store: Any) -> bool:
-    from stacchip.tiles.http import lean_client_wanted, proxied
-
-    if not lean_client_wanted():
-        return False
-    if urlparse(href).scheme.lower() == "s3":
-        return not proxied(_s3_base(store))
-    return not proxied(href)
-
-
-def _s3_base(store: Any) -> str:
-    """Where the S3 requests of ``store`` go (path style): its endpoint, else AWS's for its region."""
-    config = store.config
-    region = config.get("region") or "us-east-1"
-    return str(config.get("endpoint") or f"https://s3.{region}.amazonaws.com").rstrip("/")
-
-
-def _unsigned(store: Any) -> bool:
-    """Whether ``store`` reads a public bucket without signing (``AWS_NO_SIGN_REQUEST``)."""
-    return _truthy(str(store.config.get("skip_signature", "")))
-
-
-def _s3_url(store: Any, key: str) -> str:
-    """A presigned GET URL of ``key`` (the plain path-style URL for unsigned access)."""
-    from datetime import timedelta
-    from urllib.parse import quote
-
-    import obstore
-
-    if _unsigned(store):
-        return f"{_s3_base(store)}/{quote(str(store.config['bucket']))}/{quote(key)}"
-    _runtime_started()
-    return str(obstore.sign(store, "GET", key, timedelta(seconds=SIGN_SECONDS)))
+def _ignores_range(exc: Exception, href: str) -> bool:
+    err = clients.translate(exc, href, "read")
+    return isinstance(err, StorageRangeError) and "416" not in str(err)
 
 
 def tile_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> str | None:
-    """What the tile reader opens for an asset href: a local path, or an
-    ``s3://`` / ``http(s)://`` URL; ``None`` for what only GDAL opens
-    (``/vsi...`` paths, other schemes, URLs with a query string)."""
+    """What the tile reader opens for an asset href: a local path, or a remote URL
+    (``s3://``, ``http(s)://`` -- signed ones with their query too --, ``gs://``,
+    ``az://``); ``None`` for what only GDAL opens (``/vsi...`` paths, other schemes,
+    URLs carrying credentials or a fragment)."""
     if mountpath is not None and str(mountpath) != "":
         from stacchip.reader import resolve_href
 
@@ -458,22 +312,29 @@ def tile_href(href: str, mountpath: str | os.PathLike[str] | None = None) -> str
     scheme = url.scheme.lower()
     if scheme == "file":
         return url.path
-    if scheme in ("s3", "http", "https"):
-        if url.query or url.fragment or not url.path.strip("/"):
+    if scheme in REMOTE_SCHEMES:
+        if url.fragment or url.username or url.password or not url.netloc:
+            return None
+        if not url.path.strip("/"):
+            return None
+        if url.query and scheme not in ("http", "https"):
             return None
         return href
     if scheme and len(scheme) > 1:
-        return None  # gs://, az://, ... : GDAL's
+        return None  # other schemes: GDAL's
     if href.startswith("/vsi"):
         return None
     return href
 
 
+REMOTE_SCHEMES = ("s3", "http", "https", "gs", "az", "abfs", "abfss")
+
+
 def open_source(path: str, what: str = "") -> LocalSource | RemoteSource:
-    """The byte source for a resolved href (local path, ``file://``, ``s3://``, ``http(s)://``)."""
+    """The byte source for a resolved href (local path, ``file://`` or a remote URL)."""
     url = urlparse(path)
     scheme = url.scheme.lower()
-    if scheme in ("s3", "http", "https"):
+    if scheme in REMOTE_SCHEMES:
         return RemoteSource(path, what)
     if scheme == "file":
         return LocalSource(url.path, what)
