@@ -371,9 +371,11 @@ class DelayProxy:
 
     METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ", b"OPTIONS ")
 
-    def __init__(self, upstream_port: int, delay: float) -> None:
+    def __init__(self, upstream_port: int, delay: float, tls: tuple[str, str] | None = None) -> None:
         self.upstream_port = upstream_port
         self.delay = delay
+        #: ``(certificate chain, key)`` PEM files: clients speak HTTPS to the proxy.
+        self.tls = tls
         self.requests = 0
         self.port = _free_port()
         self.counter_port = _free_port()
@@ -417,7 +419,13 @@ class DelayProxy:
 
         async def main() -> None:
             self.counter = await asyncio.start_server(report, "127.0.0.1", self.counter_port)
-            self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            context = None
+            if self.tls is not None:
+                import ssl
+
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(*self.tls)
+            self.server = await asyncio.start_server(handle, "127.0.0.1", self.port, ssl=context)
             self.ready.set()
             async with self.server:
                 await self.server.serve_forever()

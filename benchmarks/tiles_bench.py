@@ -19,6 +19,8 @@ case in a fresh subprocess (caches and peak RSS its own) and prints:
   chip ahead, and every chip ahead with a 64 MB tile cache: peak RSS stays
   bounded by the cache budget whatever the depth), next to the bound of
   :func:`w_one_bound` (bare transfer of the same tiles + their decode);
+* **https**: the 16-scene random cases again through a TLS endpoint with a private
+  CA's certificate (``AWS_CA_BUNDLE``), client CPU per chip next to local;
 * per case: chips/s, client CPU per chip (``time.process_time`` of the client
   process: every thread, the server not included), requests per chip (timed
   part only: headers are read when files are opened, before timing) and peak RSS.
@@ -289,7 +291,7 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
     * **transfer**: the loopback server's bare transfer of exactly the tiles the
       chips need (each distinct tile once, ``in_flight`` concurrent ranged GETs,
       bytes received, nothing decoded), with obstore's async API and with bare
-      ``http.client`` threads: ``T`` seconds, the faster of the two;
+      urllib3 threads: ``T`` seconds, the faster of the two;
     * **decode**: decoding those same bytes (already in memory) on ``threads``
       threads: ``D`` seconds.
 
@@ -304,63 +306,53 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
+    import numpy as np
     import obstore
 
     from benchmarks.run import _load_items
+    from stacchip.storage import clients, settings
     from stacchip.tiles.decode import decode_tile
-    from stacchip.tiles.sources import store_for
 
     tiles = _tile_ranges(item, picks)
     (it,) = _load_items([s3_item])
     hrefs = {key: it.assets[key].href for key in {t[0] for t in tiles}}
-    for h in hrefs.values():  # connection set up before timing, as the chipper's open does
-        store, path = store_for(h)
-        obstore.get_range(store, path, start=0, length=16)
+    stores = {key: clients.client_for(h) for key, h in hrefs.items()}  # (client, path), as the tile path's
+    for client, path in stores.values():  # connection set up before timing, as the chipper's open does
+        obstore.get_range(client.store, path, start=0, length=16)
 
     async def fetch_all() -> list[Any]:
         sem = asyncio.Semaphore(in_flight)
 
         async def one(key: str, offset: int, count: int) -> Any:
-            store, path = store_for(hrefs[key])
+            client, path = stores[key]
             async with sem:
-                return await obstore.get_range_async(store, path, start=offset, end=offset + count)
+                return await obstore.get_range_async(client.store, path, start=offset, end=offset + count)
 
         return await asyncio.gather(*[one(k, o, c) for k, o, c, _ in tiles])
 
-    def fetch_plain() -> list[Any]:
-        """The same GETs with bare ``http.client`` (presigned URLs), ``in_flight`` threads."""
-        import http.client
-        import queue
-        from datetime import timedelta
-        from urllib.parse import urlsplit
-
-        import numpy as np
-
-        urls = {k: urlsplit(obstore.sign(store_for(h)[0], "GET", store_for(h)[1], timedelta(hours=1)))
-                for k, h in hrefs.items()}
-        conns: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(in_flight):
-            u = next(iter(urls.values()))
-            conns.put(http.client.HTTPConnection(u.hostname, u.port))
+    def fetch_urllib3() -> list[Any]:
+        """The same GETs with bare urllib3 (presigned URLs; the client of forked children),
+        ``in_flight`` threads, each received into its own buffer."""
+        conf = settings()
+        urls = {k: client.sign(path) for k, (client, path) in stores.items()}
+        pool = clients.pool_for(next(iter(urls.values())), conf)
 
         def one(t: Any) -> Any:
             key, offset, count, _ = t
-            u, conn = urls[key], conns.get()
-            conn.request("GET", f"{u.path}?{u.query}", headers={"Range": f"bytes={offset}-{offset + count - 1}"})
-            resp = conn.getresponse()
+            resp = pool.request("GET", urls[key], headers={"Range": f"bytes={offset}-{offset + count - 1}"},
+                                preload_content=False)
             buf = np.empty(count, np.uint8)
             view, got = memoryview(buf), 0
             while got < count:
                 got += resp.readinto(view[got:])
-            resp.read()
-            conns.put(conn)
+            resp.release_conn()
             return buf
 
-        with ThreadPoolExecutor(in_flight) as pool:
-            return list(pool.map(one, tiles))
+        with ThreadPoolExecutor(in_flight) as pool_threads:
+            return list(pool_threads.map(one, tiles))
 
     timings = {}
-    for name, fetch in (("obstore", lambda: asyncio.run(fetch_all())), ("http.client", fetch_plain)):
+    for name, fetch in (("obstore", lambda: asyncio.run(fetch_all())), ("urllib3", fetch_urllib3)):
         r0 = _counter()
         c0, t0 = time.process_time(), time.perf_counter()
         blobs = fetch()
@@ -378,7 +370,7 @@ def w_one_bound(item: str, s3_item: str, picks: list[list[int]], in_flight: int 
             "transfer_cpu_ms_per_tile": 1000 * transfer_cpu / len(tiles),
             "decode_cpu_ms_per_tile": 1000 * decode_cpu / len(tiles),
             "tiles": len(tiles), "mb": sum(t[2] for t in tiles) / 1e6, "rss_mb": _rss_mb(), "chips": n,
-            "transfer_s_obstore": timings["obstore"][0], "transfer_s_http_client": timings["http.client"][0]}
+            "transfer_s_obstore": timings["obstore"][0], "transfer_s_urllib3": timings["urllib3"][0]}
 
 
 WORKERS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("w_") and callable(fn)}
@@ -403,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=str(HERE / ".cache" / "scene"), help="scene cache directory")
     parser.add_argument("--quick", action="store_true", help="fewer chips per case")
-    parser.add_argument("--only", default="row,local,s3,one", help="sections: row, local, s3, one")
+    parser.add_argument("--only", default="row,local,s3,https,one", help="sections: row, local, s3, https, one")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (medians)")
     args = parse_with_worker(parser, argv)
@@ -431,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
         logger.info("  %s", name)
         runs.setdefault(name, []).append(run_worker(worker, **kw))
 
-    server = proxy = None
+    server = proxy = tls_proxy = None
     env: dict[str, str] = {}
+    env_https: dict[str, str] = {}
     try:
-        if sections & {"s3", "one"}:
+        if sections & {"s3", "one", "https"}:
             tmp = Path(args.cache) / ".s3"
             tmp.mkdir(parents=True, exist_ok=True)
             server = S3rver(scene, tmp / "store")
@@ -445,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
                    "STACCHIP_BENCH_COUNTER": str(proxy.counter_port)}
             # the first GET of each object makes s3rver write its metadata: once, untimed
             run_worker("floor", env=env, items=s3, picks=[[k, 0, 0] for k in range(len(s3))], threads=2)
+        if "https" in sections:  # the same server behind TLS with a private CA's certificate
+            import trustme
+
+            ca = trustme.CA()
+            cert = ca.issue_cert("127.0.0.1")
+            ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+            cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "server.pem"))
+            tls_proxy = DelayProxy(server.port, 0.0, tls=(str(tmp / "server.pem"), str(tmp / "server.pem")))
+            env_https = {**env, "AWS_ENDPOINT_URL": f"https://127.0.0.1:{tls_proxy.port}",
+                         "AWS_CA_BUNDLE": str(tmp / "ca.pem"), "STACCHIP_BENCH_COUNTER": str(tls_proxy.counter_port)}
         # Repeats interleave the cases (local and s3 side by side), so a busy moment of
         # the shared machine does not fall on one case only; figures are medians.
         for r in range(args.repeats):
@@ -458,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
                 record("floor_s3", "floor", env=env, items=s3, picks=picks, threads=2)
                 record("random_s3", "random", env=env, items=s3, picks=picks)
                 record("random_s3_batch", "random", env=env, items=s3, picks=picks, batch=True)
+            if "https" in sections:
+                record("floor_https", "floor", env=env_https, items=s3, picks=picks, threads=2)
+                record("random_https", "random", env=env_https, items=s3, picks=picks)
+                record("random_https_batch", "random", env=env_https, items=s3, picks=picks, batch=True)
             if "one" in sections:
                 k = r % len(items)
                 one = [[0, x, y] for _, x, y in cold_picks(1, grid, per20, n_one, seed=31 + r)]
@@ -471,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
                 record("row_local", "row", item=items[r % len(items)], n=n_row)
                 record("row_local_block", "row", item=items[r % len(items)], n=n_row, order="block")
     finally:
+        if tls_proxy is not None:
+            tls_proxy.stop()
         if proxy is not None:
             proxy.stop()
         if server is not None:
@@ -504,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
         row("cold floor, s3 (2 thr)", "floor_s3", None),
         row("16-scene random chip(), s3", "random_s3", "floor_s3"),
         row("16-scene random chips(), s3", "random_s3_batch", "floor_s3"),
+        row("cold floor, https (2 thr)", "floor_https", None),
+        row("16-scene random chip(), https", "random_https", "floor_https"),
+        row("16-scene random chips(), https", "random_https_batch", "floor_https"),
         row("one scene: transfer+decode bound", "one_bound", None),
         row("one scene random chips(), s3", "one_s3", "one_bound"),
         row("  read-ahead = every chip", "one_s3_deep", "one_bound"),
@@ -518,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
               f" {b['decode_cpu_ms_per_tile']:.2f} ms CPU/tile); bound = n / (T + D);"
               f" perfect-overlap ceiling n / max(T, D) = {b['chips'] / max(b['transfer_s'], b['decode_s']):.1f}"
               f" chips/s; bare transfer obstore {b['transfer_s_obstore']:.2f} s,"
-              f" http.client {b['transfer_s_http_client']:.2f} s")
+              f" urllib3 {b['transfer_s_urllib3']:.2f} s")
         for name in ("one_s3", "one_s3_deep", "one_s3_deep64"):
             if name in results:
                 print(f"  {name}: tile cache {results[name]['cache_mb']:.0f} MB,"
@@ -537,6 +549,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
             results[f"{s3_case}_cpu_ratio_per_repeat"] = pairs
             print(f"  {s3_case} / {local_case} CPU per repeat: {[round(x, 2) for x in pairs]},"
                   f" median {statistics.median(pairs):.2f}x")
+    if "random_https" in results and "random_local" in results:
+        print(f"client CPU per chip, https / local: "
+              f"{results['random_https']['cpu_ms_per_chip']:.1f} / {results['random_local']['cpu_ms_per_chip']:.1f} ms"
+              f" = {results['random_https']['cpu_ms_per_chip'] / results['random_local']['cpu_ms_per_chip']:.2f}x"
+              f" (chip()); {results['random_https_batch']['cpu_ms_per_chip']:.1f} /"
+              f" {results['random_local_batch']['cpu_ms_per_chip']:.1f} ms (chips())")
     print(f"tiles per chip in the random cases: 10 (no two chips share a tile); "
           f"load average before/after: {results['load_average_before']} / {results['load_average_after']}")
     if args.json:

@@ -86,7 +86,7 @@ class ChipGrid:
     ) -> ChipGrid:
         """The chip grid of ``item`` (a :class:`pystac.Item` or STAC dict) from its projection
         metadata (:func:`stacchip.projection.item_grid`; ``shape`` overrides ``(rows, cols)``)."""
-        from stacchip.indexer import as_item
+        from stacchip.items import as_item
         from stacchip.projection import item_grid
 
         item = as_item(item)

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "stacchip"
 
 #: Top-level modules (and packages) of the core: they import only each other.
 CORE = {
-    "__init__", "errors", "projection", "grid", "qa", "platforms", "encodings", "indexer", "index",
+    "__init__", "errors", "items", "projection", "grid", "qa", "platforms", "encodings", "indexer", "index",
     "compacted", "reader", "chipper", "storage", "utils", "console", "demo",
     "tiles",  # the tile read path under reader/chipper (a package of the core)
 }
