@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 
+from stacchip.errors import LayoutError, LayoutVersionError
 from stacchip.tiles.layouts import LayoutStore, open_layout, sidecar_path
 from stacchip.tiles.sources import LocalSource
 from stacchip.tiles.tiff import LAYOUT_VERSION, Layout, TiffError, parse_layout
@@ -84,20 +85,37 @@ def test_compression_codes_and_lerc_parameters(tmp_path):
     assert jpeg.compression == 7 and jpeg.jpeg_tables and jpeg.jpeg_tables[:2] == b"\xff\xd8"
 
 
-def test_internal_mask_is_detected(tmp_path):
-    data = pixels("uint8", 1, (300, 300))
+def test_only_the_first_ifd_is_read(tmp_path):
+    """The header is the first IFD and the arrays it points at: an internal mask and
+    overviews behind it are never read (here: overwritten with garbage)."""
+    data = pixels("uint8", 1, (600, 600))
     path = tmp_path / "m.tif"
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
-        path, "w", driver="GTiff", width=300, height=300, count=1, dtype="uint8", crs="EPSG:32633",
+        path, "w", driver="GTiff", width=600, height=600, count=1, dtype="uint8", crs="EPSG:32633",
         transform=TRANSFORM, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
     ) as dst:
         dst.write(data)
-        mask = np.full((300, 300), 255, np.uint8)
+        mask = np.full((600, 600), 255, np.uint8)
         mask[:50] = 0
         dst.write_mask(mask)
-    assert not os.path.exists(str(path) + ".msk")
-    assert _layout(path).has_mask
-    assert not _layout(write(tmp_path / "n.tif", data)).has_mask
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2])
+    whole = _layout(path)
+    with rasterio.open(path) as ds:
+        offsets, _ = _gdal_tile_bytes(ds, whole)
+    assert whole.offsets.tolist() == offsets
+    # the IFDs after the first: find them by walking the chain with tifffile, then spoil them
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        later = [p.offset for p in tif.pages][1:]
+    assert len(later) >= 2  # mask and overview
+    raw = bytearray(path.read_bytes())
+    for offset in later:
+        raw[offset:offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(raw))
+    again = _layout(path)
+    assert again.offsets.tolist() == whole.offsets.tolist() and again.unsupported is None
 
 
 def test_what_the_tile_reader_lacks_is_named(tmp_path):
@@ -139,22 +157,25 @@ def test_georeferencing_other_than_a_plain_epsg_code_is_not_exact(tmp_path):
 def test_layout_json_round_trip_and_version(tmp_path):
     path = write(tmp_path / "a.tif", pixels("float32", 3, (600, 700)), compress="lerc_deflate",
                  interleave="band", nodata=float("nan"))
-    layout = _layout(path).with_identity(123, '"etag"', 456)
-    doc = json.loads(json.dumps(layout.to_json()))
-    assert doc["version"] == LAYOUT_VERSION
-    back = Layout.from_json(doc)
+    layout = _layout(path).with_identity(os.path.getsize(path), '"etag"', 456, inode=7, ctime=9)
+    doc = json.loads(json.dumps(layout.to_json("a.tif")))
+    assert doc["version"] == LAYOUT_VERSION and doc["digest"].startswith("sha256:")
+    back = Layout.from_json(doc, "a.tif")
     for name in ("width", "height", "tile_width", "bands", "dtype", "planar", "compression",
-                 "lerc_params", "geotransform", "epsg", "size", "etag", "mtime"):
+                 "lerc_params", "geotransform", "epsg", "size", "etag", "mtime", "inode", "ctime"):
         assert getattr(back, name) == getattr(layout, name), name
     assert np.isnan(back.nodata)
     assert back.offsets.tolist() == layout.offsets.tolist() and back.counts.dtype == np.uint64
-    doc["version"] = LAYOUT_VERSION + 1
-    with pytest.raises(ValueError, match="version"):
-        Layout.from_json(doc)
+    # the digest binds the layout to its href
+    with pytest.raises(LayoutError, match="digest"):
+        Layout.from_json(doc, "b.tif")
+    old = dict(doc, version=LAYOUT_VERSION - 1)
+    with pytest.raises(LayoutVersionError, match="version"):
+        Layout.from_json(old, "a.tif")
     store = LayoutStore()
-    assert store.update_from_json({"format": "stacchip-layouts", "version": 1,
-                                   "layouts": {"x.tif": doc, "y.tif": layout.to_json()}}) == 1
-    assert "x.tif" not in store and "y.tif" in store
+    assert store.update_from_json({"format": "stacchip-layouts", "version": LAYOUT_VERSION,
+                                   "layouts": {"x.tif": old, "a.tif": doc}}) == 1
+    assert "x.tif" not in store and "a.tif" in store
 
 
 def test_cached_layout_is_checked_against_the_file(tmp_path):
