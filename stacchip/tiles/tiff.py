@@ -36,7 +36,9 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
@@ -400,6 +402,26 @@ def _field(name: str, v: Any) -> Any:  # noqa: C901 - one branch per field type
 
 # --- reading a header ------------------------------------------------------------------------
 
+logger = logging.getLogger(__name__)
+_parsing = threading.local()
+
+
+class _TifffileNotes(logging.Filter):
+    """tifffile's complaints about a header :func:`parse_layout` is reading in this
+    thread (tags it skips, values it repairs) are kept for the layout's reasons and
+    stacchip's debug log instead of going to the user's handlers one by one; other
+    threads' records of tifffile pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = getattr(_parsing, "notes", None)
+        if notes is None:
+            return True
+        notes.append(record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_TifffileNotes())
+
 Fetch = Callable[[int, int], bytes]
 #: The size tifffile is told when the file's size is not known.
 _UNKNOWN_SIZE = 2**62
@@ -413,12 +435,12 @@ class _HeaderFile(io.RawIOBase):
 
     name = "header.tif"
 
-    def __init__(self, fetch: Fetch, first: bytes, size: int | None, limit: int = MAX_HEADER_BYTES) -> None:
+    def __init__(self, fetch: Fetch, first: bytes, size: int | None, limit: int | None = None) -> None:
         super().__init__()
         self._fetch = fetch
         self._segments: list[tuple[int, bytes]] = [(0, first)] if first else []
         self.size = size
-        self.limit = limit
+        self.limit = MAX_HEADER_BYTES if limit is None else limit
         self.fetched = 0
         self.requests = 0
         self.failure: BaseException | None = None
@@ -473,24 +495,27 @@ class _HeaderFile(io.RawIOBase):
         return b"".join(pieces)
 
     def _get(self, pos: int, end: int) -> tuple[int, bytes] | None:
-        want = end - pos
+        """Fetch from the block boundary at or before ``pos`` (tags of one IFD lie
+        close together, not always in file order) to at least ``end``."""
+        start = pos - pos % FETCH_BLOCK
+        want = end - start
         if self.fetched + want > self.limit:
             self.failure = TiffError(f"TIFF header needs more than {self.limit} bytes")
             raise self.failure
         length = min(max(want, FETCH_BLOCK), self.limit - self.fetched)
         if self.size is not None:
-            length = min(length, self.size - pos)
+            length = min(length, self.size - start)
         try:
-            data = bytes(self._fetch(pos, length))[:length]
+            data = bytes(self._fetch(start, length))[:length]
         except BaseException as exc:
             self.failure = exc
             raise
         self.requests += 1
         self.fetched += len(data)
-        if not data:
-            return None
-        self._segments.append((pos, data))
-        return pos, data
+        if len(data) <= pos - start:
+            return None  # the file ends before pos
+        self._segments.append((start, data))
+        return start, data
 
 
 def parse_layout(fetch: Fetch, first: bytes | None = None, *, size: int | None = None) -> Layout:
@@ -517,6 +542,8 @@ def parse_layout(fetch: Fetch, first: bytes | None = None, *, size: int | None =
     if magic not in (42, 43):
         raise TiffError(f"not a TIFF file (magic number {magic})")
     fh = _HeaderFile(fetch, first, size)
+    notes: list[str] = []
+    _parsing.notes = notes
     try:
         tif = tifffile.TiffFile(cast(IO[bytes], fh), name=fh.name, size=_UNKNOWN_SIZE if size is None else size,
                                 is_lsm=False, is_ndpi=False, is_scanimage=False, is_ome=False)
@@ -532,8 +559,14 @@ def parse_layout(fetch: Fetch, first: bytes | None = None, *, size: int | None =
         if isinstance(exc, TiffError):
             raise
         raise TiffError(f"cannot read the TIFF header: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _parsing.notes = None
+        for note in notes:
+            logger.debug("tifffile: %s", note)
     if fh.failure is not None:  # swallowed by tifffile on the way: the header is incomplete
         raise fh.failure
+    if layout.unsupported is not None and notes:
+        layout = replace(layout, unsupported=f"{layout.unsupported} (tifffile: {notes[0][:120]})")
     return layout
 
 
