@@ -489,3 +489,23 @@ def test_remote_layout_without_etag_is_read_again_once_per_process(scene, http_r
     got = fresh.read(np.arange(128), np.arange(256), 0).result()[0]
     np.testing.assert_array_equal(got, want)
     fresh.close()
+
+
+def test_an_open_chipper_keeps_the_file_it_opened_when_it_is_replaced(scene, header_reads):
+    """A new file under the same name (rename over it): an open chipper reads the file it
+    opened, with that file's layout, as an open GDAL dataset does; a new chipper the new file."""
+    item = pystac.Item.from_dict(scene["item"])
+    old = _gdal_chips(scene["item"])
+    chipper = Chipper(NoStatsChipIndexer(item, chip_size=CHIP), reader="tiles")
+    _same(chipper.chip(7, 7), old[(7, 7)], "before")
+    _swap_tiles_in_file(scene["fine"], in_place=False)
+    shared_cache().clear()
+    header_reads.clear()
+    _same(chipper.chip(0, 0), old[(0, 0)], "open chipper")
+    # (unlinking the old file changed its ctime: its header was read again, the same file's)
+    assert header_reads in ([], [scene["fine"]])
+    chipper.close()
+    header_reads.clear()
+    with Chipper(NoStatsChipIndexer(item, chip_size=CHIP), reader="tiles") as fresh:
+        _same(fresh.chip(0, 0), _gdal_chips(scene["item"])[(0, 0)], "new chipper")
+    assert header_reads == [scene["fine"]]

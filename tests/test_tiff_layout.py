@@ -405,3 +405,35 @@ def test_fuzzed_headers_give_a_layout_or_a_tiff_error(tmp_path_factory, edits, b
 
 
 _FUZZ_BASE: dict = {}
+
+
+def test_chipper_over_hostile_headers_gives_gdals_answer(tmp_path):
+    """Through a Chipper: a header the tile reader does not take is GDAL's to read --
+    its pixels, or its named error -- never an internal error."""
+    import pystac
+
+    from stacchip.chipper import Chipper
+    from stacchip.errors import AssetNotRasterError
+    from stacchip.indexer import NoStatsChipIndexer
+
+    def chipper(path, reader=None):
+        item = pystac.Item.from_dict({
+            "type": "Feature", "stac_version": "1.0.0", "id": "h", "geometry": None, "links": [],
+            "properties": {"datetime": "2024-05-01T10:30:00Z", "proj:epsg": 32633, "proj:shape": [300, 300],
+                           "proj:transform": [10, 0, 500000, 0, -10, 4000000]},
+            "assets": {"a": {"href": str(path)}},
+        })
+        return Chipper(NoStatsChipIndexer(item, chip_size=100), reader=reader)
+
+    zero = write(tmp_path / "zero.tif", pixels("uint16", 1, (300, 300)))
+    _patch_inline(zero, TILE_WIDTH, 0)
+    with pytest.raises(AssetNotRasterError, match="zero.tif"):
+        chipper(zero).chip(1, 1)
+    counts = write(tmp_path / "counts.tif", pixels("uint16", 1, (300, 300)), bigtiff="YES")
+    _patch_count(counts, TILE_OFFSETS, 2**40)
+    keys = write(tmp_path / "keys.tif", pixels("uint16", 1, (300, 300)))
+    _patch_count(keys, GEO_KEY_DIRECTORY, 6)
+    for path, tiles in ((counts, False), (keys, True)):
+        c = chipper(path)
+        assert (c.tile_file("a") is not None) == tiles, path
+        np.testing.assert_array_equal(c.chip(1, 1)["a"], chipper(path, "gdal").chip(1, 1)["a"])
