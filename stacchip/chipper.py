@@ -26,7 +26,8 @@ import numpy as np
 
 from stacchip import grid as gridmath
 from stacchip.errors import AssetNotFoundError, AssetReadError, ChipError, ChipOutOfRangeError, ConfigError
-from stacchip.platforms import asset_nodata
+# is_raster_asset and its tables live in platforms (tiles/ uses them too); importable here as before
+from stacchip.platforms import NON_DATA_ROLES, NON_RASTER_TYPES, asset_nodata, is_raster_asset  # noqa: F401
 from stacchip.indexer import ChipIndexer
 from stacchip.reader import (
     DatasetCache,
@@ -46,11 +47,6 @@ from stacchip.tiles.tiff import TiffError
 
 logger = logging.getLogger(__name__)
 
-#: Media types that are never rasters worth chipping (previews, metadata, and
-#: multi-dataset containers such as HDF4/HDF5/NetCDF that GDAL cannot read as one raster).
-NON_RASTER_TYPES = ("json", "xml", "html", "text/", "jpeg", "png", "hdf", "netcdf")
-#: Asset roles that mark previews and metadata, not data.
-NON_DATA_ROLES = {"thumbnail", "overview", "metadata", "tiles", "visual-preview"}
 #: Parallel reads for remote (S3/HTTP) hrefs, where threads wait on latency.
 REMOTE_THREADS = 16
 #: Read paths: ``auto`` (tiles where exact, GDAL elsewhere), ``tiles`` (the same),
@@ -87,17 +83,6 @@ def _layout_store(layouts: Any) -> LayoutStore:
     if isinstance(layouts, (str, os.PathLike)):
         return LayoutStore(path=layouts)
     raise ConfigError(f"layouts must be a LayoutStore or the path of a layout file, got {type(layouts).__name__}")
-
-
-def is_raster_asset(asset: Any) -> bool:
-    """True for assets that look like data rasters (COGs), not previews or metadata."""
-    media = (asset.media_type or "").lower()
-    if any(token in media for token in NON_RASTER_TYPES):
-        return False
-    roles = set(asset.roles or [])
-    if roles & NON_DATA_ROLES and "data" not in roles:
-        return False
-    return True
 
 
 class Chipper:
@@ -153,8 +138,9 @@ class Chipper:
         self._tiles = TileFiles()
         #: href -> why it is read through GDAL (files the tile path does not read)
         self._gdal_only: dict[str, str] = {}
-        #: checked transform of each asset file (see :func:`stacchip.reader.asset_transform`)
-        self._transforms: dict[str, Any] = {}
+        #: checked transform of each asset file (see :func:`stacchip.reader.asset_transform`), by
+        #: path (GDAL) or file version (tiles)
+        self._transforms: dict[Any, Any] = {}
         #: (file version, axis, chip row or column) -> what :meth:`_axis` returns
         self._axes: dict[Any, tuple[np.ndarray, list[Any], bool]] = {}
         self.threads = self._auto_threads() if threads is None else max(1, int(threads))
@@ -275,7 +261,8 @@ class Chipper:
         """The checked transform of asset ``key`` read by tiles: from the layout's
         GeoTIFF keys when they are plain (EPSG code, scale and tie point), else
         from GDAL's reading of the file (opened once for that)."""
-        transform = self._transforms.get(f.href)
+        version = f.cache_key  # href and file identity: a rewritten file is checked again
+        transform = self._transforms.get(version)
         if transform is not None:
             return transform
         layout = f.layout
@@ -294,7 +281,7 @@ class Chipper:
             with gdal_env():
                 ds = self._datasets.get(self.path(key), f"item {self.indexer.item.id!r} asset {key!r} ")
                 transform = asset_transform(ds, self.indexer.item, key, self.indexer.grid)
-        self._transforms[f.href] = transform
+        self._transforms[version] = transform
         return transform
 
     def _axis(self, key: str, f: TileFile, axis: int, i: int) -> tuple[np.ndarray, list[Any], bool]:

@@ -86,6 +86,16 @@ class AssetNotRasterError(AssetReadError):
     exit_code = EXIT_INPUT
 
 
+class LayoutError(StacchipError, ValueError):
+    """A stored tile layout (an index file's ``layouts`` metadata, a JSON sidecar)
+    is corrupt, edited or invalid; the tile reader reads the file's header again
+    instead of using it."""
+
+
+class LayoutVersionError(LayoutError):
+    """A stored tile layout of another format version (read again, not a fault)."""
+
+
 # --- index files ---------------------------------------------------------------
 
 

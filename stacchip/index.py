@@ -505,7 +505,16 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     schema = pq.read_schema(pa.BufferReader(storage.read_bytes(path)))
     raw = (schema.metadata or {}).get(STACCHIP_METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise IndexFileError(f"index file {str(path)!r}: its stacchip metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise IndexFileError(f"index file {str(path)!r}: its stacchip metadata is {type(meta).__name__}, "
+                             "not an object")
+    return meta
 
 
 def _filesystem(paths: Sequence[str]) -> tuple[Any, list[str]]:

@@ -197,6 +197,25 @@ def asset_nodata(asset: Any, band: int = 0) -> float | None:
     return None
 
 
+#: Media types that are never rasters worth chipping (previews, metadata, and
+#: multi-dataset containers such as HDF4/HDF5/NetCDF that GDAL cannot read as one raster).
+NON_RASTER_TYPES = ("json", "xml", "html", "text/", "jpeg", "png", "hdf", "netcdf")
+#: Asset roles that mark previews and metadata, not data.
+NON_DATA_ROLES = {"thumbnail", "overview", "metadata", "tiles", "visual-preview"}
+
+
+def is_raster_asset(asset: Any) -> bool:
+    """True for assets that look like data rasters (COGs), not previews or metadata
+    (by media type and roles; ``stacchip.chipper.is_raster_asset`` is this function)."""
+    media = (asset.media_type or "").lower()
+    if any(token in media for token in NON_RASTER_TYPES):
+        return False
+    roles = set(asset.roles or [])
+    if roles & NON_DATA_ROLES and "data" not in roles:
+        return False
+    return True
+
+
 def is_nodata(data: np.ndarray, nodata: float | None) -> np.ndarray:
     """Boolean mask of ``data`` equal to ``nodata`` (and NaN for float data);
     :func:`stacchip.qa.nodata_value`."""
@@ -209,6 +228,8 @@ __all__ = [
     "LS_BANDS",
     "MODIS_BANDS",
     "NAIP_BANDS",
+    "NON_DATA_ROLES",
+    "NON_RASTER_TYPES",
     "PLATFORMS",
     "S1_BANDS",
     "S2_BANDS",
@@ -216,6 +237,7 @@ __all__ = [
     "asset_nodata",
     "canonical_platform",
     "is_nodata",
+    "is_raster_asset",
     "platform_aliases",
     "platform_bands",
 ]

@@ -146,19 +146,28 @@ from urllib.parse import urlparse
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     delay = 0.0
+    stagger = False
+    served = 0
+    lock = threading.Lock()
 
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        time.sleep(self.delay)
+        with self.lock:
+            type(self).served += 1
+            n = type(self).served
+        time.sleep(self.delay * (n if self.stagger else 1))
         super().do_GET()
 
 
 @contextlib.contextmanager
-def file_server(directory: Path, delay: float = 0.0) -> Iterator[str]:
-    """Serve ``directory`` over HTTP on 127.0.0.1 (each GET delayed by ``delay`` s); yields the base URL."""
-    handler = type("Handler", (_QuietHandler,), {"delay": delay})
+def file_server(directory: Path, delay: float = 0.0, stagger: bool = False) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on 127.0.0.1 (each GET delayed by ``delay`` s, or with
+    ``stagger`` the n-th GET by ``n * delay`` s: copies in parallel still land one by one);
+    yields the base URL."""
+    handler = type("Handler", (_QuietHandler,), {"delay": delay, "stagger": stagger, "served": 0,
+                                                 "lock": threading.Lock()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -98,7 +98,7 @@ def test_killed_task_rerun_finishes_every_object_once(dest, stac_api, s3_env, sc
     asset landed, then run again: every object is there once and whole, none partial."""
     base = sentinel2_base(scene_dir)
     src_dir = Path(next(iter(base["assets"].values()))["href"]).parent
-    with file_server(src_dir, delay=0.4) as url:
+    with file_server(src_dir, delay=0.4, stagger=True) as url:
         http_base = copy.deepcopy(base)
         for asset in http_base["assets"].values():
             asset["href"] = f"{url}/{Path(asset['href']).name}"

@@ -8,7 +8,7 @@ from stacchip.reader import CLOUD_COG_OPTIONS, configure_gdal
 
 
 def test_configure_gdal_keeps_the_users_gdal_settings(monkeypatch):
-    key = "GDAL_HTTP_MAX_RETRY"
+    key = "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES"
     assert CLOUD_COG_OPTIONS[key] != "9"
     monkeypatch.delenv(key, raising=False)
     set_gdal_config(key, "9", normalize=False)
@@ -25,6 +25,18 @@ def test_configure_gdal_keeps_the_users_gdal_settings(monkeypatch):
     with rasterio.Env(**{other: "FALSE"}):
         configure_gdal()
         assert get_gdal_config(other, normalize=False) == "FALSE"
+
+
+def test_gdal_retries_follow_the_one_retry_policy(monkeypatch):
+    from stacchip import storage
+    from stacchip.reader import gdal_options
+
+    monkeypatch.delenv("GDAL_HTTP_MAX_RETRY", raising=False)
+    monkeypatch.setenv("STACCHIP_RETRIES", "3")
+    storage.reset()
+    assert gdal_options()["GDAL_HTTP_MAX_RETRY"] == "2"
+    configure_gdal()
+    assert get_gdal_config("GDAL_HTTP_MAX_RETRY", normalize=False) == "2"
 
 
 def test_configure_gdal_extra_always_applies(monkeypatch):

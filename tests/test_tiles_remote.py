@@ -462,7 +462,7 @@ def test_http_without_etag_reads_the_header_again_once(tmp_path):
         stored.update_from_json(first.to_json())  # as an index written earlier would hand it over
         from stacchip.tiles import layouts
 
-        layouts._fresh_here.discard(url)  # a new process
+        layouts._confirmed.pop(url, None)  # a new process
         shutil.copy(new, root / "a.tif")
         eng = _engine()
         rows, cols = np.arange(0, 100), np.arange(0, 100)

@@ -14,6 +14,7 @@
 Everything is importable from ``stacchip.storage`` as before.
 """
 
+from stacchip.errors import StorageError, StorageNotFoundError  # noqa: F401 (importable here as before)
 from stacchip.storage.clients import client_for, locate, obstore_usable
 from stacchip.storage.config import IOSettings, settings
 from stacchip.storage.files import (

@@ -244,8 +244,7 @@ class ObstoreClient:
         import obstore
 
         runtime_started()
-        result = obstore.get(self.store, path)
-        return iter(result.stream(min_chunk_size=8 * 2**20))
+        return iter(obstore.get(self.store, path).stream(min_chunk_size=8 * 2**20))
 
     def put(self, path: str, data: Any, *, create: bool = False,
             attributes: Mapping[str, str] | None = None) -> None:

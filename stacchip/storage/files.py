@@ -503,6 +503,16 @@ def _into_local(path: Path, fill: Callable[[str], Any]) -> None:
         raise
 
 
+def _download(source: str, path: Path, request_payer: bool = False) -> None:
+    """Stream a remote object into the local file ``path`` (chunks of a few MB)."""
+    def write_all(client: Any, key: str) -> None:
+        with open(path, "wb") as fh:
+            for chunk in client.stream(key):
+                fh.write(chunk)
+
+    _remote(source, "read", write_all, request_payer)
+
+
 def _copy_s3_buckets(source: str, target: str, request_payer: bool) -> None:
     """A server-side copy between two S3 buckets: the bytes never pass through this
     machine. obstore copies within one store only, so this one request goes through a
@@ -554,9 +564,13 @@ def copy(
             else:
                 _copy_s3_buckets(source, target, request_payer)
             return
-        if is_remote(source):
-            chunks = _remote(source, "read", lambda c, p: c.stream(p), request_payer)
-            _remote(target, "write", lambda c, p: c.put(p, chunks))
+        if is_remote(source):  # through a temporary file: streamed down, then up as one upload
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="stacchip-copy-") as folder:
+                spool = Path(folder) / "object"
+                _download(source, spool, request_payer)
+                _remote(target, "write", lambda c, p: c.put(p, spool))
             return
         upload = local_path(source)
         if not upload.is_file():
@@ -565,16 +579,8 @@ def copy(
         return
     out = local_path(target)
     if is_remote(source):
-        def fetch(tmp: str) -> None:
-            def write_all(client: Any, path: str) -> None:
-                with open(tmp, "wb") as fh:
-                    for chunk in client.stream(path):
-                        fh.write(chunk)
-
-            _remote(source, "read", write_all, request_payer)
-
         try:
-            _into_local(out, fetch)
+            _into_local(out, lambda tmp: _download(source, Path(tmp), request_payer))
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise

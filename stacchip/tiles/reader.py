@@ -11,13 +11,20 @@ returns (``(bands, len(rows), len(cols))``, ``fill`` outside the raster).
   (``Chipper(threads=1)``) everything runs in the caller's thread.
 * Ranges the synchronous client fetches are received into buffers that are reused
   once their tiles are decoded (at most :data:`BUFFER_POOL_BYTES` kept free).
-* :class:`TileCache` keeps decoded tiles keyed by file (href + size/ETag/mtime)
-  and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
+* :class:`TileCache` keeps decoded tiles keyed by file version (href + the
+  identity its layout was read with: size and ETag, or size, mtime, inode and
+  ctime) and tile, up to a budget in bytes (``STACCHIP_TILE_CACHE_MB``, default
   :data:`DEFAULT_CACHE_MB` MB; least recently used tiles go first; tiles being
   read are shared, never read twice). A scan in tile order therefore decodes
   every tile once as long as one row of tiles of every band fits (10 Sentinel-2
   bands of 1024 px tiles: ~160 MB). ``Chipper.chips`` keeps the tiles its queued
   chips hold within half this budget, whatever its read-ahead depth.
+* Tiles a process already holds in its cache are served for the rest of its life
+  without looking at the file again; every read that reaches the disk or the
+  store is checked against the file's identity (a local file: one ``fstat``
+  after each tile's ``pread``; a remote one: every response), and a file that
+  changed has its header read again (:meth:`TileFile.refresh`), never its old
+  layout used on new bytes.
 """
 
 from __future__ import annotations
@@ -312,7 +319,7 @@ def _settle(fut: Future, fn: Callable[[], Any]) -> None:
 
 def _local_job(f: TileFile, fut: Future, offset: int, count: int) -> None:
     def work() -> np.ndarray:
-        data = f.source.read(offset, count)
+        data = cast(LocalSource, f.source).read_checked(offset, count, f.expect)  # StaleLayoutError if it changed
         return f.decode(data)
 
     _settle(fut, work)
@@ -489,13 +496,23 @@ class TileFile:
 
         self.layout = layout
         self.cache_key = (self.href, layout.identity())
-        self.expect = Identity(layout.size, layout.etag, None) if self.source.remote else None
+        self.expect = Identity(layout.size, layout.etag, None) if self.source.remote else \
+            Identity(layout.size, None, layout.mtime, layout.inode, layout.ctime)
         self._sparse_value = 0 if layout.nodata is None else layout.nodata
 
-    def refresh(self) -> None:
-        """Read the header again (the file changed) and forget its cached tiles."""
+    def refresh(self, stale: Any = None) -> None:
+        """Read the header again (the file changed) and forget its cached tiles;
+        ``stale`` is the cache key a failed read used (no second read of the header
+        when another read already refreshed it). A file that changed into one the
+        tile reader does not read is an :class:`~stacchip.errors.AssetReadError`."""
+        if stale is not None and stale != self.cache_key:
+            return
         shared_cache().drop_file(self.cache_key)
-        self._set_layout(read_layout(self.href, self.source, self.store))
+        layout = read_layout(self.href, self.source, self.store)
+        if layout.unsupported is not None:
+            raise StaleLayoutError(f"{self.what}href {self.href!r} changed into a file the tile reader does "
+                                   f"not read ({layout.unsupported}); open it again")
+        self._set_layout(layout)
 
     def decode(self, data: Any) -> np.ndarray:
         try:
@@ -533,7 +550,8 @@ class PendingRead:
         self._start(runs)
 
     def _start(self, runs: tuple[list[Run], list[Run]] | None = None) -> None:
-        layout = self.f.layout
+        layout = self.layout = self.f.layout  # the file version this read uses
+        self.key = self.f.cache_key
         if runs is None:
             self.plan = _plan(layout, self.rows, self.cols)
         else:
@@ -546,10 +564,10 @@ class PendingRead:
             tiles = {k: fut.result() for k, fut in self.futures.items()}
         except StaleLayoutError:
             logger.info("%s changed since its layout was read; reading its header again", self.f.href)
-            self.f.refresh()
+            self.f.refresh(self.key)
             self._start()  # the new layout's plan
             tiles = {k: fut.result() for k, fut in self.futures.items()}
-        return _assemble(self.f.layout, self.plan, tiles, self.rows, self.cols, self.fill,
+        return _assemble(self.layout, self.plan, tiles, self.rows, self.cols, self.fill,
                          self.f._sparse_value)
 
 

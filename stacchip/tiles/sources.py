@@ -6,9 +6,11 @@ its parent used obstore, the synchronous client, which receives tile bytes strai
 into the decoder's buffer).
 
 Every source tells the file's identity so a cached layout is checked against the
-file it describes: a local file at open, a remote one with every request -- each GET
-carries ``If-Match`` with the layout's ETag (a replaced object answers 412), and the
-response's size and ETag are compared too -- which costs no request of its own.
+file it describes: a local file (size, modification time, inode and status-change
+time) at open and after every tile read (one ``fstat``), a remote one with every
+request -- each GET carries ``If-Match`` with the layout's ETag (a replaced object
+answers 412), and the response's size and ETag are compared too -- which costs no
+request of its own.
 """
 
 from __future__ import annotations
@@ -51,18 +53,40 @@ class ForkedRuntimeError(AssetReadError):
 
 @dataclass(frozen=True)
 class Identity:
-    """What identifies one version of a file: bytes, ETag (remote), mtime in ns (local)."""
+    """What identifies one version of a file: bytes, ETag (remote files), and for
+    local files the modification and status-change times (ns) and the inode.
+
+    ``ctime`` and ``inode`` catch what size and ``mtime`` miss: a file rewritten at
+    the same size with its modification time put back (``os.utime``), in place or
+    replaced under the same name; no call sets a file's ``ctime``.
+    """
 
     size: int | None
     etag: str | None = None
     mtime: int | None = None
+    inode: int | None = None
+    ctime: int | None = None
 
-    def matches(self, size: int | None, etag: str | None, mtime: int | None) -> bool:
-        if self.size is not None and size is not None and self.size != size:
-            return False
+    @classmethod
+    def of_stat(cls, st: os.stat_result) -> Identity:
+        """The identity of a local file from its ``os.stat``/``os.fstat``."""
+        return cls(st.st_size, None, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+    def matches(self, size: int | None, etag: str | None, mtime: int | None, *,
+                inode: int | None = None, ctime: int | None = None) -> bool:
+        """False when a field known on both sides differs (ETags compared without quotes)."""
         if self.etag and etag and self.etag.strip('"') != etag.strip('"'):
             return False
-        return not (self.mtime is not None and mtime is not None and self.mtime != mtime)
+        for mine, theirs in ((self.size, size), (self.mtime, mtime), (self.inode, inode), (self.ctime, ctime)):
+            if mine is not None and theirs is not None and mine != theirs:
+                return False
+        return True
+
+    def same_local_file(self, other: Identity) -> bool:
+        """True when ``other`` (a local file's identity now) is exactly this one:
+        size, mtime, inode and ctime all known and equal."""
+        mine = (self.size, self.mtime, self.inode, self.ctime)
+        return None not in mine and mine == (other.size, other.mtime, other.inode, other.ctime)
 
 
 def coalesce(ranges: list[tuple[int, int]], gap: int = COALESCE_GAP,
@@ -84,7 +108,13 @@ def coalesce(ranges: list[tuple[int, int]], gap: int = COALESCE_GAP,
 
 
 class LocalSource:
-    """A local file read with ``os.pread`` (thread-safe, no shared offset)."""
+    """A local file read with ``os.pread`` (thread-safe, no shared offset).
+
+    :meth:`read_checked` (every tile read) compares the open file's identity
+    (``fstat``: size, mtime, inode, ctime) after reading with the identity the
+    layout was read with, and raises :class:`StaleLayoutError` when they differ:
+    bytes of a file changed since its layout was read are never decoded.
+    """
 
     remote = False
 
@@ -99,11 +129,17 @@ class LocalSource:
         # never closed, as upstream code makes them, holds no descriptor once gone).
         self._closer = weakref.finalize(self, _close_fd, self._fd)
         try:
-            st = os.fstat(self._fd)
-        except OSError as exc:
+            self.identity = self.stat()
+        except AssetReadError:
             self.close()
-            raise AssetReadError(f"cannot open {what}href {path!r}: {exc}") from exc
-        self.identity = Identity(st.st_size, None, st.st_mtime_ns)
+            raise
+
+    def stat(self) -> Identity:
+        """The open file's identity now (one ``fstat``)."""
+        try:
+            return Identity.of_stat(os.fstat(self._fd))
+        except OSError as exc:
+            raise AssetReadError(f"cannot open {self.what}href {self.path!r}: {exc}") from exc
 
     def read(self, start: int, length: int) -> bytes:
         try:
@@ -111,12 +147,26 @@ class LocalSource:
         except OSError as exc:
             raise AssetReadError(f"cannot read {self.what}href {self.path!r}: {exc}") from exc
 
+    def read_checked(self, start: int, length: int, expect: Identity | None) -> bytes:
+        """Bytes ``start:start+length``, then :class:`StaleLayoutError` unless the file
+        is still ``expect`` (checked after the read: a change that reached the bytes
+        read is seen)."""
+        data = self.read(start, length)
+        if expect is not None:
+            now = self.stat()
+            if not expect.same_local_file(now):
+                raise StaleLayoutError(f"{self.what}href {self.path!r} changed since its layout was read")
+        return data
+
     def read_ranges(self, ranges: list[tuple[int, int]], expect: Identity | None = None) -> list[bytes]:
-        return [self.read(s, e - s) for s, e in ranges]
+        return [self.read_checked(s, e - s, expect) for s, e in ranges]
 
     def head(self) -> tuple[bytes, Identity]:
+        """The first bytes of the file and its identity now (``fstat`` again: the
+        file may have changed since it was opened)."""
         from stacchip.tiles.tiff import HEADER_BYTES
 
+        self.identity = self.stat()
         return self.read(0, HEADER_BYTES), self.identity
 
     def close(self) -> None:
