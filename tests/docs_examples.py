@@ -29,7 +29,8 @@ What a page's examples start from is set in its front matter::
               ``docs-sentinel-2`` (assets on ``s3://demo-bucket``); ``STAC_API`` holds its URL
 ``cubes``     ``cubes/``: training cubes of ``bucket/`` (``stacchip-prechip --cube-size 4``)
 
-Every page runs in a fresh temporary directory, removed after its last example.
+Every page runs in a fresh temporary directory, removed after its last example, which holds
+``processors/`` (a link to the repository's) as a clone of the repository does.
 """
 
 from __future__ import annotations
@@ -376,6 +377,8 @@ def docs_page(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         page = Page(Path(tempfile.mkdtemp(prefix="stacchip-docs-page-")), setups)
         namespace["docs_page"] = page
         namespace["_docs_cleanup"] = page.workdir
+        # As from a clone of the repository: processors/ holds the job definitions pages include.
+        (page.workdir / "processors").symlink_to(ROOT / "processors", target_is_directory=True)
         if "demo" in setups:
             make_demo(request.getfixturevalue("docs_demo_scene"), page.workdir / "demo")
         if {"bucket", "s3", "stac-api", "cubes"} & set(setups):
