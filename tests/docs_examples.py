@@ -75,6 +75,8 @@ SHELL_TIMEOUT_S = 900
 DEMO_BUCKET = "demo-bucket"
 STAC_COLLECTION = "docs-sentinel-2"
 PLATFORM = "sentinel-2-l2a"
+#: The bucket item that also has a copy with plain http:// hrefs (``DEMO_HTTP_ITEM``).
+HTTP_ITEM_ID = "S2A_T20HNJ_20240311T140636_L2A_DEMO"
 SETUPS = ("demo", "bucket", "s3", "stac-api", "cubes")
 #: The dates of the bucket's three items (the demo scene's own first), with the rows their
 #: cloud is moved by, so that each date is cloudy somewhere else.
@@ -333,11 +335,14 @@ def upload_bucket(endpoint: str, root: Path) -> None:
             for asset in item["assets"].values():
                 asset["href"] = f"s3://{DEMO_BUCKET}/{folder}/{Path(asset['href']).name}"
             body = json.dumps(item, indent=2).encode()
-            if item["id"].endswith("20240311T140636_L2A_DEMO"):
+            if item["id"] == HTTP_ITEM_ID:
                 for asset in item["assets"].values():
                     asset["href"] = f"{endpoint}/{DEMO_BUCKET}/{folder}/{Path(asset['href']).name}"
-                s3.put_object(Bucket=DEMO_BUCKET, Key="http/stac_item.json", Body=json.dumps(item, indent=2).encode())
-        s3.put_object(Bucket=DEMO_BUCKET, Key=key, Body=body)
+                s3.put_object(Bucket=DEMO_BUCKET, Key="http/stac_item.json", Body=json.dumps(item, indent=2).encode(),
+                              ACL="public-read")
+        # The http copy's files are readable without credentials, as a public bucket's are.
+        public = {"ACL": "public-read"} if f"/{HTTP_ITEM_ID}/" in f"/{key}" else {}
+        s3.put_object(Bucket=DEMO_BUCKET, Key=key, Body=body, **public)
     _S3_READY["endpoint"] = endpoint
 
 
