@@ -26,7 +26,7 @@ What a page's examples start from is set in its front matter::
               ``s3://demo-bucket/http/stac_item.json``, the demo item with plain ``http://`` hrefs
               to the same server (``DEMO_HTTP_ITEM`` holds its URL)
 ``stac-api``  the loopback STAC API (pgstac) serving the three items as collection
-              ``docs-sentinel-2`` (assets on ``s3://demo-bucket``); ``STAC_API`` holds its URL
+              ``sentinel-2-l2a`` (assets on ``s3://demo-bucket``); ``STAC_API`` holds its URL
 ``cubes``     ``cubes/``: training cubes of ``bucket/`` (``stacchip-prechip --cube-size 4``)
 
 Every page runs in a fresh temporary directory, removed after its last example, which holds
@@ -73,7 +73,7 @@ LANGUAGES = {"python": "python", "py": "python", "bash": "bash"}
 #: Seconds one shell block may take.
 SHELL_TIMEOUT_S = 900
 DEMO_BUCKET = "demo-bucket"
-STAC_COLLECTION = "docs-sentinel-2"
+STAC_COLLECTION = "sentinel-2-l2a"
 PLATFORM = "sentinel-2-l2a"
 #: The bucket item that also has a copy with plain http:// hrefs (``DEMO_HTTP_ITEM``).
 HTTP_ITEM_ID = "S2A_T20HNJ_20240311T140636_L2A_DEMO"
@@ -350,7 +350,7 @@ _STAC_READY: dict[str, str] = {}
 
 
 def load_stac(api: Any, items: list[dict[str, Any]]) -> None:
-    """Collection ``docs-sentinel-2`` on the loopback STAC API: the bucket's items, assets on S3,
+    """Collection ``sentinel-2-l2a`` on the loopback STAC API: the bucket's items, assets on S3,
     with the fields the Sentinel-2 processor searches by."""
     if _STAC_READY.get("url") == api.url:
         return
