@@ -394,7 +394,7 @@ def docs_page(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
                     _rewrite_hrefs(item_json, lambda key, name, d=item_json.parent: str(d / name))
         if "cubes" in setups:
             proc = subprocess.run(
-                ["stacchip-prechip", "--data", "bucket", "--indexpath", "bucket/index", "--chips", "cubes",
+                ["stacchip-prechip", "--data", "./bucket", "--indexpath", "bucket/index", "--chips", "./cubes",
                  "--platform", PLATFORM, "--cube-size", "4", "--all"],
                 cwd=page.workdir, capture_output=True, text=True, timeout=600, check=False)
             assert proc.returncode == 0, f"docs setup cubes: stacchip-prechip failed:\n{proc.stderr}"
