@@ -65,6 +65,7 @@ def _evaluate(tmp_path: Path, text: str) -> list[str | None]:
 
 def test_runner_runs_and_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(docs_examples, "COUNTS", {})  # these are not examples of the site
     text = "\n\n".join([
         "```python\nvalue = 21 * 2\n```",
         "```python\nassert value == 42\nraise ValueError('boom')\n```",
@@ -92,3 +93,25 @@ def test_snippets_are_included_as_the_site_includes_them(tmp_path: Path) -> None
     with pytest.raises(FileNotFoundError):
         docs_examples.include_snippets('--8<-- "../outside.txt"')
     assert re.search(r"^#SBATCH", included, re.MULTILINE)
+
+
+def test_benchmark_commands_on_the_performance_page_exist() -> None:
+    """The commands that reproduce the performance figures are real: their module runs and takes
+    every flag they are shown with (the benchmarks themselves take minutes to hours: not run)."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    figures = json.loads((root / "benchmarks" / "results.json").read_text())["figures"]
+    assert figures
+    for fig in figures:
+        assert {"id", "title", "what", "unit", "better", "bars", "command", "source"} <= set(fig), fig.get("id")
+        words = shlex.split(fig["command"])
+        assert words[:3] == ["python", "-m", words[2]] and words[2].startswith("benchmarks."), fig["command"]
+        proc = subprocess.run([sys.executable, "-m", words[2], "--help"], cwd=root, capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        for flag in (w for w in words[3:] if w.startswith("--")):
+            assert flag in proc.stdout, f"{fig['id']}: {words[2]} has no flag {flag}"
