@@ -106,7 +106,7 @@ def test_every_console_script_and_page_is_in_the_nav(built_site: Path) -> None:
     for prog in scripts:
         assert f"reference/cli/{prog}.md" in nav, f"{prog} has no page in the nav of mkdocs.yml"
     pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
-    assert pages == nav, f"pages not in the nav: {sorted(pages - nav)}; nav entries without a page: {sorted(nav - pages)}"
+    assert pages == nav, f"pages not in the nav: {sorted(pages - nav)}; nav without a page: {sorted(nav - pages)}"
 
 
 class _Text(html.parser.HTMLParser):

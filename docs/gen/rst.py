@@ -38,9 +38,9 @@ def _columns(border: str) -> list[tuple[int, int]]:
 
 def _cells(line: str, cols: list[tuple[int, int]]) -> list[str]:
     out = []
-    for k, (start, end) in enumerate(cols):
+    for k, (start, _) in enumerate(cols):
         stop = cols[k + 1][0] if k + 1 < len(cols) else len(line)
-        out.append(line[start:stop].strip() if k + 1 < len(cols) else line[start:].strip())
+        out.append(line[start:stop].strip())
     return out
 
 
