@@ -80,7 +80,7 @@ def build_demo_scene(directory: str | os.PathLike[str], size: int = 1098) -> Pat
     ``size`` is the 10 m band width/height in pixels (must be a multiple of 2).
     Returns the path of the item JSON. Nothing is downloaded.
     """
-    root = Path(directory)
+    root = Path(directory).resolve()  # asset hrefs are absolute: a relative --dir works from anywhere
     root.mkdir(parents=True, exist_ok=True)
     item_id = "S2A_T20HNJ_20240311T140636_L2A_DEMO"
     shapes = {10: size, 20: size // 2, 60: math.ceil(size / 6)}
