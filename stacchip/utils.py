@@ -41,7 +41,8 @@ def item_url(root: str | os.PathLike[str], platform: str, item_id: str) -> str:
 
 
 def load_item(url: str | os.PathLike[str]) -> pystac.Item:
-    """A STAC item from a local path, ``file://`` or ``s3://`` URL.
+    """A STAC item from a local path, ``file://``, ``s3://``, ``http(s)://`` (signed ones too),
+    ``gs://`` or ``az://`` URL (read through :mod:`stacchip.storage`, its one configuration).
 
     Relative asset hrefs (static catalogs) are resolved against the item's own
     location, not the working directory.

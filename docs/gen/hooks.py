@@ -62,13 +62,11 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "to run arrays larger than the scheduler allows in slices",
     "STACCHIP_POOL_SIZE": "worker processes for `--range`/`--all` runs (`--workers`); default 1",
     "STACCHIP_TASKS": "`stacchip index` with many items: how many array tasks share the items (`--tasks`)",
-    "STACCHIP_RETRIES": "attempts (including the first) for transient storage errors; default 8",
     "STACCHIP_TRACEBACK": "`1`: print the traceback before the one-line error (as `-v` does), for commands "
     "whose command line is fixed",
     "STACCHIP_TILE_CACHE_MB": "decoded-tile cache of the tile read path, in MB; default 256",
     "STACCHIP_DECODE_THREADS": "threads decoding tiles; default one per core",
     "STACCHIP_READER": "`gdal`: read every chip through GDAL instead of the tile path",
-    "STACCHIP_REMOTE_CLIENT": "`obstore`: fetch remote tile bytes with obstore's client",
     "STACCHIP_SIGN": "processors: sign asset hrefs (`auto`, `none`, `planetary-computer`)",
 }
 
@@ -266,7 +264,8 @@ def gen_environment(_: str | None, page_uri: str) -> str:
         for row in script(prog).rows:
             for env in row["env"]:
                 table_vars.setdefault(env, []).append((prog, row))
-    missing = sorted(v for v in _read_variables() if v not in table_vars and v not in LIBRARY_VARIABLES)
+    described = set(LIBRARY_VARIABLES) | set(_io_variables())
+    missing = sorted(v for v in _read_variables() if v not in table_vars and v not in described)
     if missing:
         raise PluginError(
             "gen: the package reads environment variables that no settings table and no entry of "
@@ -289,7 +288,18 @@ def gen_environment(_: str | None, page_uri: str) -> str:
         if env in table_vars:
             continue
         lines.append(f"| `{env}` | {LIBRARY_VARIABLES[env]} |")
+    lines += ["", "## Storage: the one I/O configuration", "",
+              "Read once per environment by `stacchip.storage.config` and handed to every client and to GDAL "
+              "(from that module's `VARIABLES`).", "", "| variable | what |", "|---|---|"]
+    for env, what in sorted(_io_variables().items()):
+        lines.append(f"| `{env}` | {_cell(what)} |")
     return "\n".join(lines)
+
+
+def _io_variables() -> dict[str, str]:
+    from stacchip.storage.config import VARIABLES
+
+    return dict(VARIABLES)
 
 
 # --- formats ---------------------------------------------------------------------------------------

@@ -68,6 +68,29 @@ ENV_NAMES = (
     "STACCHIP_REQUEST_TIMEOUT",
 )
 
+#: What each variable of the I/O configuration does (the documentation's table is made
+#: from this; the standard AWS and proxy variables mean what they mean to the AWS CLI and curl).
+VARIABLES: dict[str, str] = {
+    "AWS_PROFILE": "the AWS profile boto3's session reads (credentials, `region`, `ca_bundle`)",
+    "AWS_REGION": "the region every client signs for (wins over `AWS_DEFAULT_REGION` and the profile's); "
+    "default `us-east-1`",
+    "AWS_ENDPOINT_URL_S3": "the S3 endpoint of every client and of GDAL (MinIO, Ceph, ...); wins over "
+    "`AWS_ENDPOINT_URL`",
+    "AWS_CA_BUNDLE": "CA bundle (PEM) added to the system's roots for every client and GDAL; then the profile's "
+    "`ca_bundle`, `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, `SSL_CERT_FILE`",
+    "HTTPS_PROXY": "proxy of https requests of every client and GDAL (`HTTP_PROXY` for http, `ALL_PROXY` for "
+    "both); `NO_PROXY` lists hosts reached directly",
+    "AWS_REQUEST_PAYER": "`requester`: every S3 request pays for itself (requester-pays buckets)",
+    "AWS_NO_SIGN_REQUEST": "`YES`: S3 requests go unsigned (public buckets); also the case when no credentials "
+    "are found",
+    "STACCHIP_RETRIES": "attempts in all (the first included) of a request that fails for a reason worth "
+    "retrying (connection, timeout, HTTP 5xx/429/408); default `AWS_MAX_ATTEMPTS`, else 5",
+    "STACCHIP_RETRY_TIMEOUT": "seconds after the first attempt past which no retry starts; default 120",
+    "STACCHIP_CONNECT_TIMEOUT": "seconds to connect (TLS handshake included); default 10",
+    "STACCHIP_READ_TIMEOUT": "seconds without a byte before a request fails (and is retried); default 60",
+    "STACCHIP_REQUEST_TIMEOUT": "seconds a whole request may take; default 600",
+}
+
 DEFAULT_ATTEMPTS = 5
 DEFAULT_RETRY_TIMEOUT = 120.0
 #: First backoff delay and its cap, s.
