@@ -25,6 +25,7 @@ the retries).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -281,10 +282,7 @@ class ObstoreClient:
 
     def open_reader(self, path: str, buffer_size: int = 1024 * 1024) -> Any:
         """A seekable, read-only file object over ranged GETs (for pyarrow)."""
-        import obstore
-
-        runtime_started()
-        return obstore.open_reader(self.store, path, buffer_size=buffer_size)
+        return open_reader(self, path, buffer_size)
 
     def sign(self, path: str, seconds: int = 3600) -> str:
         """A presigned GET URL of ``path`` (S3, GCS, Azure)."""
@@ -482,9 +480,7 @@ class SyncClient:
                           ExtraArgs=self._payer() or None)
 
     def open_reader(self, path: str, buffer_size: int = 1024 * 1024) -> Any:
-        import io
-
-        return io.BufferedReader(_RangeFile(self, path), buffer_size=buffer_size)
+        return open_reader(self, path, buffer_size)
 
     def sign(self, path: str, seconds: int = 3600) -> str:
         return self._url(path)
@@ -555,16 +551,14 @@ def _read_body(response: Any, n: int | None, out: Any) -> Any:
     return view
 
 
-class _RangeFile:
-    """A raw read-only file over ranged GETs of one object (under io.BufferedReader)."""
+class RangeFile(io.RawIOBase):
+    """A seekable, read-only raw file over ranged GETs of one object (one GET per read;
+    :func:`open_reader` puts a buffer in front): what pyarrow and tifffile take."""
 
-    def __init__(self, client: SyncClient, path: str) -> None:
-        import io
-
+    def __init__(self, client: Any, path: str, size: int | None = None) -> None:
+        super().__init__()
         self._client, self._path, self._pos = client, path, 0
-        self._size = client.get_head(path).size or 0
-        self.closed = False
-        self._io = io
+        self._size = int(size if size is not None else client.get_head(path).size or 0)
 
     def readable(self) -> bool:
         return True
@@ -581,24 +575,23 @@ class _RangeFile:
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self._size - self._pos)
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos)
         if n <= 0:
             return 0
-        data, _ = self._client.get(self._path, self._pos, self._pos + n, out=buffer)
+        data, _ = self._client.get(self._path, self._pos, self._pos + n, out=view[:n])
+        got = memoryview(data).cast("B")
+        if len(got) != n:
+            raise StorageError(f"short read of {self._path!r}: {len(got)} of {n} bytes at {self._pos}")
+        if got.obj is not view.obj:  # the client brought its own memory
+            view[:n] = got
         self._pos += n
         return n
 
-    def close(self) -> None:
-        self.closed = True
 
-    def flush(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        raise OSError("no file descriptor")
-
-    def isatty(self) -> bool:
-        return False
+def open_reader(client: Any, path: str, buffer_size: int = 1024 * 1024) -> Any:
+    """A buffered, seekable file object over ranged GETs of ``path`` (one HEAD for its size)."""
+    return io.BufferedReader(RangeFile(client, path), buffer_size=buffer_size)
 
 
 # --- pools and clients per process ---------------------------------------------------------------

@@ -33,3 +33,47 @@ def test_copies_in_every_direction(tmp_path, s3_bucket):
         assert (tmp_path / name).read_bytes() == data
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert not storage.exists(f"{s3}/missing.tif")
+
+
+def _row_group_in_child(url, queue):
+    import pyarrow.parquet as pq
+
+    from stacchip import storage
+    from stacchip.storage import clients
+
+    try:
+        f = pq.ParquetFile(storage.open_input(url))
+        queue.put((clients.obstore_usable(), f.read_row_group(7).column("a")[0].as_py()))
+    except Exception as exc:  # pragma: no cover - reported to the parent
+        queue.put((None, repr(exc)))
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_pyarrow_reads_objects_through_the_same_clients(s3_bucket, method):
+    """pyarrow reads row groups of an object through open_input (ranged GETs of the client of
+    its root, obstore; in a child forked after obstore started, the synchronous client) and
+    lists/reads through arrow_filesystem (obstore's fsspec adapter)."""
+    import io
+    import multiprocessing as mp
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"a": list(range(100_000)), "b": [str(i) for i in range(100_000)]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=10_000)
+    url = f"s3://{s3_bucket}/t/x.parquet"
+    storage.write_bytes(url, buf.getvalue())
+    f = pq.ParquetFile(storage.open_input(url))
+    assert f.metadata.num_row_groups == 10 and f.read_row_group(3).column("a")[0].as_py() == 30_000
+    fs, path = storage.arrow_filesystem(url)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_row_group_in_child, args=(url, queue))
+    proc.start()
+    usable, first = queue.get(timeout=60)
+    proc.join(timeout=30)
+    assert first == 70_000, first
+    assert usable == (method == "spawn")  # a forked child cannot use its parent's obstore runtime
