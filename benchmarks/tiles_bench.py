@@ -447,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one driver for e
             cert.private_key_and_cert_chain_pem.write_to_path(str(tmp / "server.pem"))
             tls_proxy = DelayProxy(server.port, 0.0, tls=(str(tmp / "server.pem"), str(tmp / "server.pem")))
             env_https = {**env, "AWS_ENDPOINT_URL": f"https://127.0.0.1:{tls_proxy.port}",
-                         "AWS_CA_BUNDLE": str(tmp / "ca.pem"), "STACCHIP_BENCH_COUNTER": str(tls_proxy.counter_port)}
+                         "AWS_CA_BUNDLE": str(tmp / "ca.pem"), "STACCHIP_BENCH_COUNTER": str(tls_proxy.counter_port),
+                         # the bare-rasterio floor reads through GDAL configured by hand
+                         "GDAL_CURL_CA_BUNDLE": str(tmp / "ca.pem"), "CURL_CA_BUNDLE": str(tmp / "ca.pem")}
         # Repeats interleave the cases (local and s3 side by side), so a busy moment of
         # the shared machine does not fall on one case only; figures are medians.
         for r in range(args.repeats):
