@@ -59,6 +59,7 @@ import binascii
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ import random
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import unicodedata
@@ -921,3 +923,260 @@ def create_if_absent(url: str | os.PathLike[str], data: bytes) -> bool:
     except OSError as exc:
         raise StorageError(f"cannot create {text!r}: {exc}") from exc
     return True
+
+
+# --- added for issue 21 (to be re-based on the new I/O layer) ---
+#
+# Primitives the catalog (compaction, the compacted-index reader, bulk indexing) needs
+# beyond whole-object reads and writes: random-access reads for Parquet readers, listings
+# with sizes and modification times, deletes and moves (commit of staged files).
+
+
+class _InputFile(io.RawIOBase):
+    """A read-only, seekable binary file over a local file or an S3 object (see :func:`open_input`)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        self._pos = 0
+        self._local: Any = None
+        self._bucket = self._key = ""
+        if is_s3(url):
+            self._bucket, self._key = split_s3(url)
+            try:
+                head = retry(s3_client().head_object, Bucket=self._bucket, Key=self._key,  # type: ignore[attr-defined]
+                             what=f"stat {url}")
+            except Exception as exc:
+                raise _s3_error(exc, url, "cannot open") from exc
+            self._size = int(head["ContentLength"])
+        else:
+            try:
+                self._local = open(local_path(url), "rb")  # noqa: SIM115 - closed by close()
+                self._size = os.fstat(self._local.fileno()).st_size
+            except FileNotFoundError as exc:
+                raise StorageNotFoundError(f"cannot open {url!r}: no such file") from exc
+            except OSError as exc:
+                raise StorageError(f"cannot open {url!r}: {exc}") from exc
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + int(offset))
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._pos
+        end = self._size if size is None or size < 0 else min(self._size, start + int(size))
+        if end <= start:
+            return b""
+        if self._local is not None:
+            try:
+                data = os.pread(self._local.fileno(), end - start, start)
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.url!r}: {exc}") from exc
+        else:
+            def get() -> bytes:
+                body = s3_client().get_object(  # type: ignore[attr-defined]
+                    Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end - 1}")["Body"]
+                return body.read()
+
+            try:
+                data = retry(get, what=f"read {self.url}")
+            except Exception as exc:
+                raise _s3_error(exc, self.url, "cannot read") from exc
+        self._pos = start + len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        super().close()
+
+
+def open_input(url: str | os.PathLike[str]) -> io.RawIOBase:
+    """A seekable, read-only binary file over a local file or ``s3://`` object, for random-access
+    readers such as ``pyarrow.parquet.ParquetFile`` (each read is one ranged read: ``pread``
+    locally, a ``GET`` with ``Range`` on S3; transient S3 errors are retried).
+
+    Raises :class:`StorageNotFoundError` when there is no such file or object and
+    :class:`StorageError` when it cannot be opened. Its ``read``/``readinto`` raise
+    :class:`StorageError` on any I/O failure (never a bare ``OSError``), so a caller can tell
+    a storage failure (worth retrying) from bad content (what the reader makes of the bytes).
+    Use it as a context manager or close it.
+    """
+    return _InputFile(str(url))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file or object: its URL (local absolute path or ``s3://``), size in bytes and
+    modification time in nanoseconds since the epoch (S3: ``LastModified``, whole seconds)."""
+
+    url: str
+    size: int
+    mtime_ns: int
+
+
+def _list_s3_info(text: str, suffix: str) -> list[FileInfo]:
+    bucket, key = split_s3(text)
+    paginator = s3_client().get_paginator("list_objects_v2")  # type: ignore[attr-defined]
+    exact = key.rstrip("/")
+    out = []
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=exact):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                inside = not exact or name == exact or name.startswith(exact + "/")
+                if inside and name.endswith(suffix) and not name.endswith("/"):
+                    when = obj["LastModified"]
+                    out.append(FileInfo(f"s3://{bucket}/{name}", int(obj["Size"]),
+                                        int(when.timestamp()) * 1_000_000_000))
+    except Exception as exc:
+        raise _s3_error(exc, text, "cannot list") from exc
+    if not out:
+        raise StorageNotFoundError(f"cannot list {text!r}: no objects under this prefix")
+    return out
+
+
+def _list_local_info(root: Path, suffix: str) -> list[FileInfo]:
+    if root.is_file():
+        st = root.stat()
+        return [FileInfo(str(root), st.st_size, st.st_mtime_ns)] if root.name.endswith(suffix) else []
+    if not root.is_dir():
+        raise StorageNotFoundError(f"cannot list {str(root)!r}: no such file or directory")
+    out = []
+    for dirpath, _dirs, names in os.walk(root, followlinks=True):
+        for name in names:
+            if not name.endswith(suffix):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append(FileInfo(path, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def list_info(prefix: str | os.PathLike[str], suffix: str = "") -> list[FileInfo]:
+    """Every file or object under ``prefix`` (a file, a directory or an ``s3://`` prefix;
+    recursively) whose name ends with ``suffix``, with size and modification time, sorted by URL.
+
+    ``prefix`` itself is listed when it is a file or object. Local symbolic links are
+    followed. Raises :class:`StorageNotFoundError` when nothing is there (no such local path;
+    on S3 no object under the prefix), :class:`StorageError` on other failures.
+    """
+    text = str(prefix)
+    if is_s3(text):
+        out = _list_s3_info(text, suffix)
+    else:
+        try:
+            out = _list_local_info(Path(os.path.abspath(local_path(text))), suffix)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot list {text!r}: {exc}") from exc
+    return sorted(out, key=lambda f: f.url)
+
+
+def remove(url: str | os.PathLike[str]) -> None:
+    """Delete a file or object; one that is not there is fine. Transient S3 errors are retried;
+    other failures raise :class:`StorageError`. Local directories are never removed."""
+    text = str(url)
+    if is_s3(text):
+        bucket, key = split_s3(text)
+        try:
+            retry(s3_client().delete_object, Bucket=bucket, Key=key, what=f"delete {text}")  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _s3_error(exc, text, "cannot delete") from exc
+        return
+    try:
+        local_path(text).unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot delete {text!r}: {exc}") from exc
+
+
+def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move a file or object to ``dst`` (same store: both local or both on one S3 endpoint).
+
+    ``dst`` appears whole (local: ``os.replace``, atomic within one filesystem, parent
+    directories created; S3: a server-side copy, then the source is deleted). An existing
+    ``dst`` is replaced. Raises :class:`StorageNotFoundError` when ``src`` is not there,
+    :class:`StorageError` on other failures (transient S3 errors are retried); after a
+    failure ``src`` is still there.
+    """
+    source, target = str(src), str(dst)
+    if is_s3(source) != is_s3(target):
+        raise StorageError(f"cannot move {source!r} to {target!r}: not the same store")
+    if is_s3(source):
+        sbucket, skey = split_s3(source)
+        bucket, key = split_s3(target)
+
+        def copy_once() -> None:
+            s3_client().copy_object(  # type: ignore[attr-defined]
+                Bucket=bucket, Key=key, CopySource={"Bucket": sbucket, "Key": skey})
+
+        try:
+            retry(copy_once, what=f"move {source} -> {target}")
+        except Exception as exc:
+            raise _s3_error(exc, source, "cannot move") from exc
+        remove(source)
+        return
+    path = local_path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local_path(source), path)
+    except FileNotFoundError as exc:
+        if not local_path(source).exists():
+            raise StorageNotFoundError(f"cannot move {source!r}: no such file") from exc
+        raise StorageError(f"cannot move {source!r} to {target!r}: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot move {source!r} to {target!r}: {exc}") from exc
+
+
+def remove_tree(url: str | os.PathLike[str]) -> None:
+    """Delete every file or object under ``url`` (a directory or ``s3://`` prefix) and, locally,
+    the directories themselves; nothing there is fine. Raises :class:`StorageError` on
+    failure (transient S3 errors are retried). Not atomic: a failure can leave part of it."""
+    text = str(url).rstrip("/")
+    if is_s3(text):
+        try:
+            found = list_info(text)
+        except StorageNotFoundError:
+            return
+        for info in found:
+            remove(info.url)
+        return
+    path = local_path(text)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot delete {text!r}: {exc}") from exc
