@@ -347,7 +347,7 @@ def confine_href(href: str, roots: Sequence[str], what: str) -> str:
     raise UnsafePathError(
         f"{what}: item href {href!r} lies outside the index root {roots[0]!r}"
         + (f" and the allowed item roots {list(roots[1:])}" if len(roots) > 1 else "")
-        + " (pass item_roots= / --item-root to allow where the STAC items are)")
+        + " (pass item_roots= naming where the STAC items are to allow it)")
 
 
 def item_hrefs(

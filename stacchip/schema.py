@@ -138,24 +138,3 @@ def scalar(value: Any, typ: pa.DataType) -> pa.Scalar:
 def empty_table(schema: pa.Schema) -> pa.Table:
     """A table of ``schema`` with no rows."""
     return pa.Table.from_batches([], schema=schema)
-
-
-def numpy_of(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A numpy copy of a fixed-width Arrow array without nulls (booleans as bool)."""
-    if isinstance(array, pa.ChunkedArray):
-        parts = [numpy_of(c) for c in array.chunks]
-        dtype = np.bool_ if array.type == pa.bool_() else _NUMPY.get(array.type, np.int64)
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    if array.null_count:
-        raise ValueError("numpy_of takes arrays without nulls")
-    if array.type == pa.bool_():
-        bits = np.frombuffer(array.buffers()[1], dtype=np.uint8)
-        return np.unpackbits(bits, bitorder="little", count=array.offset + len(array))[array.offset:].astype(bool)
-    typ = array.type
-    if pa.types.is_timestamp(typ) or pa.types.is_date64(typ):
-        dtype: Any = np.int64
-    elif pa.types.is_date32(typ):
-        dtype = np.int32
-    else:
-        dtype = _NUMPY[typ]
-    return np.frombuffer(array.buffers()[1], dtype=dtype, count=array.offset + len(array))[array.offset:].copy()

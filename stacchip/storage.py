@@ -7,7 +7,9 @@ a whole job at any S3-compatible store.
 Writes
 ------
 Every write is whole or not at all: local files are written to a temporary
-``.{name}.{8 random [a-z0-9_]}.part`` beside the target and renamed onto it;
+``.{stem}.{8 random [a-z0-9_]}.part`` beside the target (``stem``: 16 hex digits of the
+SHA-1 of the target's name, so the temporary name has a fixed length of 31 bytes whatever
+the target's) and renamed onto it;
 S3 ``PutObject`` is atomic by itself. Temporary files are created with mode
 ``0o666`` and the process umask applies, so a written file has the permissions
 ``open()`` would give it (``0644`` under umask ``022``, ``0664`` under ``002``);
@@ -402,20 +404,27 @@ def list_files(prefix: str | os.PathLike[str], suffix: str = "") -> Iterator[str
 # --- temporary files -------------------------------------------------------------------
 
 _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
-#: ``.{name}.{8 chars}.part`` (ours; also what ``tempfile.mkstemp`` made for earlier
-#: versions), plus the ``.{8 hex}`` boto3 adds while it downloads into one.
+#: ``.{stem}.{8 chars}.part`` (:func:`temp_stem`; earlier versions wrote ``.{name}.{8 chars}.part``,
+#: still recognised), plus the ``.{8 hex}`` boto3 adds while it downloads into one.
 _TEMP_TAIL = r"\.[a-z0-9_]{8}\.part(?:\.[0-9A-Fa-f]{8})?"
 _ANY_TEMP = re.compile(r"\..+" + _TEMP_TAIL)
 
 
+def temp_stem(name: str) -> str:
+    """The fixed-length stand-in of a file name in the names of its temporary files: the first
+    16 hex digits of the name's SHA-1. A temporary name is then 31 bytes whatever the target's
+    (a 255-byte target name stays writable; ``.{name}.{token}.part`` would exceed NAME_MAX)."""
+    return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def _new_temp(path: Path) -> tuple[int, str]:
-    """Create ``.{name}.{random}.part`` beside ``path`` (mode ``0o666`` less the umask, as
-    ``open()`` creates files); returns its descriptor and path."""
+    """Create ``.{stem}.{random}.part`` beside ``path`` (:func:`temp_stem`; mode ``0o666`` less
+    the umask, as ``open()`` creates files); returns its descriptor and path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         token = "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
-        tmp = path.parent / f".{path.name}.{token}.part"
+        tmp = path.parent / f".{temp_stem(path.name)}.{token}.part"
         try:
             return os.open(tmp, flags, 0o666), str(tmp)
         except FileExistsError:
@@ -452,7 +461,8 @@ def remove_stale_temps(url: str | os.PathLike[str], before: float | None = None)
     if not _is_local(text):
         return []
     path = local_path(text)
-    return _remove_temps(path.parent, re.compile(re.escape(f".{path.name}") + _TEMP_TAIL), before)
+    names = f"(?:{re.escape(f'.{path.name}')}|{re.escape(f'.{temp_stem(path.name)}')})"
+    return _remove_temps(path.parent, re.compile(names + _TEMP_TAIL), before)
 
 
 def _remove_temps(folder: Path, pattern: re.Pattern[str], before: float | None) -> list[str]:

@@ -523,7 +523,11 @@ def test_geoparquet_catalog_to_compacted_index_to_chip_dataset(base: dict[str, A
     assert compacted.column("chipid").to_pylist() == per_item.column("chipid").to_pylist()
     assert compacted.num_rows == sum(len(expected_rows(item)) for item in items)
 
-    ds = ChipDataset(dest, assets=["red", "nir"], max_cloud=0.5)
+    from stacchip.errors import UnsafePathError
+
+    with pytest.raises(UnsafePathError, match="outside the index root"):  # hrefs of a manifest: confined
+        ChipDataset(dest, assets=["red", "nir"], max_cloud=0.5)
+    ds = ChipDataset(dest, assets=["red", "nir"], max_cloud=0.5, item_roots=[str(out)])
     assert 0 < len(ds) < compacted.num_rows  # the cloud filter removed some chips
     sample = ds[len(ds) // 2]
     item_id, x, y = str(ds.chipid[len(ds) // 2]).rsplit("-", 2)
