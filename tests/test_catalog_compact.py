@@ -21,57 +21,24 @@ from stacchip.catalog import manifest as mf
 from stacchip.catalog.compaction import curve_order
 from stacchip.catalog.hilbert import bbox_centres
 from stacchip.errors import IndexFileError, UnsafePathError
-from stacchip.index import SCHEMA, index_table, open_index, query, write_index
+from stacchip.index import SCHEMA, open_index, query
 
-RG = 20  # rows per row group in these tests
-FILE_ROWS = 100
-S2, LS = "sentinel-2-l2a", "landsat-c2l2-sr"
-UTC = dt.timezone.utc
-
-
-def write_item(root, item_id, platform, when, lon0, lat0, *, n=5, step=0.05, seed=0, href=True,
-               extra=None, antimeridian=False):
-    """One per-item index file in the bucket layout: n x n chips of ``step`` degrees from (lon0, lat0)."""
-    rng = np.random.default_rng(seed)
-    xs, ys = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n)))
-    polys = shapely.box(lon0 + xs * step, lat0 - (ys + 1) * step, lon0 + (xs + 1) * step, lat0 - ys * step)
-    if antimeridian:  # the last chip straddles 180 degrees: corners at +-179.99 (a box wider than 180)
-        polys[-1] = shapely.Polygon([(179.99, lat0 - step), (-179.99, lat0 - step), (-179.99, lat0), (179.99, lat0)])
-    table = index_table(
-        item_id=item_id, platform=platform, datetime=when, chip_size=256, xs=xs, ys=ys,
-        cloud=rng.random(n * n).astype(np.float32), nodata=(rng.random(n * n) * 0.4).astype(np.float32),
-        polygons=polys,
-    )
-    for name, value in (extra or {}).items():
-        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
-    meta = {"item_id": item_id}
-    if href:
-        meta["item_href"] = f"/data/{platform}/{item_id}/stac_item.json"
-    path = root / "index" / platform / item_id / f"index_{item_id}.parquet"
-    write_index(table, path, extra_metadata=meta)
-    return path
-
-
-def item_specs():
-    """36 items: 12 tiles x 3 years, two platforms, plus two items at the antimeridian."""
-    specs = []
-    for k in range(12):
-        lon0, lat0 = -10 + (k % 4) * 3.0, 40 + (k // 4) * 3.0
-        for year in (2021, 2022, 2023):
-            platform = LS if k % 3 == 0 else S2
-            when = dt.datetime(year, 1 + (k * 5 + year) % 12, 1 + k, 10, 30, tzinfo=UTC)
-            specs.append(dict(item_id=f"T{k:02d}-{year}", platform=platform, when=when, lon0=lon0, lat0=lat0,
-                              seed=k * 10 + year, href=k % 4 != 3))
-    specs.append(dict(item_id="AM-E", platform=S2, when=dt.datetime(2022, 6, 1, tzinfo=UTC), lon0=179.74,
-                      lat0=1.0, seed=1, antimeridian=True))
-    specs.append(dict(item_id="AM-W", platform=S2, when=dt.datetime(2022, 6, 2, tzinfo=UTC), lon0=-179.99,
-                      lat0=1.0, seed=2))
-    return specs
-
-
-def build(root, specs):
-    return [write_item(root, s.pop("item_id"), s.pop("platform"), s.pop("when"), s.pop("lon0"), s.pop("lat0"), **s)
-            for s in (dict(x) for x in specs)]
+from tests.catalog_support import (  # noqa: F401
+    FILE_ROWS,
+    LS,
+    RG,
+    S2,
+    UTC,
+    all_rows,
+    build,
+    by_chip,
+    item_specs,
+    manifest_of,
+    part_files,
+    snapshot,
+    tmp_root,
+    write_item,
+)
 
 
 @pytest.fixture
@@ -88,30 +55,6 @@ def compacted(items):
     dest = items / "compacted"
     result = compact(items / "index", dest, row_group_rows=RG, file_rows=FILE_ROWS)
     return items, dest, result
-
-
-def tmp_root(dest):
-    return dest.parent
-
-
-def manifest_of(dest):
-    return json.loads((dest / "_manifest.json").read_text())
-
-
-def part_files(dest):
-    return sorted(p for p in dest.rglob("*.parquet"))
-
-
-def snapshot(dest):
-    return {str(p.relative_to(dest)): (p.stat().st_mtime_ns, p.read_bytes()) for p in part_files(dest)}
-
-
-def by_chip(table):
-    return table.select(SCHEMA.names).sort_by("chipid")
-
-
-def all_rows(dest):
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in part_files(dest)])
 
 
 # --- content -----------------------------------------------------------------------------------
@@ -301,7 +244,7 @@ def test_extra_columns_are_carried(tmp_path):
     compact(tmp_path / "index", dest, row_group_rows=RG, file_rows=FILE_ROWS)
     table = open_index(dest).to_table()
     assert table.schema.names == SCHEMA.names + ["split"]
-    values = dict(zip(table.column("item_id").to_pylist(), table.column("split").to_pylist()))
+    values = dict(zip(table.column("item_id").to_pylist(), table.column("split").to_pylist(), strict=True))
     assert values == {"X1": "train", "X2": None}
 
 
@@ -456,7 +399,7 @@ def test_duckdb_geopandas_and_pyarrow_read_the_dataset(compacted):
 
 
 @pytest.mark.skipif(shutil.which("geoparquet-validator") is None,
-                    reason="geoparquet-validator not installed (pip install geoparquet-validator; the test extra has it)")
+                    reason="geoparquet-validator not installed (the test extra has it)")
 def test_geoparquet_validator_passes_every_class(compacted):
     _, dest, _ = compacted
     out = subprocess.run(["geoparquet-validator", "check", "--max-files", "100", str(dest)],

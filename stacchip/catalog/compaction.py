@@ -391,7 +391,8 @@ def compact(  # noqa: C901 - one pass over sources, partitions and the commit; e
 
     lock = commit.acquire(dest, run, break_lock)
     output = Output(dest=dest, run=run, row_group_rows=row_group_rows, file_rows=file_rows, order=int(sort_order))
-    committed = False
+    progress = {"committed": False}  # set once the manifest (the commit point) is written
+    done = False
     try:
         try:
             current = mf.load(manifest_url)
@@ -406,12 +407,12 @@ def compact(  # noqa: C901 - one pass over sources, partitions and the commit; e
         _compact_into(dest, entries, old, old_records, current, result, output, rewrite=rewrite, rebuild=rebuild,
                       append_fraction=float(append_fraction), max_runs=int(max_runs), threads=threads,
                       engine=engine, budget=budget, temp_directory=temp_directory, client=client,
-                      workers=workers, lock=lock, now=now)
-        committed = True
+                      workers=workers, lock=lock, now=now, progress=progress)
+        done = True
     finally:
-        if not committed:
-            try:
-                storage.remove_tree(storage.join(dest, commit.staging_dir(run)))
+        if not done and not progress["committed"]:
+            try:  # this run's staged files (and any an earlier killed run left: the lock is ours)
+                commit.clean_staging(dest)
             except Exception:  # noqa: BLE001 - the run's own error is what the caller needs
                 logger.warning("could not remove the staging directory of run %s", run, exc_info=True)
         lock.release()
@@ -441,6 +442,7 @@ def _compact_into(  # noqa: C901 - the incremental rules, step by step
     workers: int | None,
     lock: commit.Lock,
     now: dt.datetime,
+    progress: dict[str, bool],
 ) -> None:
     try:
         present = {e.url: e for e in list_files(dest)}
@@ -590,7 +592,7 @@ def _compact_into(  # noqa: C901 - the incremental rules, step by step
         mf.check_relative(key, "partition")
 
     changed = bool(result.files_written) or old_parts.keys() != parts_out.keys() or rebuild or bool(scanned) \
-        or set(records) != set(old_records)
+        or set(records) != set(old_records) or (current or {}).get(mf.FORMAT_KEY) != mf.FORMAT_VERSION
     if not changed and current is not None:
         manifest = current
     else:
@@ -608,6 +610,7 @@ def _compact_into(  # noqa: C901 - the incremental rules, step by step
                                "files": list(result.files_written), "remove": remove}
         lock.check(dest)
         commit.write_manifest(dest, manifest)  # the commit point
+        progress["committed"] = True  # from here a failure leaves the moves to the next run
         result.removed += commit.finish(dest, manifest)
     named = {f["path"] for p in manifest["partitions"].values() for f in p["files"]}
     result.rows = int(manifest["rows"])

@@ -146,11 +146,31 @@ def compact_partition(
             for n, slices in enumerate(_file_slices(lengths, output.file_rows)):
                 frames = [dask.delayed(_slice)(parts[i], a, b) for i, a, b in slices]
                 writes.append(dask.delayed(_write)(frames, output, key, n, schema))
-            entries = [f.result() for f in client.compute(writes)] if writes else []
+            futures = client.compute(writes) if writes else []
+            try:
+                entries = [f.result() for f in futures]
+            except BaseException:
+                client.cancel(futures)
+                _quiesce(client)  # no write task may still be running when the run cleans up
+                raise
         finally:
             del frame
     logger.info("%s: %d rows sorted on the cluster into %d file(s)", key, sum(lengths), len(entries))
     return entries
+
+
+def _quiesce(client: Any, timeout: float = 120.0) -> None:
+    """Wait (at most ``timeout`` seconds) until no task runs on the cluster."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not any(client.processing().values()):
+                return
+        except Exception:  # noqa: BLE001 - a cluster going away runs nothing
+            return
+        time.sleep(0.05)
 
 
 def open_client(address: str | None = None, workers: int | None = None) -> Any:
