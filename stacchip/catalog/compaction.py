@@ -101,8 +101,11 @@ THREADS = 8
 MEMORY = 4 * 1024**3
 #: Bytes of the budget kept outside DuckDB: the interpreter, Arrow, sources being read.
 _BASE_RESERVE = 640 * 1024**2
-#: Bytes per row of a part file held while it is written (Arrow rows plus its Parquet bytes).
-_ROW_BYTES = 700
+#: Bytes per row of a part file held while it is gathered or written (Arrow rows, ~240 bytes for
+#: Sentinel-2 rows, plus its Parquet bytes and the writer's buffers).
+_ROW_BYTES = 400
+#: Part files compressed and written at once, beside the sort (each holds a file's rows).
+WRITERS = 2
 ENGINES = ("duckdb", "dask")
 
 
@@ -278,19 +281,39 @@ def _part_pieces(dest: str, key: str, part: Mapping[str, Any], drop: set[str]) -
 
 def _run_duckdb(jobs: Sequence[Job], schema: pa.Schema, output: Output, memory: int, threads: int,
                 temp_directory: str | None) -> dict[str, list[dict[str, Any]]]:
+    from collections import deque
+    from concurrent.futures import Future
+
     from tqdm import tqdm
 
     from stacchip.catalog.engine_duckdb import default_temp_directory, sorted_batches
 
-    limit = max(256 * 1024**2, memory - _BASE_RESERVE - _ROW_BYTES * output.file_rows)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for job in tqdm(jobs, desc="partitions", unit="partition", disable=None, leave=False):
-        batches = sorted_batches(job.pieces, schema, memory_limit=limit, threads=threads,
-                                 read_threads=min(4, max(1, threads)), order=output.order,
-                                 temp_directory=temp_directory or default_temp_directory())
-        out[job.key] = [write_part(output, job.key, n, table)
-                        for n, table in enumerate(file_tables(batches, schema, output.file_rows))]
-    return out
+    limit = duckdb_limit(memory, output.file_rows)
+    futures: dict[str, list[Future[dict[str, Any]]]] = {}
+    # Part files are compressed on WRITERS threads while DuckDB goes on sorting and streaming;
+    # at most WRITERS files wait or are being written, so memory stays bounded.
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+        pending: deque[Future[dict[str, Any]]] = deque()
+        for job in tqdm(jobs, desc="partitions", unit="partition", disable=None, leave=False):
+            batches = sorted_batches(job.pieces, schema, memory_limit=limit, threads=threads,
+                                     read_threads=min(4, max(1, threads)), order=output.order,
+                                     temp_directory=temp_directory or default_temp_directory())
+            futures[job.key] = []
+            for n, table in enumerate(file_tables(batches, schema, output.file_rows)):
+                while len(pending) >= WRITERS:
+                    pending.popleft().result()
+                future = pool.submit(write_part, output, job.key, n, table)
+                del table
+                pending.append(future)
+                futures[job.key].append(future)
+        return {key: [f.result() for f in fs] for key, fs in futures.items()}
+
+
+def duckdb_limit(memory: int, file_rows: int) -> int:
+    """DuckDB's ``memory_limit`` (bytes) within a budget of ``memory`` bytes: the budget less what
+    this process holds besides (the interpreter and Arrow, :data:`_BASE_RESERVE`; the part files
+    gathered and being written, ``WRITERS + 1`` of ``file_rows`` rows)."""
+    return max(256 * 1024**2, memory - _BASE_RESERVE - (WRITERS + 1) * _ROW_BYTES * file_rows)
 
 
 def _run_dask(jobs: Sequence[Job], schema: pa.Schema, output: Output, client: Any,

@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from stacchip.catalog.parts import KEY_COLUMN, SORT_KEY, Output, with_key, write_part
-from stacchip.catalog.sources import Piece, read_piece
+from stacchip.catalog.sources import Piece, read_group
 from stacchip.errors import ConfigError
 from stacchip.schema import BBOX_FIELDS
 
 logger = logging.getLogger(__name__)
 
 #: Source bytes one read task takes (several small per-item files per task).
-TASK_BYTES = 64 * 1024 * 1024
+TASK_BYTES = 32 * 1024 * 1024
 #: Rows per sorted Dask partition (a worker holds a few of them).
 PARTITION_ROWS = 1_000_000
 _FLAT = tuple(f"_bbox_{n}" for n in BBOX_FIELDS)
@@ -66,8 +66,7 @@ def _unflatten(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _read_frame(pieces: Sequence[Piece], schema: pa.Schema, order: int) -> Any:
     """One read task: the rows of ``pieces`` with their key, as a pandas frame of Arrow columns."""
-    tables = [with_key(read_piece(p, schema), order) for p in pieces]
-    table = pa.concat_tables(tables) if tables else with_key(schema.empty_table(), order)
+    table = with_key(read_group(pieces, schema), order)
     return _flatten(table).to_pandas(types_mapper=_dtypes)
 
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from stacchip.catalog.hilbert import DEFAULT_ORDER
 from stacchip.catalog.parts import KEY_COLUMN, SORT_KEY, with_key
-from stacchip.catalog.sources import Piece, read_piece
+from stacchip.catalog.sources import Piece, groups_of, read_group
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,12 @@ def sorted_batches(
     """
     keyed = schema.append(pa.field(KEY_COLUMN, pa.uint64(), nullable=False))
 
-    def read(piece: Piece) -> pa.Table:
-        table = read_piece(piece, schema)
-        return with_key(table, order).select(keyed.names)
+    def read(group: list[Piece]) -> pa.Table:
+        return with_key(read_group(group, schema), order).cast(keyed)
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for table in prefetch(read, pieces, read_threads, ahead=2 * max(1, read_threads)):
-            yield from table.cast(keyed).to_batches()
+        for table in prefetch(read, groups_of(pieces), read_threads, ahead=max(1, read_threads)):
+            yield from table.to_batches()
 
     feed = _Feed(batches())
     with tempfile.TemporaryDirectory(prefix="stacchip-sort-", dir=temp_directory) as spill:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+import logging
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,8 @@ from stacchip import storage
 from stacchip.catalog.parts import partition_key
 from stacchip.errors import IndexFileError, StorageError
 from stacchip.schema import GEOMETRY_COLUMN, SCHEMA, STACCHIP_METADATA_KEY, is_current
+
+logger = logging.getLogger(__name__)
 
 #: Files up to this size (bytes) are read whole in one request; larger ones by ranges.
 WHOLE_READ_BYTES = 64 * 1024 * 1024
@@ -235,11 +238,12 @@ def _conform(table: pa.Table, schema: pa.Schema, url: str) -> pa.Table:
         return conform(table, schema, schema.names)
 
 
-def read_piece(piece: Piece, schema: pa.Schema) -> pa.Table:
-    """The rows ``piece`` gives its partition, in ``schema`` (missing extra columns as nulls),
-    checked: the rows of a file said to hold one partition all belong to it, and a source
-    holds only the items its footer promised."""
+def _load(piece: Piece, schema: pa.Schema) -> pa.Table:
+    """The rows of ``piece``'s file in ``schema``: a spanning source's rows of its partition only,
+    a rewritten partition's part file less the rows of ``drop`` items."""
     import pyarrow.compute as pc
+
+    from stacchip.schema import bool_array, string_array
 
     url = piece.url
     if piece.kind == "source" and not piece.native:
@@ -249,28 +253,97 @@ def read_piece(piece: Piece, schema: pa.Schema) -> pa.Table:
             present = [n for n in schema.names if n in pf.schema_arrow.names]
             table = pf.read(columns=present, use_threads=False)
     table = _conform(table, schema, url)
-    if table.num_rows == 0:
-        return table
-    with guarded(url):
-        for name in ("item_id", "platform", "datetime"):
-            if table.column(name).null_count:
-                raise IndexFileError(f"{url}: rows without {name} cannot be compacted")
-        years = _years(pc.cast(table.column("datetime"), pa.int64()).to_numpy())
-        mine = (years == piece.year) & np.asarray(
-            pc.equal(table.column("platform"), piece.platform).to_numpy(zero_copy_only=False), dtype=bool)
-        if not mine.all():
-            if not piece.spans:
-                n = int((~mine).sum())
-                raise IndexFileError(
-                    f"{url}: {n} of its {table.num_rows} rows are not of {piece.platform} in {piece.year}, "
-                    "which its statistics (or the manifest) say it holds")
-            table = table.filter(pa.array(mine))
-        if piece.items is not None:
-            found = set(pc.unique(table.column("item_id")).to_pylist())
-            stray = sorted(found - piece.items)
-            if stray:
-                raise IndexFileError(f"{url}: holds rows of item {stray[0]!r}, which its statistics do not name")
-        if piece.drop:
-            keep = pc.invert(pc.is_in(table.column("item_id"), value_set=pa.array(sorted(piece.drop), pa.string())))
+    if table.num_rows and piece.spans:
+        with guarded(url):
+            table = table.filter(bool_array(_mine(table, piece)))
+    if table.num_rows and piece.drop:
+        with guarded(url):
+            keep = pc.invert(pc.is_in(table.column("item_id"), value_set=string_array(sorted(piece.drop))))
             table = table.filter(keep)
     return table
+
+
+def _mine(table: pa.Table, piece: Piece) -> np.ndarray:
+    """Which rows of ``table`` are of ``piece``'s platform and year."""
+    import pyarrow.compute as pc
+
+    from stacchip.schema import string_array
+
+    years = _years(pc.cast(table.column("datetime"), pa.int64()).to_numpy())
+    platform = pc.equal(table.column("platform"), string_array([piece.platform])[0])
+    return (years == piece.year) & np.asarray(platform.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _check(piece: Piece, table: pa.Table) -> None:
+    """:class:`IndexFileError` naming ``piece``'s file when its rows are not what it was said to hold."""
+    import pyarrow.compute as pc
+
+    url = piece.url
+    for name in ("item_id", "platform", "datetime"):
+        if table.column(name).null_count:
+            raise IndexFileError(f"{url}: rows without {name} cannot be compacted")
+    mine = _mine(table, piece)
+    if not mine.all():
+        n = int((~mine).sum())
+        raise IndexFileError(
+            f"{url}: {n} of its {table.num_rows} rows are not of {piece.platform} in {piece.year}, "
+            "which its statistics (or the manifest) say it holds")
+    if piece.items is not None:
+        stray = sorted(set(pc.unique(table.column("item_id")).to_pylist()) - piece.items)
+        if stray:
+            raise IndexFileError(f"{url}: holds rows of item {stray[0]!r}, which its statistics do not name")
+
+
+def read_group(pieces: Sequence[Piece], schema: pa.Schema) -> pa.Table:
+    """The rows ``pieces`` (of one partition) give it, in ``schema`` (missing extra columns as
+    nulls), checked: every row belongs to the partition and a source holds only the items its
+    footer promised -- the first file that breaks this is named (:class:`IndexFileError`).
+
+    The checks run once over the group's rows; only a group that fails is checked file by file.
+    """
+    import pyarrow.compute as pc
+
+    from stacchip.schema import empty_table, string_array
+
+    tables = [_load(p, schema) for p in pieces]
+    kept = [(p, t) for p, t in zip(pieces, tables, strict=True) if t.num_rows]
+    if not kept:
+        return empty_table(schema)
+    table = pa.concat_tables([t for _, t in kept]) if len(kept) > 1 else kept[0][1]
+    try:
+        first = kept[0][0]
+        ok = not any(table.column(n).null_count for n in ("item_id", "platform", "datetime"))
+        ok = ok and bool(_mine(table, first).all()) and all(
+            (p.platform, p.year) == (first.platform, first.year) for p, _ in kept)
+        promised = [p for p, _ in kept if p.items is not None]
+        if ok and promised:
+            allowed = string_array(sorted(set().union(*(p.items or frozenset() for p in promised))))
+            checked = pa.concat_tables([t.select(["item_id"]) for p, t in kept if p.items is not None])
+            ok = bool(pc.all(pc.is_in(checked.column("item_id"), value_set=allowed)).as_py())
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        ok = False
+        logger.debug("group check failed (%s); checking file by file", exc)
+    if not ok:
+        for piece, part in kept:
+            with guarded(piece.url):
+                _check(piece, part)
+    return table
+
+
+def read_piece(piece: Piece, schema: pa.Schema) -> pa.Table:
+    """The rows ``piece`` gives its partition (:func:`read_group` of one piece)."""
+    return read_group([piece], schema)
+
+
+def groups_of(pieces: Sequence[Piece], max_bytes: int = 32 * 1024 * 1024, max_files: int = 64) -> list[list[Piece]]:
+    """``pieces`` in order, in groups of at most ``max_files`` files or about ``max_bytes`` bytes
+    (a group is read, checked and keyed at once: per-file overheads shared)."""
+    groups: list[list[Piece]] = []
+    size = 0
+    for piece in pieces:
+        if not groups or len(groups[-1]) >= max_files or size + piece.size > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(piece)
+        size += piece.size
+    return groups
