@@ -74,7 +74,6 @@ import threading
 import time
 import unicodedata
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -760,6 +759,8 @@ def _into_local(path: Path, fill: Callable[[str], Any]) -> None:
 
 
 def _open_http(url: str) -> Any:
+    import urllib.request  # http.client, ssl, email: ~25 ms of import, only for http(s) copies
+
     request = urllib.request.Request(url, headers={"User-Agent": "stacchip"})
     return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)  # noqa: S310 - http(s) only
 
