@@ -27,10 +27,9 @@ from typing import Any, Mapping, Sequence, TypedDict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from stacchip.errors import ConfigError
-from stacchip.schema import GEOMETRY_COLUMN, bool_array, scalar, string_array
+from stacchip.schema import GEOMETRY_COLUMN, bool_array, cast, compute, compute_options, scalar, string_array
 
 #: Time pruning on recorded extents widens the asked range by this much on both sides, so
 #: a reader never skips rows over how a bare date or a time zone is understood.
@@ -249,39 +248,46 @@ class Selection:
         """Boolean mask of the rows of ``table`` passing every filter but the exact geometry
         test (``bbox`` on the covering column); None when no filter is set. Nulls fail."""
         parts: list[Any] = []
+
+        def le(a: Any, b: Any) -> Any:
+            return compute("less_equal", a, b)
+
+        def ge(a: Any, b: Any) -> Any:
+            return compute("greater_equal", a, b)
+
         if self.boxes is not None:
             box = table.column("bbox")
-            xmin, ymin, xmax, ymax = (pc.struct_field(box, [i]) for i in range(4))
+            xmin, ymin, xmax, ymax = (compute("struct_field", box, options=compute_options("StructFieldOptions", [i]))
+                                      for i in range(4))
             f64 = pa.float64()
-            in_x = [pc.and_(pc.less_equal(xmin, scalar(x1, f64)), pc.greater_equal(xmax, scalar(x0, f64)))
-                    for x0, x1 in self.boxes]
-            parts.append(in_x[0] if len(in_x) == 1 else pc.or_(in_x[0], in_x[1]))
-            parts.append(pc.less_equal(ymin, scalar(self.maxy, f64)))
-            parts.append(pc.greater_equal(ymax, scalar(self.miny, f64)))
+            in_x = [compute("and", le(xmin, scalar(x1, f64)), ge(xmax, scalar(x0, f64))) for x0, x1 in self.boxes]
+            parts.append(in_x[0] if len(in_x) == 1 else compute("or", in_x[0], in_x[1]))
+            parts.append(le(ymin, scalar(self.maxy, f64)))
+            parts.append(ge(ymax, scalar(self.miny, f64)))
         if self.first is not None or self.last is not None:
-            when = pc.cast(table.column("datetime"), pa.int64())
+            when = cast(table.column("datetime"), pa.int64())
             if self.first is not None:
-                parts.append(pc.greater_equal(when, scalar(self.first, pa.int64())))
+                parts.append(ge(when, scalar(self.first, pa.int64())))
             if self.last is not None:
-                parts.append(pc.less_equal(when, scalar(self.last, pa.int64())))
+                parts.append(le(when, scalar(self.last, pa.int64())))
         for limit, column in ((self.max_cloud, "cloud_cover_percentage"), (self.max_nodata, "nodata_percentage")):
             if limit is not None:
                 values = table.column(column)
                 if values.type != pa.float32():
-                    values = pc.cast(values, pa.float32())
-                parts.append(pc.less_equal(values, scalar(limit, pa.float32())))
-        if self.platforms is not None:
-            parts.append(pc.is_in(table.column("platform"), value_set=string_array(sorted(self.platforms))))
-        if self.item_ids is not None:
-            parts.append(pc.is_in(table.column("item_id"), value_set=string_array(sorted(self.item_ids))))
+                    values = cast(values, pa.float32())
+                parts.append(le(values, scalar(limit, pa.float32())))
+        for wanted, column in ((self.platforms, "platform"), (self.item_ids, "item_id")):
+            if wanted is not None:
+                lookup = compute_options("SetLookupOptions", string_array(sorted(wanted)))
+                parts.append(compute("is_in", table.column(column), options=lookup))
         if not parts:
             return None
         out = parts[0]
         for part in parts[1:]:
-            out = pc.and_(out, part)
+            out = compute("and", out, part)
         if isinstance(out, pa.ChunkedArray):
             out = out.combine_chunks() if out.num_chunks else bool_array(np.zeros(0, dtype=bool))
-        return pc.fill_null(out, scalar(False, pa.bool_()))
+        return compute("coalesce", out, scalar(False, pa.bool_()))  # nulls fail
 
     def exact(self, table: pa.Table) -> pa.Table:
         """The rows of ``table`` whose geometry (WKB) intersects the query area; ``table``
@@ -295,4 +301,4 @@ class Selection:
         if isinstance(column.type, pa.ExtensionType):
             column = pa.chunked_array([c.storage for c in column.chunks], column.type.storage_type)
         geoms = shapely.from_wkb(column.to_pylist())
-        return table.filter(bool_array(shapely.intersects(geoms, area)))
+        return compute("filter", table, bool_array(shapely.intersects(geoms, area)))

@@ -33,7 +33,7 @@ import pyarrow as pa
 from stacchip import storage
 from stacchip.errors import IndexFileError, StorageError
 from stacchip.filters import Selection
-from stacchip.schema import GEOMETRY_COLUMN, empty_table
+from stacchip.schema import GEOMETRY_COLUMN, compute, empty_table
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
@@ -202,8 +202,6 @@ def read_rows(
     (the geometry apart from the rest, so they decode side by side); then the exact
     geometry test.
     """
-    import pyarrow.compute as pc
-
     threads = threads or READ_THREADS
     names = list(columns)
     needed = names + ([GEOMETRY_COLUMN] if selection.boxes is not None and GEOMETRY_COLUMN not in names else [])
@@ -216,9 +214,9 @@ def read_rows(
     def first(unit: _Unit) -> tuple[pa.Table, pa.Array] | None:
         table = _read_unit(unit, schema, fcols)
         mask = selection.mask(table)
-        if mask is None or not pc.any(mask).as_py():
+        if mask is None or not compute("any", mask).as_py():
             return None
-        return table.filter(mask), mask
+        return compute("filter", table, mask), mask
 
     if fcols:
         firsts = _parallel(first, units, threads)
@@ -233,7 +231,7 @@ def read_rows(
         k, cols = task
         unit, (_, mask) = kept[k]
         table = _read_unit(unit, schema, cols)
-        return table.filter(mask) if mask is not None else table
+        return compute("filter", table, mask) if mask is not None else table
 
     seconds = _parallel(second, tasks, threads)
     parts: dict[int, dict[str, Any]] = {k: {} for k in range(len(kept))}

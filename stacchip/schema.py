@@ -138,3 +138,36 @@ def scalar(value: Any, typ: pa.DataType) -> pa.Scalar:
 def empty_table(schema: pa.Schema) -> pa.Table:
     """A table of ``schema`` with no rows."""
     return pa.Table.from_batches([], schema=schema)
+
+
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    """The module of Arrow's compute kernels: ``pyarrow._compute`` (compiled), whose
+    ``call_function`` and option classes ``pyarrow.compute`` re-exports; importing
+    ``pyarrow.compute`` itself costs ~30 ms more (it builds a wrapper for every kernel). Falls
+    back to ``pyarrow.compute`` where the compiled module is not there."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import pyarrow._compute as kernels
+        except ImportError:  # pragma: no cover - every pyarrow since 4 has it
+            import pyarrow.compute as kernels
+        _KERNELS = kernels
+    return _KERNELS
+
+
+def compute(name: str, *args: Any, options: Any = None) -> Any:
+    """Arrow compute kernel ``name`` on ``args`` (``pyarrow.compute.call_function``)."""
+    return _kernels().call_function(name, list(args), options)
+
+
+def compute_options(kind: str, *args: Any) -> Any:
+    """An options object of the compute kernels (``SetLookupOptions``, ``StructFieldOptions``, ...)."""
+    return getattr(_kernels(), kind)(*args)
+
+
+def cast(array: Any, typ: pa.DataType) -> Any:
+    """``array`` cast to ``typ`` (safe cast)."""
+    return compute("cast", array, options=_kernels().CastOptions.safe(typ))
