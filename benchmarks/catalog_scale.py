@@ -218,9 +218,13 @@ def _drop_cache(roots: list[str]) -> int:
     return total
 
 
-def w_compact(sources: list[str], dest: str, memory: str, engine: str = "duckdb", workers: int = 2) -> dict[str, Any]:
+def w_compact(sources: list[str] | str, dest: str, memory: str, engine: str = "duckdb",
+              workers: int = 2) -> dict[str, Any]:
+    """Compact ``sources`` (paths, or a JSON file listing them) into ``dest`` with ``engine``."""
     from stacchip.catalog import compact
 
+    if isinstance(sources, str):
+        sources = json.loads(Path(sources).read_text())
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"memory": memory, "engine": engine}
     if engine == "dask":
@@ -514,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one report, step
         list_file.write_text(json.dumps(sources))
         shutil.rmtree(small, ignore_errors=True)
         shutil.rmtree(spread, ignore_errors=True)
-        e = run_worker("w_compact", sources=sources, dest=str(small), memory=args.memory)
-        k = run_worker("w_compact", sources=sources, dest=str(spread), memory=args.memory, engine="dask", workers=2)
+        e = run_worker("w_compact", sources=str(list_file), dest=str(small), memory=args.memory)
+        k = run_worker("w_compact", sources=str(list_file), dest=str(spread), memory=args.memory, engine="dask",
+                       workers=2)
         same = run_worker("w_compare", a=str(small), b=str(spread))
         results["dask"] = {"embedded": e, "dask": k, "compare": same}
         print(f"{e['rows']:,} chips: embedded {e['seconds']:.0f} s (peak RSS {e['rss_mb']:.0f} MB); Dask, 2 worker "
