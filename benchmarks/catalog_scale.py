@@ -62,12 +62,29 @@ REGIONS = [
     ("south-asia", range(43, 46), (10.0, 30.0)),
     ("australia", range(50, 56), (-38.0, -15.0)),
 ]
-#: Selective queries: (name, filters); each must hit under 0.1 % of the rows.
+#: Selective queries: (name, filters); each must hit under 0.1 % of the rows. Two more are taken
+#: from the data of the Dask-sized subset (a 1 x 1 degree box around one of its row groups).
 QUERIES = [
     ("alps", {"bbox": (10.0, 46.0, 11.0, 47.0), "start": "2023-01-01", "end": "2023-12-31", "max_cloud": 0.5}),
     ("pampas", {"bbox": (-62.0, -34.0, -61.0, -33.0), "start": "2022-01-01", "end": "2022-12-31",
                 "max_cloud": 0.3}),
 ]
+
+
+def data_queries(root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Two queries where a compacted index holds rows: a 1 x 1 degree box around the middle row
+    group of the first file of its two largest partitions, that partition's year, a cloud limit."""
+    manifest = json.loads((root / "_manifest.json").read_text())
+    parts = sorted(manifest["partitions"].values(), key=lambda p: -p["rows"])[:2]
+    out = []
+    for n, (part, cloud) in enumerate(zip(parts, (0.5, 0.3), strict=False)):
+        groups = part["files"][0]["row_groups"]
+        x0, y0, x1, y1 = groups[len(groups) // 2]["bbox"]
+        cx, cy = round((x0 + x1) / 2, 2), round((y0 + y1) / 2, 2)
+        out.append((f"subset-{n}", {"bbox": (cx - 0.5, cy - 0.5, cx + 0.5, cy + 0.5),
+                                    "start": f"{part['year']}-01-01", "end": f"{part['year']}-12-31",
+                                    "max_cloud": cloud}))
+    return out
 UTC = dt.timezone.utc
 
 
@@ -403,9 +420,10 @@ def run_worker(name: str, timeout: float = 24 * 3600, **kwargs: Any) -> dict[str
 # --------------------------------------------------------------------------- the run
 
 
-def _queries(root: str, total_rows: int, repeats: int) -> list[dict[str, Any]]:
+def _queries(root: str, total_rows: int, repeats: int,
+             queries: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
-    for name, filters in QUERIES:
+    for name, filters in queries:
         cases: dict[str, list[dict[str, Any]]] = {"stacchip": [], "duckdb arrow": [], "duckdb tuples": [],
                                                   "duckdb count": []}
         for _ in range(repeats):  # interleaved, so load on the shared machine falls on all cases alike
@@ -530,11 +548,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one report, step
 
     # --- queries
     if "queries" not in skip:
+        queries = list(QUERIES)
         if small.exists():
+            queries = data_queries(small) + queries
             sub_rows = json.loads((small / "_manifest.json").read_text())["rows"]
-            results["queries_sub"] = _queries(str(small), sub_rows, args.repeats)
+            results["queries_sub"] = _queries(str(small), sub_rows, args.repeats, queries[:2])
             _print_queries(f"{sub_rows / 1e6:.0f}M", results["queries_sub"])
-        results["queries"] = _queries(str(dest), c["rows"], args.repeats)
+        results["queries"] = _queries(str(dest), c["rows"], args.repeats, queries)
         _print_queries(f"{c['rows'] / 1e6:.0f}M", results["queries"])
 
     if not args.keep:
