@@ -103,6 +103,14 @@ class IndexFileError(StacchipError, ValueError):
     """An index file or dataset is missing, unreadable or has the wrong schema."""
 
 
+class IndexLockedError(StacchipError):
+    """Another writer holds the lock of a compacted index (one compaction at a time).
+
+    The message names the holder (host, process id, start time, run); exit status 2:
+    running the same command again while the holder works cannot help.
+    """
+
+
 class EmptySelectionError(StacchipError, ValueError):
     """A job, command or dataset selected nothing from a non-empty input.
 

@@ -41,69 +41,41 @@ import datetime as dt
 import io
 import json
 import logging
-import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypedDict, Unpack
+import sys
+from typing import Any, Iterable, Sequence, Unpack
 
 import numpy as np
 import pyarrow as pa
-import pyproj
-import shapely
 
 from stacchip import storage
-from stacchip.errors import ConfigError, IndexFileError, StorageError
-
-if TYPE_CHECKING:  # pyarrow.dataset costs ~50 MB of RSS; imported where used
-    import pyarrow.dataset as pads
+from stacchip.compacted import open_compacted
+from stacchip.errors import IndexFileError, StorageError
+from stacchip.filters import (  # noqa: F401  (declared there, importable from here)
+    FILTERS,
+    QueryFilters,
+    Selection,
+    check_filters,
+    check_fraction,
+    fraction_problem,
+)
+from stacchip.scan import Fragment, IndexDataset, file_extents, read_footers
+from stacchip.schema import (  # noqa: F401  (declared there, importable from here)
+    BBOX_FIELDS,
+    BBOX_TYPE,
+    EPOCH,
+    GEOMETRY_COLUMN,
+    GEOPARQUET_VERSION,
+    OPTIONAL_COLUMNS,
+    SCHEMA,
+    STACCHIP_METADATA_KEY,
+    UPSTREAM_CHIP_SIZE,
+    UPSTREAM_COLUMNS,
+    is_current,
+)
 
 logger = logging.getLogger(__name__)
-
-GEOPARQUET_VERSION = "1.1.0"
-GEOMETRY_COLUMN = "geometry"
-BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
-STACCHIP_METADATA_KEY = b"stacchip"
-
-EPOCH = dt.date(1970, 1, 1)
-BBOX_TYPE = pa.struct([(name, pa.float64()) for name in BBOX_FIELDS])
-
-#: Arrow schema of an index table as written to Parquet.
-SCHEMA = pa.schema(
-    [
-        ("chipid", pa.string()),
-        ("date", pa.date32()),
-        ("chip_index_x", pa.uint16()),
-        ("chip_index_y", pa.uint16()),
-        ("cloud_cover_percentage", pa.float32()),
-        ("nodata_percentage", pa.float32()),
-        (GEOMETRY_COLUMN, pa.binary()),
-        ("item_id", pa.string()),
-        ("platform", pa.string()),
-        ("datetime", pa.timestamp("us", tz="UTC")),
-        ("chip_size", pa.uint16()),
-        ("bbox", BBOX_TYPE),
-        ("collection", pa.string()),
-    ]
-)
-#: Columns a file may lack and still be scanned as it is (read as nulls): added
-#: after files were first written.
-OPTIONAL_COLUMNS = frozenset({"collection"})
-
-
-#: The seven columns upstream's ``create_index()`` returns, in its order.
-UPSTREAM_COLUMNS = (
-    "chipid",
-    "date",
-    "chip_index_x",
-    "chip_index_y",
-    "cloud_cover_percentage",
-    "nodata_percentage",
-    GEOMETRY_COLUMN,
-)
-#: Chip size assumed for index files that do not record one (upstream's processors
-#: and prechip only ever used 256-pixel chips).
-UPSTREAM_CHIP_SIZE = 256
 
 
 def _geometry_type() -> pa.DataType:
@@ -145,6 +117,8 @@ def index_table(
     collection: str | None = None,
 ) -> pa.Table:
     """Build an index table from per-chip arrays (vectorised, no per-chip loop)."""
+    import shapely
+
     n = len(xs)
     xs_u16 = np.asarray(xs).astype(np.uint16)
     ys_u16 = np.asarray(ys).astype(np.uint16)
@@ -205,6 +179,8 @@ def _storage(array: pa.Array) -> pa.Array:
 def _native_geometries(array: pa.Array, where: str) -> np.ndarray:
     """Shapely geometries of a native geoarrow polygon/multipolygon array
     (separated ``struct<x, y[, z]>`` or interleaved ``fixed_size_list`` coordinates)."""
+    import shapely
+
     offsets: list[np.ndarray] = []
     level = array
     while pa.types.is_list(level.type) or pa.types.is_large_list(level.type):
@@ -237,6 +213,8 @@ def geometry_wkb(column: pa.Array | pa.ChunkedArray, where: str = "index") -> pa
 
     Raises :class:`IndexFileError` naming ``where`` for nulls or other types.
     """
+    import shapely
+
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     out = []
     for chunk in chunks:
@@ -290,23 +268,6 @@ def layout_ids(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def is_current(schema: pa.Schema) -> bool:
-    """True when a file schema holds every :data:`SCHEMA` column with its type
-    (a file pyarrow.dataset reads as it is)."""
-    for field in SCHEMA:
-        idx = schema.get_field_index(field.name)
-        if idx < 0:
-            if field.name in OPTIONAL_COLUMNS:
-                continue
-            return False
-        typ = schema.field(idx).type
-        if isinstance(typ, pa.ExtensionType):
-            typ = typ.storage_type
-        if typ != field.type:
-            return False
-    return True
-
-
 def normalize_table(
     table: pa.Table,
     *,
@@ -327,6 +288,7 @@ def normalize_table(
     missing or has the wrong type.
     """
     import pyarrow.compute as pc
+    import shapely
 
     names = table.column_names
     needed = [c for c in ("chipid", "chip_index_x", "chip_index_y", "cloud_cover_percentage",
@@ -404,6 +366,8 @@ def _utc_dates(when: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def crs84_projjson() -> dict[str, Any]:
     """PROJJSON of OGC:CRS84 (longitude, latitude on WGS 84)."""
+    import pyproj
+
     return pyproj.CRS.from_user_input("OGC:CRS84").to_json_dict()
 
 
@@ -517,17 +481,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _filesystem(paths: Sequence[str]) -> tuple[Any, list[str]]:
-    if not paths:
-        raise IndexFileError("no index files given")
-    if all(storage.is_s3(p) for p in paths):
-        filesystem, _ = storage.arrow_filesystem(paths[0])
-        return filesystem, [p[len("s3://"):] for p in paths]
-    if any(storage.is_s3(p) for p in paths):
-        raise IndexFileError("cannot mix s3:// and local index files in one dataset")
-    return None, [str(storage.local_path(p)) for p in paths]
-
-
 def index_files(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
     """Expand files, directories and ``s3://`` prefixes into index file paths."""
     if isinstance(sources, (str, os.PathLike)):
@@ -552,81 +505,72 @@ def index_files(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str
 FOOTER_THREADS = 16
 
 
-def _read_schema(path: str, filesystem: Any) -> pa.Schema:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_schema(path, filesystem=filesystem)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise IndexFileError(f"index file {path!r} is not a readable Parquet file: {exc}") from exc
-
-
-def _read_other(path: str, shown: str, filesystem: Any) -> pa.Table:
+def _read_other(url: str) -> pa.Table:
     """An index file of another layout (upstream's), normalised to :data:`SCHEMA`."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, filesystem=filesystem)
+        with storage.open_input(url) as source:
+            table = pq.ParquetFile(source, pre_buffer=False).read(use_threads=False)
+    except StorageError:
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise IndexFileError(f"index file {shown!r} cannot be read: {exc}") from exc
-    platform, item_id = layout_ids(shown)
-    return normalize_table(table, item_id=item_id, platform=platform, where=f"index file {shown!r}")
+        raise IndexFileError(f"index file {url!r} cannot be read: {exc}") from exc
+    platform, item_id = layout_ids(url)
+    return to_storage(normalize_table(table, item_id=item_id, platform=platform, where=f"index file {url!r}"))
 
 
 def open_index(
-    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | IndexDataset,
     *,
     extra_columns: bool = False,
-) -> "pads.Dataset":
-    """Open index files, directories or ``s3://`` prefixes as one pyarrow dataset.
+) -> IndexDataset:
+    """Open index files, directories, ``s3://`` prefixes or a compacted index as one dataset.
 
-    Files in the current schema are scanned lazily; files of another layout
-    (upstream-written indexes) are read and normalised (:func:`normalize_table`)
-    and joined to them, so old and new files mix in one dataset. With
-    ``extra_columns`` the dataset also has the columns beyond :data:`SCHEMA`
-    that the files hold (e.g. ``split``; null where a file lacks one).
-    Unreadable, empty or truncated files raise :class:`IndexFileError` naming
-    the file.
+    Returns an :class:`~stacchip.scan.IndexDataset`: ``schema``, ``to_table(columns=,
+    filter=)``, ``count_rows()``, ``head()``, ``files``, and through a ``pyarrow.dataset``
+    built on first use every other ``pyarrow.dataset.Dataset`` attribute; :func:`query`
+    reads it without ``pyarrow.dataset``. A compacted index (a root holding
+    ``_manifest.json``, or the manifest itself) is read through its manifest. Files in the
+    current schema are read lazily, row groups pruned by their statistics; files of another
+    layout (upstream-written indexes) are read and normalised (:func:`normalize_table`)
+    here, so old and new files mix in one dataset. With ``extra_columns`` the dataset also
+    has the columns beyond :data:`SCHEMA` that current files hold (e.g. ``split``; null
+    where a file lacks one). Unreadable, empty or truncated files raise
+    :class:`IndexFileError` naming the file.
     """
-    import pyarrow.dataset as pads
-
-    from stacchip.compacted import open_compacted
-
+    if isinstance(sources, IndexDataset):
+        return sources
     compacted = open_compacted(sources)
     if compacted is not None:
         return compacted
     files = index_files(sources)
-    filesystem, paths = _filesystem(files)
-    threads = max(1, min(FOOTER_THREADS, len(paths)))
-    with ThreadPoolExecutor(threads) as pool:
-        schemas = list(pool.map(lambda p: _read_schema(p, filesystem), paths))
+    if any(storage.is_s3(f) for f in files) and not all(storage.is_s3(f) for f in files):
+        raise IndexFileError("cannot mix s3:// and local index files in one dataset")
+    footers = read_footers(files, FOOTER_THREADS)
+    schemas = [md.schema.to_arrow_schema() for md in footers]
     current = [i for i, sch in enumerate(schemas) if is_current(sch)]
-    other = [i for i in range(len(paths)) if i not in set(current)]
+    chosen = set(current)
+    other = [i for i in range(len(files)) if i not in chosen]
     schema = SCHEMA
     if extra_columns:
         extra: dict[str, pa.Field] = {}
         for i in current:
-            for field in schemas[i]:
-                if field.name not in SCHEMA.names and field.name not in extra:
-                    extra[field.name] = field
+            for f in schemas[i]:
+                if f.name not in SCHEMA.names and f.name not in extra:
+                    extra[f.name] = f
         schema = pa.schema(list(SCHEMA) + list(extra.values()))
-    try:
-        parts = []
-        if current:
-            parts.append(pads.dataset([paths[i] for i in current], format="parquet",
-                                      filesystem=filesystem, schema=schema))
-        if other:
-            with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, len(other)))) as pool:
-                tables = list(pool.map(lambda i: _read_other(paths[i], files[i], filesystem), other))
-            merged = pa.concat_tables([to_storage(t).select(SCHEMA.names) for t in tables])
-            for field in schema:
-                if field.name not in merged.column_names:
-                    merged = merged.append_column(field, pa.nulls(merged.num_rows, field.type))
-            parts.append(pads.dataset(merged.select(schema.names).cast(schema)))
-            logger.info("read %d index file(s) of another layout (upstream) and normalised them", len(other))
-        return parts[0] if len(parts) == 1 else pads.dataset(parts)
-    except (pa.ArrowException, OSError) as exc:
-        raise IndexFileError(f"cannot open index files {files[:3]}...: {exc}") from exc
+    fragments = [Fragment(url=files[i], extents=file_extents(footers[i])) for i in current]
+    del footers
+    if other:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(FOOTER_THREADS, len(other)))) as pool:
+            tables = list(pool.map(lambda i: _read_other(files[i]), other))
+        fragments += [Fragment(table=t, name=files[i]) for i, t in zip(other, tables, strict=True)]
+        logger.info("read %d index file(s) of another layout (upstream) and normalised them", len(other))
+    shown = files[0] if len(files) == 1 else f"{len(files)} index files under {files[0]!r}..."
+    return IndexDataset(fragments, schema, description=shown)
 
 
 def upgrade_index_file(
@@ -646,11 +590,14 @@ def upgrade_index_file(
     import pyarrow.parquet as pq
 
     text = str(path)
-    filesystem, (inner,) = _filesystem([text])
-    if is_current(_read_schema(inner, filesystem)):
-        return False
     try:
-        table = pq.read_table(inner, filesystem=filesystem)
+        with storage.open_input(text) as source:
+            pf = pq.ParquetFile(source, pre_buffer=False)
+            if is_current(pf.schema_arrow):
+                return False
+            table = pf.read(use_threads=False)
+    except StorageError:
+        raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise IndexFileError(f"index file {text!r} cannot be read: {exc}") from exc
     lay_platform, lay_item = layout_ids(text)
@@ -666,139 +613,44 @@ def upgrade_index_file(
 
 
 def read_index(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> pa.Table:
-    """Read index files, directories or prefixes into one table."""
+    """Read index files, directories or prefixes (or a compacted index) into one table."""
     return query(sources)
 
 
-def _as_datetime(value: Any, field: str) -> dt.datetime | dt.date:
-    """A datetime, or a date for a whole day (date objects, ``YYYY-MM-DD``)."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if len(text) == 10:
-                return dt.date.fromisoformat(text)
-            return dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError as exc:
-            raise ConfigError(f"{field} = {value!r} is not an ISO 8601 date or datetime") from exc
-    if isinstance(value, dt.date):
-        return value
-    raise ConfigError(f"{field} = {value!r} is not a date, datetime or ISO 8601 string")
+def _is_arrow_dataset(value: Any) -> bool:
+    """True for a ``pyarrow.dataset.Dataset`` (checked without importing ``pyarrow.dataset``:
+    none can exist before it is imported)."""
+    module = sys.modules.get("pyarrow.dataset")
+    return module is not None and isinstance(value, module.Dataset)
 
 
-def _timestamp(value: dt.datetime | dt.date) -> pa.Scalar:
-    if not isinstance(value, dt.datetime):
-        value = dt.datetime(value.year, value.month, value.day)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return pa.scalar(value, pa.timestamp("us", tz="UTC"))
-
-
-def fraction_problem(number: float) -> str | None:
-    """Why ``number`` is not a fraction 0-1 (cloud and nodata limits), or None when it is one.
-    A number that looks like a percentage (above 1, at most 100) is told so."""
-    if math.isfinite(number) and 1.0 < number <= 100.0:
-        return f"looks like a percentage; it is a fraction between 0 and 1 (write {number / 100:g} for {number:g} %)"
-    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
-        return "is not a fraction between 0 and 1"
-    return None
-
-
-def check_fraction(value: Any, field: str) -> float:
-    """``value`` as a fraction 0-1, else :class:`ConfigError` naming ``field`` (see :func:`fraction_problem`)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{field} = {value!r} is not a fraction (0-1)") from exc
-    problem = fraction_problem(number)
-    if problem:
-        raise ConfigError(f"{field} = {value!r} {problem}")
-    return number
-
-
-
-class QueryFilters(TypedDict, total=False):
-    """The filters that select index rows, declared once: those of :func:`query`, also taken
-    by :func:`stacchip.ml.load_index`, :class:`~stacchip.ml.ChipDataset` and the
-    compacted-index planner (:func:`stacchip.compacted.plan`). Each is optional; ``None``
-    is no filter.
-
-    ``bbox``: ``(minx, miny, maxx, maxy)`` in degrees, chips intersecting it
-    (``minx > maxx`` crosses the antimeridian). ``start``/``end``: inclusive
-    bounds of ``datetime`` (ISO strings, dates or datetimes, naive meaning UTC;
-    a date ``end`` includes that whole UTC day). ``max_cloud``/``max_nodata``:
-    largest cloud and nodata fractions, 0-1. ``platform``: names of platforms,
-    any alias (:func:`stacchip.platforms.platform_aliases`). ``item_id``: item ids.
-    """
-
-    bbox: Sequence[float] | None
-    start: Any
-    end: Any
-    max_cloud: float | None
-    max_nodata: float | None
-    platform: str | Sequence[str] | None
-    item_id: str | Sequence[str] | None
-
-
-#: Names of the :class:`QueryFilters`.
-FILTERS: tuple[str, ...] = tuple(QueryFilters.__annotations__)
-
-
-def check_filters(filters: Mapping[str, Any], where: str = "query") -> dict[str, Any]:
-    """The filters of ``filters`` that are set (not None); a name that is no filter raises
-    ``TypeError`` as an unknown keyword argument of ``where`` would."""
-    unknown = [name for name in filters if name not in FILTERS]
-    if unknown:
-        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r} "
-                        f"(filters: {', '.join(FILTERS)})")
-    return {name: value for name, value in filters.items() if value is not None}
-
-
-def _bbox_filter(bbox: Sequence[float]) -> tuple[Any, Any]:
-    """The row-group filter (the ``bbox`` covering) and the exact query area of a ``bbox`` filter
-    (degrees; ``minx > maxx`` crosses the antimeridian: two boxes, STAC's convention)."""
+def _expression(selection: Selection) -> Any:
+    """The ``pyarrow.dataset`` filter expression of ``selection`` (bbox on the covering column);
+    for datasets the caller made (the exact geometry test follows)."""
     import pyarrow.compute as pc
 
-    try:
-        minx, miny, maxx, maxy = (float(v) for v in bbox)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bbox = {bbox!r} is not (minx, miny, maxx, maxy) in degrees") from exc
-    if miny > maxy:
-        raise ConfigError(f"bbox = {bbox!r} has miny above maxy")
-    boxes = [(minx, maxx)] if minx <= maxx else [(minx, 180.0), (-180.0, maxx)]
-    in_x = [(pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0) for x0, x1 in boxes]
-    expr = ((in_x[0] if len(in_x) == 1 else in_x[0] | in_x[1])
-            & (pc.field("bbox", "ymin") <= maxy) & (pc.field("bbox", "ymax") >= miny))
-    return expr, shapely.union_all([shapely.box(x0, miny, x1, maxy) for x0, x1 in boxes])
-
-
-def _filter_expressions(active: Mapping[str, Any]) -> list[Any]:
-    """Dataset expressions of the filters other than ``bbox``, checked before anything is read."""
-    import pyarrow.compute as pc
-
-    out = []
-    if "start" in active:
-        out.append(pc.field("datetime") >= _timestamp(_as_datetime(active["start"], "start")))
-    if "end" in active:
-        last = _as_datetime(active["end"], "end")
-        if isinstance(last, dt.datetime):
-            out.append(pc.field("datetime") <= _timestamp(last))
-        else:  # a date ends with its last instant (UTC)
-            out.append(pc.field("datetime") < _timestamp(last + dt.timedelta(days=1)))
-    # Limits compared in the columns' float32: float32(0.05) > 0.05, so a float64
-    # comparison would drop a chip stored at exactly the limit; 20 for 20 % is refused.
-    for name, column in (("max_cloud", "cloud_cover_percentage"), ("max_nodata", "nodata_percentage")):
-        if name in active:
-            out.append(pc.field(column) <= pa.scalar(check_fraction(active[name], name), pa.float32()))
-    if "platform" in active:
-        from stacchip.platforms import platform_aliases
-
-        platform = active["platform"]
-        given = [platform] if isinstance(platform, str) else list(platform)
-        out.append(pc.field("platform").isin(sorted({a for name in given for a in platform_aliases(str(name))})))
-    if "item_id" in active:
-        item_id = active["item_id"]
-        out.append(pc.field("item_id").isin([item_id] if isinstance(item_id, str) else list(item_id)))
-    return out
+    parts = []
+    if selection.boxes is not None:
+        in_x = [(pc.field("bbox", "xmin") <= x1) & (pc.field("bbox", "xmax") >= x0) for x0, x1 in selection.boxes]
+        parts.append((in_x[0] if len(in_x) == 1 else in_x[0] | in_x[1])
+                     & (pc.field("bbox", "ymin") <= selection.maxy) & (pc.field("bbox", "ymax") >= selection.miny))
+    ts = pa.timestamp("us", tz="UTC")
+    if selection.first is not None:
+        parts.append(pc.field("datetime") >= pa.scalar(selection.first, pa.int64()).cast(ts))
+    if selection.last is not None:
+        parts.append(pc.field("datetime") <= pa.scalar(selection.last, pa.int64()).cast(ts))
+    for limit, column in ((selection.max_cloud, "cloud_cover_percentage"),
+                          (selection.max_nodata, "nodata_percentage")):
+        if limit is not None:
+            parts.append(pc.field(column) <= pa.scalar(limit, pa.float32()))
+    if selection.platforms is not None:
+        parts.append(pc.field("platform").isin(sorted(selection.platforms)))
+    if selection.item_ids is not None:
+        parts.append(pc.field("item_id").isin(sorted(selection.item_ids)))
+    expr = None
+    for part in parts:
+        expr = part if expr is None else expr & part
+    return expr
 
 
 def query(
@@ -810,39 +662,29 @@ def query(
     """Chips matching every given filter (:class:`QueryFilters`: ``bbox`` in degrees,
     ``start``/``end``, ``max_cloud``/``max_nodata`` fractions, ``platform``, ``item_id``).
 
-    ``sources`` is a dataset from :func:`open_index` or anything it accepts;
-    ``columns`` picks the columns returned. Filter values are checked before
-    anything is read.
+    ``sources``: anything :func:`open_index` takes, what it returns, a ``pyarrow.Table``
+    or a ``pyarrow.dataset.Dataset``; ``columns`` picks the columns returned. Filter values
+    are checked before anything is read. A compacted index is read through its manifest:
+    only the files and row groups whose extents may hold matching rows, and of those the
+    other columns only for row groups holding matching rows. Neither this nor
+    ``import stacchip.index`` imports ``pyarrow.dataset`` or pandas (a
+    ``pyarrow.dataset.Dataset`` given is read through its own scanner).
     """
-    import pyarrow.dataset as pads
-
-    active = check_filters(filters)
-    expressions = _filter_expressions(active)
-    query_area = None
-    if "bbox" in active:
-        box_expr, query_area = _bbox_filter(active["bbox"])
-        expressions.insert(0, box_expr)
-    dataset = sources if isinstance(sources, pads.Dataset) else None
-    if dataset is None:  # a compacted index: only the files and row groups the filters may hit
-        from stacchip.compacted import open_compacted
-
-        dataset = open_compacted(sources, **active)
-    if dataset is None:
+    selection = Selection.of(filters)
+    if _is_arrow_dataset(sources):
+        try:
+            table = sources.to_table(filter=_expression(selection))
+        except (pa.ArrowException, OSError) as exc:
+            raise IndexFileError(f"cannot read index: {exc}") from exc
+        table = selection.exact(table)
+        return table.select(list(columns)) if columns is not None else table
+    if isinstance(sources, pa.Table):
+        dataset = IndexDataset([Fragment(table=sources)], sources.schema, description="index table")
+    elif isinstance(sources, IndexDataset):
+        dataset = sources
+    else:
         dataset = open_index(sources)
-    expr = None
-    for e in expressions:
-        expr = e if expr is None else expr & e
-    try:
-        table = dataset.to_table(filter=expr)
-    except (pa.ArrowException, OSError) as exc:
-        raise IndexFileError(f"cannot read index: {exc}") from exc
-    if query_area is not None and table.num_rows:
-        geoms = shapely.from_wkb(table.column(GEOMETRY_COLUMN).to_numpy(zero_copy_only=False))
-        hit = shapely.intersects(geoms, query_area)
-        table = table.filter(pa.array(hit))
-    if columns is not None:
-        table = table.select(list(columns))
-    return table
+    return dataset.scan(selection, columns)
 
 
 def merge_indexes(

@@ -20,58 +20,25 @@ from stacchip.catalog import compact
 from stacchip.catalog import manifest as mf
 from stacchip.catalog.compaction import curve_order
 from stacchip.catalog.hilbert import bbox_centres
-from stacchip.errors import IndexFileError
-from stacchip.index import SCHEMA, index_table, open_index, query, write_index
+from stacchip.errors import IndexFileError, UnsafePathError
+from stacchip.index import SCHEMA, open_index, query
 
-RG = 20  # rows per row group in these tests
-FILE_ROWS = 100
-S2, LS = "sentinel-2-l2a", "landsat-c2l2-sr"
-UTC = dt.timezone.utc
-
-
-def write_item(root, item_id, platform, when, lon0, lat0, *, n=5, step=0.05, seed=0, href=True,
-               extra=None, antimeridian=False):
-    """One per-item index file in the bucket layout: n x n chips of ``step`` degrees from (lon0, lat0)."""
-    rng = np.random.default_rng(seed)
-    xs, ys = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n)))
-    polys = shapely.box(lon0 + xs * step, lat0 - (ys + 1) * step, lon0 + (xs + 1) * step, lat0 - ys * step)
-    if antimeridian:  # the last chip straddles 180 degrees: corners at +-179.99 (a box wider than 180)
-        polys[-1] = shapely.Polygon([(179.99, lat0 - step), (-179.99, lat0 - step), (-179.99, lat0), (179.99, lat0)])
-    table = index_table(
-        item_id=item_id, platform=platform, datetime=when, chip_size=256, xs=xs, ys=ys,
-        cloud=rng.random(n * n).astype(np.float32), nodata=(rng.random(n * n) * 0.4).astype(np.float32),
-        polygons=polys,
-    )
-    for name, value in (extra or {}).items():
-        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
-    meta = {"item_id": item_id}
-    if href:
-        meta["item_href"] = f"/data/{platform}/{item_id}/stac_item.json"
-    path = root / "index" / platform / item_id / f"index_{item_id}.parquet"
-    write_index(table, path, extra_metadata=meta)
-    return path
-
-
-def item_specs():
-    """36 items: 12 tiles x 3 years, two platforms, plus two items at the antimeridian."""
-    specs = []
-    for k in range(12):
-        lon0, lat0 = -10 + (k % 4) * 3.0, 40 + (k // 4) * 3.0
-        for year in (2021, 2022, 2023):
-            platform = LS if k % 3 == 0 else S2
-            when = dt.datetime(year, 1 + (k * 5 + year) % 12, 1 + k, 10, 30, tzinfo=UTC)
-            specs.append(dict(item_id=f"T{k:02d}-{year}", platform=platform, when=when, lon0=lon0, lat0=lat0,
-                              seed=k * 10 + year, href=k % 4 != 3))
-    specs.append(dict(item_id="AM-E", platform=S2, when=dt.datetime(2022, 6, 1, tzinfo=UTC), lon0=179.74,
-                      lat0=1.0, seed=1, antimeridian=True))
-    specs.append(dict(item_id="AM-W", platform=S2, when=dt.datetime(2022, 6, 2, tzinfo=UTC), lon0=-179.99,
-                      lat0=1.0, seed=2))
-    return specs
-
-
-def build(root, specs):
-    return [write_item(root, s.pop("item_id"), s.pop("platform"), s.pop("when"), s.pop("lon0"), s.pop("lat0"), **s)
-            for s in (dict(x) for x in specs)]
+from tests.catalog_support import (  # noqa: F401
+    FILE_ROWS,
+    LS,
+    RG,
+    S2,
+    UTC,
+    all_rows,
+    build,
+    by_chip,
+    item_specs,
+    manifest_of,
+    part_files,
+    snapshot,
+    tmp_root,
+    write_item,
+)
 
 
 @pytest.fixture
@@ -88,26 +55,6 @@ def compacted(items):
     dest = items / "compacted"
     result = compact(items / "index", dest, row_group_rows=RG, file_rows=FILE_ROWS)
     return items, dest, result
-
-
-def manifest_of(dest):
-    return json.loads((dest / "_manifest.json").read_text())
-
-
-def part_files(dest):
-    return sorted(p for p in dest.rglob("*.parquet"))
-
-
-def snapshot(dest):
-    return {str(p.relative_to(dest)): (p.stat().st_mtime_ns, p.read_bytes()) for p in part_files(dest)}
-
-
-def by_chip(table):
-    return table.select(SCHEMA.names).sort_by("chipid")
-
-
-def all_rows(dest):
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in part_files(dest)])
 
 
 # --- content -----------------------------------------------------------------------------------
@@ -173,7 +120,7 @@ def test_row_group_and_file_sizes(compacted):
 def test_manifest_records_files_extents_and_items(compacted):
     root, dest, _ = compacted
     manifest = manifest_of(dest)
-    assert manifest["stacchip_compacted_index"] == 1
+    assert manifest["stacchip_compacted_index"] == 2 and "pending" not in manifest
     total = 0
     for key, part in manifest["partitions"].items():
         assert part["rows"] == sum(f["rows"] for f in part["files"])
@@ -198,14 +145,21 @@ def test_manifest_records_files_extents_and_items(compacted):
     assert manifest["file_count"] == len(part_files(dest))
     assert manifest["datetime"][0].startswith("2021-") and manifest["datetime"][1].startswith("2023-")
     assert manifest["bbox"][0] == pytest.approx(-179.99) and manifest["bbox"][2] == pytest.approx(179.99)
-    hrefs = mf.item_hrefs(manifest)
+    # item hrefs live in the provenance file, confined to the index root and the roots allowed
+    with pytest.raises(UnsafePathError, match="outside the index root"):
+        mf.item_hrefs(manifest, str(dest))
+    hrefs = mf.item_hrefs(manifest, str(dest), ["/data", str(root)])
     assert hrefs["T00-2021"] == f"/data/{LS}/T00-2021/stac_item.json"  # from the file's metadata
     assert hrefs["T03-2022"] == str(root / LS / "T03-2022" / "stac_item.json")  # bucket layout, exists
     assert "T03-2021" not in hrefs  # neither: unknown, not guessed
-    assert len(manifest["sources"]) == 38
-    src = manifest["sources"][str(root / "index" / S2 / "AM-E" / "index_AM-E.parquet")]
-    assert src["rows"] == 25 and src["partitions"] == [f"{S2}/year=2022"] and list(src["items"]) == ["AM-E"]
-    assert src["size"] == (root / "index" / S2 / "AM-E" / "index_AM-E.parquet").stat().st_size
+    assert "sources" not in manifest and manifest["items"]["sources"] == 38 and manifest["items"]["items"] == 38
+    prov = mf.provenance(str(dest), manifest).to_pylist()
+    assert len({r["source"] for r in prov}) == 38 and len(prov) == 38
+    src = next(r for r in prov if r["source"] == str(root / "index" / S2 / "AM-E" / "index_AM-E.parquet"))
+    size = (root / "index" / S2 / "AM-E" / "index_AM-E.parquet").stat().st_size
+    assert src["source_rows"] == 25 and src["partition"] == f"{S2}/year=2022" and src["item_id"] == "AM-E"
+    assert src["fingerprint"].startswith(f"{size}:")
+    assert not list(dest.glob("_items-*.parquet")) and len(list(dest.glob("_items-*.pq"))) == 1
 
 
 # --- re-runs ---------------------------------------------------------------------------------------
@@ -236,7 +190,8 @@ def test_rerun_appends_small_additions_and_leaves_other_partitions_alone(compact
     part = manifest_of(dest)["partitions"][key]
     assert part["rows"] == old_rows + 25 and len({f["run"] for f in part["files"]}) == 2
     assert query(dest, item_id="NEW-1").num_rows == 25
-    assert mf.item_hrefs(manifest_of(dest))["NEW-1"].endswith("NEW-1/stac_item.json")
+    assert mf.item_hrefs(manifest_of(dest), str(dest), ["/data", str(root)])["NEW-1"].endswith("NEW-1/stac_item.json")
+    assert len(list(dest.glob("_items-*.pq"))) == 1  # the previous run's provenance file is gone
 
 
 def test_rerun_rewrites_partitions_receiving_many_or_replaced_items(compacted):
@@ -289,7 +244,7 @@ def test_extra_columns_are_carried(tmp_path):
     compact(tmp_path / "index", dest, row_group_rows=RG, file_rows=FILE_ROWS)
     table = open_index(dest).to_table()
     assert table.schema.names == SCHEMA.names + ["split"]
-    values = dict(zip(table.column("item_id").to_pylist(), table.column("split").to_pylist()))
+    values = dict(zip(table.column("item_id").to_pylist(), table.column("split").to_pylist(), strict=True))
     assert values == {"X1": "train", "X2": None}
 
 
@@ -298,7 +253,7 @@ def test_unsafe_manifest_paths_are_refused(compacted):
     manifest = manifest_of(dest)
     next(iter(manifest["partitions"].values()))["files"][0]["path"] = "../../outside.parquet"
     (dest / "_manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexFileError, match="relative path"):
+    with pytest.raises(UnsafePathError, match="relative path"):
         query(dest)
 
 
@@ -329,7 +284,7 @@ def test_query_over_compacted_equals_query_over_originals(compacted, filters):
         assert want.num_rows > 0
     manifest = mf.load(str(dest / "_manifest.json"))
     total = sum(len(f["row_groups"]) for p in manifest["partitions"].values() for f in p["files"])
-    picked = sum(len(g) for _, g in mf.plan(manifest, **filters))
+    picked = sum(len(g) for _, g in mf.plan(manifest, str(dest), **filters))
     if "platform" not in filters and "max_nodata" not in filters:
         assert picked < total / 2, (picked, total)
 
@@ -340,45 +295,46 @@ def test_antimeridian_query_finds_both_sides(compacted):
     assert ids == {"AM-E", "AM-W"}
 
 
-class CountingHandler(pa.fs.FSSpecHandler):
-    """A local filesystem that counts the files opened through it."""
+def test_pruned_query_reads_only_the_chosen_files_and_row_groups(compacted, monkeypatch):
+    from stacchip import storage
 
-    def __init__(self):
-        import fsspec
-
-        super().__init__(fsspec.filesystem("file"))
-        self.opened = []
-
-    def open_input_file(self, path):
-        self.opened.append(path)
-        return super().open_input_file(path)
-
-
-def test_pruned_query_reads_only_the_chosen_files_and_row_groups(compacted):
     _, dest, _ = compacted
     manifest = mf.load(str(dest / "_manifest.json"))
     filters = dict(bbox=(-7.1, 42.8, -6.9, 43.0))
-    counting = CountingHandler()
-    fs = pa.fs.PyFileSystem(counting)
+    opened = []
+    real_open = storage.open_input
+
+    def counting(url):  # the real reader, counted
+        opened.append(str(url))
+        return real_open(url)
+
+    monkeypatch.setattr(storage, "open_input", counting)
     selection = mf.plan(manifest, **filters)
-    pruned = mf.dataset(str(dest), manifest, selection, filesystem=fs)
-    got = query(pruned, **filters)
-    opened, counting.opened = set(counting.opened), []
-    full = query(mf.dataset(str(dest), manifest, None, filesystem=fs), **filters)
-    assert by_chip(got).equals(by_chip(full)) and got.num_rows > 0
-    assert opened == {f"{dest}/{path}" for path, _ in selection}
-    assert len(opened) < len(set(counting.opened)) == len(part_files(dest))
+    got = query(dest, **filters)
+    chosen = {str(dest / path) for path, _ in selection}
+    assert set(opened) == chosen and got.num_rows > 0
+    assert len(chosen) < len(part_files(dest))
+    opened.clear()
+    full = query(dest)
+    assert len(set(opened)) == len(part_files(dest))
+    want = full.filter(pa.array(shapely.intersects(shapely.from_wkb(full.column("geometry").to_pylist()),
+                                                   shapely.box(-7.1, 42.8, -6.9, 43.0))))
+    assert by_chip(got).equals(by_chip(want))
     # the scan covers the chosen row groups only: their rows, no more
     groups = {p: {i: rg["rows"] for i, rg in enumerate(f["row_groups"])}
               for part in manifest["partitions"].values() for f in part["files"] for p in [f["path"]]}
     chosen_rows = sum(groups[path][i] for path, rgs in selection for i in rgs)
-    assert pruned.to_table().num_rows == chosen_rows < manifest["rows"] / 3
+    from stacchip.filters import Selection
+    from stacchip.scan import read_rows
+
+    pruned = mf.fragments_of(str(dest), manifest, selection)
+    assert read_rows(pruned, SCHEMA, Selection(), ["chipid"]).num_rows == chosen_rows < manifest["rows"] / 3
 
 
 def test_pyarrow_statistics_prune_row_groups_on_the_bbox_fields(compacted):
     # the open_index path (no manifest plan): pyarrow's own row-group statistics skip groups
     _, dest, _ = compacted
-    dataset = open_index(dest)
+    dataset = open_index(dest).arrow_dataset()
     expr = ((pc.field("bbox", "xmin") <= -6.9) & (pc.field("bbox", "xmax") >= -7.1)
             & (pc.field("bbox", "ymin") <= 43.0) & (pc.field("bbox", "ymax") >= 42.8))
     kept = sum(len(f.split_by_row_group(expr)) for f in dataset.get_fragments())
@@ -409,13 +365,15 @@ def test_chip_dataset_finds_items_through_the_manifest(compacted, monkeypatch):
 
     monkeypatch.setattr(mld, "hrefs_from_index", no_footers)
     monkeypatch.setattr(mli, "hrefs_from_index", no_footers)
-    items = mli.ItemSource.from_index(dest)
+    with pytest.raises(UnsafePathError, match="T00-2021"):  # hrefs outside the index root: not taken as written
+        mli.ItemSource.from_index(dest)
+    items = mli.ItemSource.from_index(dest, item_roots=["/data/", str(tmp_root(dest))])
     assert items.hrefs["T00-2021"] == f"/data/{LS}/T00-2021/stac_item.json"
     assert items.location(LS, "T00-2021") == f"/data/{LS}/T00-2021/stac_item.json"
     # ChipDataset checks its assets against the items at construction: it looks them up
     # at the manifest's hrefs (these test items do not exist, so that lookup is what fails)
     with pytest.raises(ItemError, match=f"/data/{LS}/T00-2021/stac_item.json"):
-        mld.ChipDataset(dest, bbox=(-10.0, 36.0, -9.0, 40.0))
+        mld.ChipDataset(dest, bbox=(-10.0, 36.0, -9.0, 40.0), item_roots=["/data", str(tmp_root(dest))])
 
 
 # --- other readers and the validator --------------------------------------------------------------
@@ -441,7 +399,7 @@ def test_duckdb_geopandas_and_pyarrow_read_the_dataset(compacted):
 
 
 @pytest.mark.skipif(shutil.which("geoparquet-validator") is None,
-                    reason="geoparquet-validator not installed (pip install geoparquet-validator; the test extra has it)")
+                    reason="geoparquet-validator not installed (the test extra has it)")
 def test_geoparquet_validator_passes_every_class(compacted):
     _, dest, _ = compacted
     out = subprocess.run(["geoparquet-validator", "check", "--max-files", "100", str(dest)],
@@ -486,7 +444,8 @@ def test_compact_on_s3(tmp_path, s3_bucket):
         assert by_chip(query(dest, **filters)).equals(by_chip(query(tmp_path / "index", **filters)))
     again = compact(src, dest, row_group_rows=RG, file_rows=FILE_ROWS)
     assert again.sources_skipped == 11 and again.files_written == []
-    assert mf.item_hrefs(mf.load(f"{dest}/_manifest.json"))["AM-E"].endswith("AM-E/stac_item.json")
+    hrefs = mf.item_hrefs(mf.load(f"{dest}/_manifest.json"), dest, ["/data"])
+    assert hrefs["AM-E"].endswith("AM-E/stac_item.json")
 
 
 def test_a_merged_source_spanning_partitions_is_split(tmp_path):
@@ -500,8 +459,9 @@ def test_a_merged_source_spanning_partitions_is_split(tmp_path):
     result = compact(merged, dest, row_group_rows=RG, file_rows=FILE_ROWS)
     assert sorted(result.created) == [f"{LS}/year=2022", f"{S2}/year=2021", f"{S2}/year=2022"]
     assert by_chip(all_rows(dest)).equals(by_chip(pq.read_table(merged, schema=SCHEMA)))
-    source = manifest_of(dest)["sources"][str(merged)]
-    assert sorted(source["items"]) == ["M2021", "M2022", "ML"] and len(source["partitions"]) == 3
+    rows = [r for r in mf.provenance(str(dest), manifest_of(dest)).to_pylist() if r["source"] == str(merged)]
+    assert sorted({r["item_id"] for r in rows}) == ["M2021", "M2022", "ML"]
+    assert len({r["partition"] for r in rows}) == 3
     assert query(dest, item_id="M2022", platform=S2).num_rows == 25
     assert compact(merged, dest, row_group_rows=RG, file_rows=FILE_ROWS).sources_skipped == 1
 

@@ -59,6 +59,7 @@ def test_lonlat_positions_keep_neighbours_close():
 
 
 def test_antimeridian_box_centre_sits_near_180():
-    lon, lat = bbox_centres(np.array([-179.9, 10.0]), np.array([0.0, 0.0]), np.array([179.9, 11.0]), np.array([1.0, 1.0]))
+    lon, lat = bbox_centres(np.array([-179.9, 10.0]), np.array([0.0, 0.0]), np.array([179.9, 11.0]),
+                            np.array([1.0, 1.0]))
     assert abs(abs(lon[0]) - 180) < 1e-9 and lon[1] == 10.5
     assert lat.tolist() == [0.5, 0.5]

@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "stacchip"
 CORE = {
     "__init__", "errors", "items", "projection", "grid", "qa", "platforms", "encodings", "indexer", "index",
     "compacted", "reader", "chipper", "storage", "utils", "console", "demo",
+    "schema", "filters", "scan",  # the index schema, query filters, reading index rows without pyarrow.dataset
     "tiles",  # the tile read path under reader/chipper (a package of the core)
 }
 #: Edge packages and what each may import besides itself.

@@ -5,10 +5,13 @@
   (``stacchip index SOURCES... --out DIR``);
 * :func:`compact` (``stacchip.catalog.compaction``): per-item index files into one
   dataset partitioned by platform and year, rows sorted along a Hilbert curve,
-  with a ``_manifest.json`` (``stacchip compact SOURCES... --out DEST``);
+  with a ``_manifest.json`` (``stacchip compact SOURCES... --out DEST``), sorted out
+  of core by DuckDB (:mod:`~stacchip.catalog.engine_duckdb`) or on a Dask cluster
+  (:mod:`~stacchip.catalog.engine_dask`), committed under a lock
+  (:mod:`~stacchip.catalog.commit`);
 * :mod:`stacchip.catalog.manifest`: the manifest format, :func:`plan` (files and
-  row groups a query may hit) and the dataset over them, used by
-  :func:`stacchip.index.query` and :func:`stacchip.index.open_index`;
+  row groups a query may hit), re-exported from :mod:`stacchip.compacted`, which
+  :func:`stacchip.index.query` and :func:`stacchip.index.open_index` read through;
 * :mod:`stacchip.catalog.hilbert`: the curve, vectorised.
 
 Names are imported on first use, so ``import stacchip.catalog`` stays cheap.

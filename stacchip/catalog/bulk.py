@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from stacchip import storage
+from stacchip.catalog.stac_items import structure_problem
 from stacchip.console import echo
 from stacchip.errors import (
     AssetReadError,
@@ -152,7 +153,8 @@ def _absolute_hrefs(item: dict[str, Any], base: str) -> None:
 
 
 def _record(entry: Any, source: str, label: str, href: str | None = None) -> Record:
-    """A record from one decoded entry (``label`` names it when it has no id)."""
+    """A record from one decoded entry (``label`` names it when it has no id); an entry that is
+    no item, or not structurally one, is a record with its error (it fails alone)."""
     if not isinstance(entry, dict):
         return Record(label, None, source, error=f"{label} is a JSON {type(entry).__name__}, not a STAC item")
     item_id = entry.get("id")
@@ -161,6 +163,9 @@ def _record(entry: Any, source: str, label: str, href: str | None = None) -> Rec
     if entry.get("type", "Feature") != "Feature":
         kind = entry.get("type")
         return Record(item_id, None, source, error=f"{label} (id {item_id!r}) is a {kind!r}, not a STAC item")
+    problem = structure_problem(entry)
+    if problem is not None:
+        return Record(item_id, None, source, error=f"item {item_id!r} ({label}) is not a valid STAC item: {problem}")
     _absolute_hrefs(entry, source)
     return Record(item_id, entry, source, href=href)
 
@@ -285,51 +290,87 @@ def _row_item(row: dict[str, Any], geometry: bytes | None) -> dict[str, Any]:
     return item
 
 
-def _geoparquet_records(
-    data: bytes, source: str, wanted: Callable[[str], bool], tally: Tally
-) -> Iterator[Record]:
-    """Records of one stac-geoparquet file; only rows whose id ``wanted`` accepts are decoded."""
+def _row_records(batch: Any, keep: list[bool], source: str) -> Iterator[Record]:
+    """Records of the kept rows of one batch; a row that cannot be made an item fails alone."""
+    import numpy as np
+    import pyarrow as pa
+
+    from stacchip.schema import bool_array
+
+    sub = batch.filter(bool_array(np.asarray(keep, dtype=bool))) if not all(keep) else batch
+    try:
+        geometries = (_geometry_wkb(sub.column("geometry"), source) if "geometry" in sub.schema.names
+                      else [None] * sub.num_rows)
+        rows = sub.to_pylist()
+    except (pa.ArrowException, StacchipError) as exc:
+        raise ConfigError(f"{source!r} cannot be read as stac-geoparquet: {exc}") from exc
+    for values, geometry in zip(rows, geometries, strict=True):
+        item_id = values["id"]
+        try:
+            item = _row_item(values, geometry)
+            problem = structure_problem(item)
+        except StacchipError as exc:
+            yield Record(item_id, None, source, error=f"item {item_id!r} in {source}: {exc}")
+            continue
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a row of the wrong shape
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            error = f"item {item_id!r} in {source} is not a valid STAC item: {problem}"
+            yield Record(item_id, None, source, error=error)
+            continue
+        _absolute_hrefs(item, source)
+        yield Record(item_id, item, source)
+
+
+def _geoparquet_records(source: str, wanted: Callable[[str], bool], tally: Tally) -> Iterator[Record]:
+    """Records of one stac-geoparquet file, streamed by row group: the ``id`` column of each
+    row group first, then the whole row group only when it holds an item ``wanted`` accepts
+    (the file is never held whole; ranged reads through :func:`stacchip.storage.open_input`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise ConfigError(f"{source!r} is not a readable Parquet file: {exc}") from exc
-    names = parquet.schema_arrow.names
-    if "id" not in names:
-        raise ConfigError(
-            f"{source!r} is not stac-geoparquet: it has no 'id' column (columns: {', '.join(names[:12])})"
-        )
-    try:
-        batches = parquet.iter_batches(batch_size=BATCH_ROWS, use_threads=False)  # see existing_index
+    with storage.open_input(source) as handle:
+        try:
+            parquet = pq.ParquetFile(handle, pre_buffer=False)
+        except StorageError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ConfigError(f"{source!r} is not a readable Parquet file: {exc}") from exc
+        names = parquet.schema_arrow.names
+        if "id" not in names:
+            raise ConfigError(
+                f"{source!r} is not stac-geoparquet: it has no 'id' column (columns: {', '.join(names[:12])})"
+            )
         row = 0
-        for batch in batches:
-            ids = batch.column("id").to_pylist()
+        for group in range(parquet.metadata.num_row_groups):
+            try:
+                ids = parquet.read_row_group(group, columns=["id"], use_threads=False).column("id").to_pylist()
+            except StorageError:
+                raise
+            except (pa.ArrowException, OSError) as exc:
+                raise ConfigError(f"{source!r} row group {group} cannot be read as stac-geoparquet: {exc}") from exc
             tally.entries += len(ids)
+            tally.row_groups += 1
             keep = [isinstance(i, str) and bool(i) and wanted(i) for i in ids]
-            bad = [n for n, i in enumerate(ids) if not (isinstance(i, str) and i) and wanted(f"{source} row {row + n}")]
-            for n in bad:
-                label = f"{source} row {row + n}"
-                yield Record(label, None, source, error=f"{label} has no 'id': not a STAC item")
+            for n, i in enumerate(ids):
+                if not (isinstance(i, str) and i) and wanted(f"{source} row {row + n}"):
+                    label = f"{source} row {row + n}"
+                    yield Record(label, None, source, error=f"{label} has no string 'id': not a STAC item")
             if any(keep):
-                sub = batch.filter(pa.array(keep))
-                geometries = (
-                    _geometry_wkb(sub.column("geometry"), source) if "geometry" in sub.schema.names
-                    else [None] * sub.num_rows
-                )
-                for values, geometry in zip(sub.to_pylist(), geometries, strict=False):
-                    item_id = values["id"]
-                    try:
-                        item = _row_item(values, geometry)
-                    except StacchipError as exc:
-                        yield Record(item_id, None, source, error=f"item {item_id!r} in {source}: {exc}")
-                        continue
-                    _absolute_hrefs(item, source)
-                    yield Record(item_id, item, source)
-            row += batch.num_rows
-    except (pa.ArrowException, OSError) as exc:
-        raise ConfigError(f"{source!r} cannot be read as stac-geoparquet: {exc}") from exc
+                tally.row_groups_read += 1
+                start = 0
+                try:
+                    batches = list(parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], use_threads=False))
+                except StorageError:
+                    raise
+                except (pa.ArrowException, OSError) as exc:
+                    raise ConfigError(f"{source!r} row group {group} cannot be read as stac-geoparquet: {exc}") from exc
+                for batch in batches:
+                    part = keep[start:start + batch.num_rows]
+                    start += batch.num_rows
+                    if any(part):
+                        yield from _row_records(batch, part, source)
+            row += len(ids)
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -363,9 +404,12 @@ def _parts(prefix: str) -> list[str]:
 
 @dataclass
 class Tally:
-    """Entries a source held, also those of other tasks (not yielded)."""
+    """Entries a source held, also those of other tasks (not yielded); for stac-geoparquet the
+    row groups it held and those decoded whole (they hold an item the task wants)."""
 
     entries: int = 0
+    row_groups: int = 0
+    row_groups_read: int = 0
 
 
 def read_source(
@@ -388,15 +432,17 @@ def read_source(
     files = _parts(text) if _is_directory(text) else [text]
     for path in files:
         try:
+            with storage.open_input(path) as handle:
+                magic = handle.read(4)
+            if magic == _PARQUET_MAGIC:
+                yield from _geoparquet_records(path, accept, tally)
+                continue
             data = storage.read_bytes_retry(path)
         except StorageNotFoundError as exc:
             raise ConfigError(f"source {path!r}: no such file or object") from exc
-        if data[:4] == _PARQUET_MAGIC:
-            yield from _geoparquet_records(data, path, accept, tally)
-        else:
-            for record in _json_records(data, path):
-                tally.entries += 1
-                yield record
+        for record in _json_records(data, path):
+            tally.entries += 1
+            yield record
 
 
 @dataclass(frozen=True)
@@ -411,6 +457,8 @@ class Search:
     datetime: str | None = None
     query: Mapping[str, Mapping[str, Any]] | None = None
     limit: int | None = None
+    #: most result pages followed (``--max-pages``); paging also stops on a repeated ``next`` link
+    max_pages: int = 10_000
 
     def describe(self) -> str:
         return f"STAC API {self.url} collection(s) {', '.join(self.collections)}"
@@ -447,11 +495,13 @@ def search_records(search: Search) -> list[Record]:
             intersects=_intersects(search.bbox) if search.bbox else None,
             rules=rules,
             limit=search.limit if search.limit is not None else sys.maxsize,
+            max_pages=search.max_pages,
         )
     except catalog_mod._Rejected as exc:  # noqa: SLF001 - the API refused the request (HTTP 4xx)
         raise ConfigError(f"{search.describe()}: the API refused the search: {exc}") from exc
     where = search.describe()
-    records = []
+    records = [Record(label, None, where, error=f"item {label!r} of {where} is not a valid STAC item: {why}")
+               for label, why in api.rejected]
     for item in items:
         data = item.to_dict(include_self_link=False, transform_hrefs=False)
         records.append(Record(item.id, data, where, href=item.get_self_href()))
@@ -573,12 +623,20 @@ def _safe_segment(name: str, what: str) -> str:
 
 
 def output_path(out: str, platform: str, item_id: str) -> str:
-    """``{out}/index/{platform}/{item_id}/index_{item_id}.parquet`` (segments checked)."""
+    """``{out}/index/{platform}/{item_id}/index_{item_id}.parquet`` (segments checked; on a
+    local file system the file name must fit NAME_MAX, 255 bytes: ids up to 241 bytes)."""
     if not platform:
         raise ItemError(f"item {item_id!r} names no collection or platform: pass --platform")
     _safe_segment(platform, "platform")
     _safe_segment(item_id, "item id")
-    return storage.join(out, "index", platform, item_id, f"index_{item_id}.parquet")
+    name = f"index_{item_id}.parquet"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > storage.MAX_SEGMENT_BYTES and not storage.is_s3(out):
+        raise ItemError(
+            f"item id {item_id[:40]!r}... makes the index file name {size} bytes long; a local file name holds "
+            f"at most {storage.MAX_SEGMENT_BYTES} (ids up to {storage.MAX_SEGMENT_BYTES - 14} bytes; an s3:// "
+            "destination takes longer ones)")
+    return storage.join(out, "index", platform, item_id, name)
 
 
 def _expected(settings: Settings, cls_name: str, item_id: str, platform: str) -> dict[str, Any]:
@@ -633,9 +691,9 @@ def _remove_stale_temps(path: str) -> None:
         names = os.listdir(target.parent)
     except OSError:
         return
-    prefix = f".{target.name}."
+    prefixes = (f".{target.name}.", f".{storage.temp_stem(target.name)}.")
     for name in names:
-        if name.startswith(prefix) and name.endswith(".part"):
+        if name.startswith(prefixes) and name.endswith(".part"):
             try:
                 (target.parent / name).unlink()
                 logger.info("removed %s, left by an interrupted write", target.parent / name)
@@ -644,17 +702,19 @@ def _remove_stale_temps(path: str) -> None:
 
 
 def failure_code(exc: BaseException) -> int:
-    """Exit status a failure calls for: 2 for bad input, 1 when a re-run may succeed."""
-    if isinstance(exc, (StorageNotFoundError, FileNotFoundError, PermissionError, IsADirectoryError)):
+    """Exit status a failure calls for: 2 for bad input, 1 when a re-run may succeed
+    (the contract of :func:`stacchip.console.classify`: a stacchip error's own status --
+    :class:`~stacchip.errors.ServiceError`, e.g. HTTP 5xx from a STAC API, is 1 -- HTTP 4xx 2,
+    5xx 1, connection failures 1; an unexpected error 1)."""
+    from stacchip.console import classify
+
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)) and not isinstance(
+            exc, StacchipError):
         return EXIT_INPUT
-    if isinstance(exc, AssetReadError):
+    if isinstance(exc, AssetReadError) and type(exc) is AssetReadError:
         # a missing or non-raster file is bad input; anything else (network, 5xx) may pass later
         return EXIT_INPUT if _MISSING_FILE.search(str(exc)) else EXIT_RETRY
-    if isinstance(exc, (StorageError, ConnectionError, TimeoutError)):
-        return EXIT_RETRY
-    if isinstance(exc, StacchipError):
-        return EXIT_INPUT
-    return EXIT_RETRY  # unexpected: a bug or a service; re-running is the only remedy
+    return classify(exc).code
 
 
 def index_record(record: Record, settings: Settings) -> Outcome:
@@ -870,7 +930,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--datetime", default=None, metavar="INTERVAL", help="search interval, e.g. 2024-01-01/2024-03-31")
     g.add_argument("--query", default=None, metavar="JSON",
                    help='Query extension rules, e.g. \'{"eo:cloud_cover": {"lt": 20}}\' (also applied client-side)')
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="at most N items from the search")
+    g.add_argument("--max-items", "--limit", dest="limit", type=int, default=None, metavar="N",
+                   help="at most N items from the search (paging stops there)")
+    g.add_argument("--max-pages", type=int, default=None, metavar="N",
+                   help="at most N result pages followed (default 10000); paging also stops when a page's "
+                   "next link repeats one already followed")
     g.add_argument("--sign", choices=SIGN_MODES, default="auto",
                    help="sign asset hrefs for the Planetary Computer before reading: auto (for its STAC API "
                    "only), planetary-computer (every source) or none")
@@ -950,7 +1014,8 @@ def search_from_args(args: argparse.Namespace) -> Search | None:
     """The :class:`Search` the flags describe (None without ``--stac-api``)."""
     search_flags = [f for f, v in (("--collection", args.collection), ("--bbox", args.bbox),
                                    ("--datetime", args.datetime), ("--query", args.query),
-                                   ("--limit", args.limit)) if v is not None]
+                                   ("--max-items", args.limit), ("--max-pages", args.max_pages))
+                    if v is not None]
     if not args.stac_api:
         if search_flags:
             raise ConfigError(f"{search_flags[0]} filters a STAC API search: give --stac-api URL too")
@@ -961,7 +1026,9 @@ def search_from_args(args: argparse.Namespace) -> Search | None:
     if not collections:
         raise ConfigError("--stac-api needs --collection C (the collection(s) to search)")
     if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit} must be >= 1")
+        raise ConfigError(f"--max-items {args.limit} must be >= 1")
+    if args.max_pages is not None and args.max_pages < 1:
+        raise ConfigError(f"--max-pages {args.max_pages} must be >= 1")
     return Search(
         url=args.stac_api.rstrip("/"),
         collections=collections,
@@ -969,6 +1036,7 @@ def search_from_args(args: argparse.Namespace) -> Search | None:
         datetime=args.datetime,
         query=_parse_query(args.query) if args.query else None,
         limit=args.limit,
+        max_pages=args.max_pages or 10_000,
     )
 
 

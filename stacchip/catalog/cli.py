@@ -32,6 +32,19 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true",
                    help="ignore what --out holds and compact SOURCES from scratch")
     p.add_argument("--threads", type=int, default=None, help="threads reading source footers (default 8)")
+    p.add_argument("--engine", choices=("duckdb", "dask"), default="duckdb",
+                   help="duckdb: sort on this machine within --memory (default); dask: sort on a Dask "
+                   "cluster (--scheduler ADDRESS, else a local cluster of --workers processes)")
+    p.add_argument("--memory", default=None,
+                   help="memory budget of the duckdb engine, e.g. 4GB (default 4GiB, whatever the catalog size)")
+    p.add_argument("--temp-dir", default=None,
+                   help="where the duckdb engine spills (default $STACCHIP_TMPDIR or the system temp directory)")
+    p.add_argument("--scheduler", default=None, help="dask engine: address of the Dask scheduler (tcp://host:8786)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="dask engine without --scheduler: worker processes of a local cluster (default 2)")
+    p.add_argument("--break-lock", action="store_true",
+                   help="remove the lock a dead compaction left on --out before taking it (only when the "
+                   "writer it names is known to be gone)")
     p.set_defaults(func=run_cli)
     return p
 
@@ -46,6 +59,16 @@ def run_cli(args: argparse.Namespace) -> int:
             ("append_fraction", args.append_fraction), ("threads", args.threads),
         ) if value is not None
     }
-    result = compact(args.sources, args.out, rewrite=args.rewrite, rebuild=args.rebuild, **options)
+    if args.memory is not None:
+        options["memory"] = args.memory
+    if args.engine == "dask":
+        options["client"] = args.scheduler
+        options["workers"] = args.workers
+    elif args.scheduler or args.workers:
+        from stacchip.errors import ConfigError
+
+        raise ConfigError("--scheduler and --workers go with --engine dask")
+    result = compact(args.sources, args.out, rewrite=args.rewrite, rebuild=args.rebuild, engine=args.engine,
+                     temp_directory=args.temp_dir, break_lock=args.break_lock, **options)
     echo(result.summary())
     return 0

@@ -15,8 +15,8 @@ import logging
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import pystac
 import pystac_client
@@ -25,12 +25,17 @@ from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from pystac_client.conformance import ConformanceClasses
 
+from stacchip.catalog.stac_items import structure_problem
 from stacchip.errors import ConfigError, ServiceError
 
 logger = logging.getLogger(__name__)
 
 #: Most items fetched when the API cannot sort or filter server-side.
 MAX_FETCH = 2000
+#: Most result pages one search follows: paging that never repeats a link still ends.
+MAX_PAGES = 10_000
+#: HTTP statuses worth retrying besides 5xx.
+_RETRY_STATUS = {408, 425, 429}
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "eq": lambda a, b: a == b,
@@ -162,6 +167,80 @@ def wants_signing(api_url: str, mode: str = "auto") -> bool:
     return "planetarycomputer.microsoft.com" in api_url
 
 
+# --- paging (independent of the HTTP transport) ---------------------------------------------
+
+
+def status_kind(status: int | None) -> str:
+    """How a search failure with HTTP ``status`` ends: ``"retry"`` (5xx, 408, 425, 429, or no
+    status at all: the connection failed) -- exit status 1 once retries are spent -- or
+    ``"refused"`` (any other 4xx: the request itself is wrong, exit status 2)."""
+    if status is None:
+        return "retry"
+    code = int(status)
+    return "retry" if code >= 500 or code in _RETRY_STATUS else "refused"
+
+
+def link_key(link: Mapping[str, Any]) -> str:
+    """What identifies the request a link asks for: method, href and body (POST paging)."""
+    method = str(link.get("method") or "GET").upper()
+    return json.dumps([method, str(link.get("href")), link.get("body")], sort_keys=True, default=str)
+
+
+@dataclass
+class Pager:
+    """When to stop following ``next`` links, whatever fetches the pages.
+
+    Feed it every page (a GeoJSON FeatureCollection as a dict) with :meth:`take`: it returns
+    the features to keep and whether to ask for the next page. Paging stops at the last page,
+    after ``max_items`` features, after ``max_pages`` pages, or when a page's ``next`` link
+    asks for a page already asked for (an API that loops); :attr:`stopped` then says why
+    (None when the results simply ended).
+    """
+
+    max_items: int | None = None
+    max_pages: int = MAX_PAGES
+    pages: int = 0
+    items: int = 0
+    stopped: str | None = None
+    _seen: set[str] = field(default_factory=set)
+
+    def take(self, page: Any) -> tuple[list[Any], bool]:
+        """The features of ``page`` to keep, and whether to fetch the next page."""
+        if not isinstance(page, Mapping) or not isinstance(page.get("features", []), list):
+            raise ServiceError(f"search page {self.pages + 1} is not a GeoJSON FeatureCollection")
+        self.pages += 1
+        features = list(page.get("features") or [])
+        if self.max_items is not None:
+            features = features[: max(0, self.max_items - self.items)]
+        self.items += len(features)
+        if self.max_items is not None and self.items >= self.max_items:
+            self.stopped = f"--max-items {self.max_items} reached"
+            return features, False
+        links = page.get("links") or []
+        nxt = next((link for link in links if isinstance(link, Mapping) and link.get("rel") == "next"), None)
+        if nxt is None or not (page.get("features") or []):
+            return features, False
+        key = link_key(nxt)
+        if key in self._seen:
+            self.stopped = (f"page {self.pages} links to a page already fetched ({nxt.get('href')}): "
+                            "the API repeats itself, paging stopped")
+            return features, False
+        self._seen.add(key)
+        if self.pages >= self.max_pages:
+            self.stopped = f"--max-pages {self.max_pages} reached (more results may exist)"
+            return features, False
+        return features, True
+
+    def follow(self, pages: Iterable[Any]) -> Iterator[Any]:
+        """The features of ``pages`` (an iterator that fetches the next page only when asked),
+        stopping as :meth:`take` decides."""
+        for page in pages:
+            features, more = self.take(page)
+            yield from features
+            if not more:
+                return
+
+
 # --- the catalog -------------------------------------------------------------------------------
 
 
@@ -189,6 +268,10 @@ class Catalog:
 
     def __init__(self, url: str, sign: str = "auto") -> None:
         self.url = url
+        #: search results that were no STAC item: ``(id or label, reason)``
+        self.rejected: list[tuple[str, str]] = []
+        #: how the last search's paging ended (see :class:`Pager`)
+        self.paging: Pager | None = None
         self.client = self._open(url)
         self.sign = wants_signing(url, sign)
         self.can_sort = self._conforms(ConformanceClasses.SORT)
@@ -231,24 +314,53 @@ class Catalog:
         except Exception:  # noqa: BLE001 - an API without conformance info conforms to nothing
             return False
 
-    def _fetch(self, params: dict[str, Any]) -> list[pystac.Item]:
-        def once() -> list[pystac.Item]:
+    def _fetch(self, params: dict[str, Any], max_items: int | None = None,
+               max_pages: int = MAX_PAGES) -> list[pystac.Item]:
+        """The items of a search, paged by a :class:`Pager` (``max_items``, ``max_pages``,
+        repeated ``next`` links); the session retries transient failures with the one retry
+        policy. Features that are not STAC items are left out and listed in :attr:`rejected`
+        (``(id or label, reason)``)."""
+        def once() -> tuple[list[Any], Pager]:
+            pager = Pager(max_items=max_items, max_pages=max_pages)
             try:
-                return list(self.client.search(**params).items())
+                return list(pager.follow(self.client.search(**params).pages_as_dicts())), pager
             except APIError as exc:
                 status = getattr(exc, "status_code", None)
-                if status is not None and 400 <= int(status) < 500 and int(status) != 429:
+                if status_kind(status) == "refused":
                     raise _Rejected(f"HTTP {status}: {str(exc)[:300]}") from exc
-                raise _Transient(f"STAC search on {self.url} failed: {exc}") from exc
+                raise _Transient(f"HTTP {status}: {str(exc)[:300]}") from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise _Transient(f"STAC search on {self.url} failed: {exc}") from exc
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a page of the wrong shape
+                raise ServiceError(f"STAC search on {self.url} answered a page that is not a STAC "
+                                   f"ItemCollection: {type(exc).__name__}: {exc}") from exc
 
         try:
-            return once()
+            features, pager = once()
         except _Rejected:
             raise
         except _Transient as exc:
-            raise ServiceError(f"STAC search on {self.url} failed ({params}): {exc.__cause__}") from exc
+            raise ServiceError(f"STAC search on {self.url} failed ({params}): {exc}") from exc
+        if pager.stopped:
+            logger.warning("STAC search on %s: %s, after %d page(s) and %d item(s)",
+                           self.url, pager.stopped, pager.pages, pager.items)
+        self.paging = pager
+        return self._items(features)
+
+    def _items(self, features: Sequence[Any]) -> list[pystac.Item]:
+        items = []
+        for n, feature in enumerate(features):
+            label = feature.get("id") if isinstance(feature, Mapping) and isinstance(feature.get("id"), str) \
+                else f"search result #{n}"
+            problem = structure_problem(feature) if isinstance(feature, Mapping) else "it is not a JSON object"
+            if problem is None:
+                try:
+                    items.append(pystac.Item.from_dict(dict(feature), preserve_dict=True))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - pystac raises many kinds on bad items
+                    problem = f"{type(exc).__name__}: {exc}"
+            self.rejected.append((str(label), str(problem)))
+        return items
 
     def search(
         self,
@@ -258,6 +370,7 @@ class Catalog:
         rules: Sequence[Rule] = (),
         sort: Sequence[Sort] = (),
         limit: int | None = None,
+        max_pages: int = MAX_PAGES,
     ) -> list[pystac.Item]:
         """Items matching everything, in ``sort`` order, at most ``limit`` of them.
 
@@ -287,18 +400,17 @@ class Catalog:
             params["sortby"] = [s.sortby() for s in sort]
             pushed_sort = True
         complete = pushed_rules and pushed_sort
-        params["max_items"] = limit if (complete and limit) else MAX_FETCH
-        params["limit"] = min(params["max_items"], 100)
+        max_items = limit if (complete and limit) else MAX_FETCH
+        params["limit"] = min(max_items, 100)
         try:
-            found = self._fetch(params)
+            found = self._fetch(params, max_items, max_pages)
         except _Rejected as exc:
             # The API declared the extension but refused this use of it (e.g. an operator
             # it does not implement): ask without it and apply the rule here instead.
             logger.warning("STAC API %s refused %s; applying rules and sort client-side", self.url, exc)
             for key in ("query", "filter", "filter_lang", "sortby"):
                 params.pop(key, None)
-            params["max_items"] = MAX_FETCH
-            found = self._fetch(params)
+            found = self._fetch(params, MAX_FETCH, max_pages)
         items = apply(found, rules, sort)
         if limit is not None:
             items = items[:limit]

@@ -41,6 +41,7 @@ from stacchip.chipper import Chipper
 from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
 from stacchip.export.chip_reader import CHIPPERS
 from stacchip.index import QueryFilters, bbox_array, check_filters, index_files, open_index, query
+from stacchip.scan import IndexDataset
 from stacchip.grid import ChipGrid
 from stacchip.ml.assets import band_count, check_assets, data_asset_keys
 from stacchip.ml.items import ItemSource, hrefs_from_index
@@ -168,6 +169,10 @@ class ChipDataset:
 
     ``max_open_items`` bounds the chippers (and open rasters) kept per process.
 
+    ``item_roots``: where the ``item_href`` s a compacted index records may point besides
+    the index root itself (local directories, ``s3://`` or ``https://`` prefixes); an href
+    elsewhere raises :class:`~stacchip.errors.UnsafePathError` (a manifest is untrusted data).
+
     At construction the STAC item of the first row of each platform is read
     (no raster is opened) to check ``assets``, ``bands`` and ``label_asset``:
     an unknown name raises :class:`ConfigError` naming the asset and the item
@@ -192,6 +197,7 @@ class ChipDataset:
         target_dtype: str | None = "int64",
         dtype: str = "float32",
         max_open_items: int = 32,
+        item_roots: Sequence[str | os.PathLike[str]] | None = None,
         **filters: Unpack[QueryFilters],
     ) -> None:
         check_filters(filters, "ChipDataset")
@@ -199,14 +205,14 @@ class ChipDataset:
         self._set_rows(table)
         hrefs: dict[str, str] = {}
         if root is None and items is None:
-            if isinstance(index, (pa.Table, pads.Dataset)):
+            if isinstance(index, (pa.Table, pads.Dataset, IndexDataset)):
                 raise ConfigError(
                     "ChipDataset over a table (or pyarrow dataset) cannot find the STAC items: "
                     + WHERE_ITEMS
                 )
             from stacchip.compacted import hrefs_for  # a compacted index: no footer reads
 
-            found = hrefs_for(index)
+            found = hrefs_for(index, [str(r) for r in item_roots or []])
             hrefs = found if found is not None else hrefs_from_index(index_files(index))
             if not hrefs:
                 raise ConfigError(

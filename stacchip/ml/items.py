@@ -69,17 +69,23 @@ class ItemSource:
         self._cache: OrderedDict[tuple[str, str], pystac.Item] = OrderedDict()
 
     @classmethod
-    def from_index(cls, index: Any, max_cached: int = 1024) -> ItemSource:
+    def from_index(
+        cls, index: Any, max_cached: int = 1024, item_roots: Iterable[str | os.PathLike[str]] | None = None
+    ) -> ItemSource:
         """Items at the ``item_href`` recorded in index files (what ``stacchip index`` writes).
 
         ``index``: index files, directories or ``s3://`` prefixes. Raises
         :class:`ConfigError` when none of the files records an ``item_href``
         (indexes written by the processors do not: use a data root instead).
+        For a compacted index, ``item_roots`` lists where its recorded hrefs may point
+        besides the index root (else :class:`~stacchip.errors.UnsafePathError`).
         """
         from stacchip.compacted import hrefs_for
         from stacchip.index import index_files
 
-        found = hrefs_for(index)  # a compacted index: hrefs from its manifest, no footer reads
+        # a compacted index: hrefs from its provenance, no footer reads; each must lie under the
+        # index root or one of item_roots (UnsafePathError otherwise)
+        found = hrefs_for(index, [str(r) for r in item_roots or []])
         if found:
             return cls(hrefs=found, max_cached=max_cached)
         files = index_files(index)

@@ -20,6 +20,12 @@ from stacchip.storage.config import IOSettings, settings
 from stacchip.storage.files import (
     DAMAGED,
     MISSING,
+    FileInfo,
+    list_info,
+    move,
+    remove,
+    remove_tree,
+    temp_stem,
     SHA256_ATTRIBUTE,
     UNRECORDED,
     VERIFIED,
@@ -75,7 +81,8 @@ def reset() -> None:
 
 
 __all__ = [
-    "DAMAGED", "MISSING", "MAX_SEGMENT_BYTES", "SHA256_ATTRIBUTE", "UNRECORDED", "VERIFIED", "IOSettings",
+    "DAMAGED", "MISSING", "FileInfo", "list_info", "move", "remove", "remove_tree", "temp_stem",
+    "MAX_SEGMENT_BYTES", "SHA256_ATTRIBUTE", "UNRECORDED", "VERIFIED", "IOSettings",
     "Verification", "arrow_filesystem", "arrow_path", "bucket_exists", "client_for", "copy", "create_if_absent",
     "delete", "exists", "exists_retry", "is_http", "is_remote", "is_s3", "join", "join_under", "list_files",
     "local_path", "locate", "obstore_usable", "open_input", "put_file", "read_bytes", "read_bytes_retry",

@@ -259,13 +259,14 @@ class ObstoreClient:
         obstore.put(self.store, path, data, mode="create" if create else "overwrite",
                     attributes=dict(attributes) if attributes else None, use_multipart=multipart)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str) -> Iterator[tuple[str, int, int]]:
+        """``(path, size, last modified in ns)`` of every object under ``prefix``."""
         import obstore
 
         runtime_started()
         for chunk in obstore.list(self.store, prefix=prefix or None, chunk_size=1000):
             for obj in chunk:
-                yield str(obj["path"]), int(obj["size"])
+                yield str(obj["path"]), int(obj["size"]), _ns(obj.get("last_modified"))
 
     def delete(self, path: str) -> None:
         import obstore
@@ -280,6 +281,13 @@ class ObstoreClient:
         runtime_started()
         obstore.copy(self.store, src, dst, overwrite=True)
 
+    def rename(self, src: str, dst: str) -> None:
+        """Move within the root (S3: a server-side copy, then the source is deleted)."""
+        import obstore
+
+        runtime_started()
+        obstore.rename(self.store, src, dst, overwrite=True)
+
     def open_reader(self, path: str, buffer_size: int = 1024 * 1024) -> Any:
         """A seekable, read-only file object over ranged GETs (for pyarrow)."""
         return open_reader(self, path, buffer_size)
@@ -292,6 +300,13 @@ class ObstoreClient:
 
         runtime_started()
         return str(obstore.sign(self.store, "GET", path, timedelta(seconds=seconds)))
+
+
+def _ns(when: Any) -> int:
+    """Nanoseconds since the epoch of a listing's modification time (0 when it has none)."""
+    if when is None:
+        return 0
+    return int(when.timestamp()) * 1_000_000_000 + int(getattr(when, "microsecond", 0)) * 1000
 
 
 def _options(start: int | None, end: int | None, if_match: str | None) -> dict[str, Any]:
@@ -463,12 +478,16 @@ class SyncClient:
             data = b"".join(bytes(chunk) for chunk in data)
         self._boto().put_object(Bucket=self.location.bucket, Key=path, Body=bytes(data), **extra)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str) -> Iterator[tuple[str, int, int]]:
         self._s3_only("list")
         paginator = self._boto().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix or "", **self._payer()):
             for obj in page.get("Contents", []):
-                yield obj["Key"], int(obj["Size"])
+                yield obj["Key"], int(obj["Size"]), _ns(obj.get("LastModified"))
+
+    def rename(self, src: str, dst: str) -> None:
+        self.copy(src, dst)
+        self.delete(src)
 
     def delete(self, path: str) -> None:
         self._s3_only("delete")
@@ -558,7 +577,15 @@ class RangeFile(io.RawIOBase):
     def __init__(self, client: Any, path: str, size: int | None = None) -> None:
         super().__init__()
         self._client, self._path, self._pos = client, path, 0
-        self._size = int(size if size is not None else client.get_head(path).size or 0)
+        if size is None:
+            try:
+                size = client.get_head(path).size or 0
+            except Exception as exc:  # noqa: BLE001 - one classification
+                raise translate(exc, f"{client.root}/{path}", "open") from exc
+        self._size = int(size)
+
+    def size(self) -> int:
+        return self._size
 
     def readable(self) -> bool:
         return True
@@ -579,7 +606,10 @@ class RangeFile(io.RawIOBase):
         n = min(len(view), self._size - self._pos)
         if n <= 0:
             return 0
-        data, _ = self._client.get(self._path, self._pos, self._pos + n, out=view[:n])
+        try:
+            data, _ = self._client.get(self._path, self._pos, self._pos + n, out=view[:n])
+        except Exception as exc:  # noqa: BLE001 - one classification: a StorageError, never a bare OSError
+            raise translate(exc, f"{self._client.root}/{self._path}", "read") from exc
         got = memoryview(data).cast("B")
         if len(got) != n:
             raise StorageError(f"short read of {self._path!r}: {len(got)} of {n} bytes at {self._pos}")

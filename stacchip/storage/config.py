@@ -45,7 +45,6 @@ import functools
 import logging
 import os
 import threading
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -178,6 +177,8 @@ class Proxies:
             return None
         host = parts.hostname or ""
         if self.no_proxy and host:
+            import urllib.request  # ~25 ms of import: only when a proxy is set
+
             target = host if parts.port is None else f"{host}:{parts.port}"
             if urllib.request.proxy_bypass_environment(target, {"no": self.no_proxy}):  # type: ignore[attr-defined]
                 return None

@@ -8,7 +8,9 @@ Local paths and ``file://`` are read and written directly; ``s3://``, ``http(s):
 Writes
 ------
 Every write is whole or not at all: local files are written to a temporary
-``.{name}.{8 random [a-z0-9_]}.part`` beside the target and renamed onto it;
+``.{stem}.{8 random [a-z0-9_]}.part`` beside the target (``stem``: 16 hex digits of the
+SHA-1 of the target's name, so a temporary name is 31 bytes whatever the target's) and
+renamed onto it;
 object stores' ``PUT`` is atomic by itself (large files go up as one multipart
 upload that appears on completion). Temporary files are created with mode
 ``0o666`` and the process umask applies, so a written file has the permissions
@@ -35,12 +37,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -120,12 +124,57 @@ def open_input(url: str | os.PathLike[str]) -> Any:
     text = str(url)
     if is_remote(text):
         return _remote(text, "open", lambda c, p: c.open_reader(p))
-    try:
-        return open(local_path(text), "rb")
-    except FileNotFoundError as exc:
-        raise StorageNotFoundError(f"cannot read {text!r}: no such file") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot read {text!r}: {exc}") from exc
+    return io.BufferedReader(_LocalFile(text), buffer_size=1024 * 1024)
+
+
+class _LocalFile(io.RawIOBase):
+    """A read-only, seekable local file whose failures are :class:`~stacchip.errors.StorageError`
+    (never a bare ``OSError``: a storage failure stays apart from bad content)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url, self._pos = url, 0
+        try:
+            self._fd = os.open(local_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._size = os.fstat(self._fd).st_size
+        except FileNotFoundError as exc:
+            raise StorageNotFoundError(f"cannot open {url!r}: no such file") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open {url!r}: {exc}") from exc
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self._size
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + int(offset))
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            n = os.preadv(self._fd, [view], self._pos)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url!r}: {exc}") from exc
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        super().close()
 
 
 def write_bytes(url: str | os.PathLike[str], data: bytes, *, sha256: bytes | None = None) -> None:
@@ -176,7 +225,7 @@ def list_files(prefix: str | os.PathLike[str], suffix: str = "") -> Iterator[str
         client, path = _client(text, "list")
         root = client.root
         try:
-            for key, _size in client.list(path):
+            for key, _size, _mtime in client.list(path):
                 if key.endswith(suffix):
                     yield f"{root}/{key}"
         except StorageError:
@@ -194,6 +243,135 @@ def list_files(prefix: str | os.PathLike[str], suffix: str = "") -> Iterator[str
     for found in sorted(root_path.rglob(f"*{suffix}")):
         if found.is_file() and not found.name.startswith("."):
             yield str(found)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file or object: its URL (local absolute path or remote URL), size in bytes and
+    modification time in nanoseconds since the epoch (object stores: ``Last-Modified``)."""
+
+    url: str
+    size: int
+    mtime_ns: int
+
+
+def list_info(prefix: str | os.PathLike[str], suffix: str = "") -> list[FileInfo]:
+    """Every file or object under ``prefix`` (a file, a directory or a remote prefix; recursively,
+    hidden names included) whose name ends with ``suffix``, with size and modification time,
+    sorted by URL. A remote prefix lists whole path segments (``s3://b/a`` does not list
+    ``s3://b/ab``). Local symbolic links are followed.
+    :class:`~stacchip.errors.StorageNotFoundError` when nothing is there."""
+    text = str(prefix)
+    if is_remote(text):
+        found = _list_remote_info(text, suffix)
+        if not found:
+            raise StorageNotFoundError(f"cannot list {text!r}: no objects under this prefix")
+    else:
+        try:
+            found = _list_local_info(Path(os.path.abspath(local_path(text))), text, suffix)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot list {text!r}: {exc}") from exc
+    return sorted(found, key=lambda f: f.url)
+
+
+def _list_remote_info(text: str, suffix: str) -> list[FileInfo]:
+    client, path = _client(text, "list")
+    exact = path.rstrip("/")
+    out = []
+    try:
+        for key, size, mtime in client.list(exact):
+            inside = not exact or key == exact or key.startswith(exact + "/")
+            if inside and key.endswith(suffix) and not key.endswith("/"):
+                out.append(FileInfo(f"{client.root}/{key}", size, mtime))
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one classification
+        raise clients.translate(exc, text, "list") from exc
+    return out
+
+
+def _list_local_info(root: Path, text: str, suffix: str) -> list[FileInfo]:
+    if root.is_file():
+        st = root.stat()
+        return [FileInfo(str(root), st.st_size, st.st_mtime_ns)] if root.name.endswith(suffix) else []
+    if not root.is_dir():
+        raise StorageNotFoundError(f"cannot list {text!r}: no such file or directory")
+    out = []
+    for dirpath, _dirs, names in os.walk(root, followlinks=True):
+        for name in names:
+            if not name.endswith(suffix):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append(FileInfo(full, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def remove(url: str | os.PathLike[str]) -> None:
+    """Delete a file or object; one that is not there is fine."""
+    delete(url, missing_ok=True)
+
+
+def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move a file or object to ``dst`` in the same store (both local, or both remote).
+
+    ``dst`` appears whole (local: ``os.replace``, atomic within one filesystem, parent folders
+    made; objects: a server-side copy, then the source is deleted). An existing ``dst`` is
+    replaced; after a failure ``src`` is still there."""
+    source, target = str(src), str(dst)
+    if is_remote(source) != is_remote(target):
+        raise StorageError(f"cannot move {source!r} to {target!r}: not the same store")
+    if is_remote(source):
+        scheme_root = clients.locate(source).root
+        if scheme_root == clients.locate(target).root:
+            spath = clients.locate(source).path
+            _remote(target, f"move {source!r} to", lambda c, p: c.rename(spath, p))
+        else:
+            copy(source, target)
+            delete(source)
+        return
+    path = local_path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local_path(source), path)
+    except FileNotFoundError as exc:
+        if not local_path(source).exists():
+            raise StorageNotFoundError(f"cannot move {source!r}: no such file") from exc
+        raise StorageError(f"cannot move {source!r} to {target!r}: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot move {source!r} to {target!r}: {exc}") from exc
+
+
+def remove_tree(url: str | os.PathLike[str]) -> None:
+    """Delete every file or object under ``url`` (a folder or remote prefix) and, locally, the
+    folders themselves; nothing there is fine. Not atomic: a failure can leave part of it."""
+    text = str(url).rstrip("/")
+    if is_remote(text):
+        try:
+            found = list_info(text)
+        except StorageNotFoundError:
+            return
+        for info in found:
+            remove(info.url)
+        return
+    path = local_path(text)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot delete {text!r}: {exc}") from exc
 
 
 def delete(url: str | os.PathLike[str], *, missing_ok: bool = True) -> None:
@@ -273,20 +451,27 @@ def arrow_filesystem(url: str | os.PathLike[str]) -> tuple[Any, str]:
 # --- temporary files ----------------------------------------------------------------------------
 
 _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
-#: ``.{name}.{8 chars}.part`` (ours; also what ``tempfile.mkstemp`` made for earlier
-#: versions), plus the ``.{8 hex}`` boto3 added while it downloaded into one.
+#: ``.{stem}.{8 chars}.part`` (:func:`temp_stem`; earlier versions wrote ``.{name}.{8 chars}.part``,
+#: still recognised), plus the ``.{8 hex}`` boto3 added while it downloaded into one.
 _TEMP_TAIL = r"\.[a-z0-9_]{8}\.part(?:\.[0-9A-Fa-f]{8})?"
 _ANY_TEMP = re.compile(r"\..+" + _TEMP_TAIL)
 
 
+def temp_stem(name: str) -> str:
+    """The fixed-length stand-in of a file name in the names of its temporary files: the first
+    16 hex digits of the name's SHA-1 (a 255-byte target name stays writable:
+    ``.{name}.{token}.part`` would exceed NAME_MAX)."""
+    return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def _new_temp(path: Path) -> tuple[int, str]:
-    """Create ``.{name}.{random}.part`` beside ``path`` (mode ``0o666`` less the umask, as
-    ``open()`` creates files); returns its descriptor and path."""
+    """Create ``.{stem}.{random}.part`` beside ``path`` (:func:`temp_stem`; mode ``0o666`` less
+    the umask, as ``open()`` creates files); returns its descriptor and path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         token = "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
-        tmp = path.parent / f".{path.name}.{token}.part"
+        tmp = path.parent / f".{temp_stem(path.name)}.{token}.part"
         try:
             return os.open(tmp, flags, 0o666), str(tmp)
         except FileExistsError:
@@ -323,7 +508,8 @@ def remove_stale_temps(url: str | os.PathLike[str], before: float | None = None)
     if not _is_local(text):
         return []
     path = local_path(text)
-    return _remove_temps(path.parent, re.compile(re.escape(f".{path.name}") + _TEMP_TAIL), before)
+    names = f"(?:{re.escape(f'.{path.name}')}|{re.escape(f'.{temp_stem(path.name)}')})"
+    return _remove_temps(path.parent, re.compile(names + _TEMP_TAIL), before)
 
 
 def _remove_temps(folder: Path, pattern: re.Pattern[str], before: float | None) -> list[str]:
