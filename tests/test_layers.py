@@ -148,3 +148,65 @@ def test_the_checker_sees_every_kind_of_import():
                      "stacchip.processors.prechip", "stacchip.cli"]
     assert [layer_of(name) for name in found] == ["core", "core", "ml", "processors", "cli"]
     assert layer_of("stacchip.somewhere_new") is None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``module -> the package modules it imports`` (every kind of import, as above)."""
+    names = {module_name(p) for p in MODULES}
+    return {module_name(p): {t for _, t in imports_of(p) if t in names and t != module_name(p)} for p in MODULES}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``: its strongly connected components of more than one
+    module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others -- function-level
+    imports included: a name two modules share lives in the lower one."""
+    found = cycles(import_graph())
+    assert not found, "import cycles:\n  " + "\n  ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": {"e"}, "f": set()}
+    assert sorted(cycles(graph)) == [["a", "b", "c"], ["e", "e2"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -68,6 +68,8 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "STACCHIP_DECODE_THREADS": "threads decoding tiles; default one per core",
     "STACCHIP_READER": "`gdal`: read every chip through GDAL instead of the tile path",
     "STACCHIP_SIGN": "processors: sign asset hrefs (`auto`, `none`, `planetary-computer`)",
+    "STACCHIP_TMPDIR": "`stacchip compact`: where the DuckDB engine spills its sort (`--temp-dir`); default the "
+    "system's temporary directory",
 }
 
 
