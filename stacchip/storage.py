@@ -921,3 +921,57 @@ def create_if_absent(url: str | os.PathLike[str], data: bytes) -> bool:
     except OSError as exc:
         raise StorageError(f"cannot create {text!r}: {exc}") from exc
     return True
+
+
+# --- added for issue 22 (to be re-based on the new I/O layer) ---
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file of a listing: its URL (or local path), size in bytes and a version tag that
+    changes when its content is replaced (S3: the ETag; local: the modification time in ns)."""
+
+    url: str
+    size: int
+    version: str
+
+
+def list_file_infos(source: str | os.PathLike[str], suffix: str = "") -> list[FileInfo]:
+    """:class:`FileInfo` of the file ``source``, or of every file under the directory or ``s3://``
+    prefix ``source`` (recursively; names starting with ``.`` skipped) whose name ends with
+    ``suffix``, sorted by URL; one listing, no content read. A ``source`` that is neither is
+    :class:`~stacchip.errors.StorageNotFoundError`."""
+    text = str(source)
+    out: list[FileInfo] = []
+    if is_s3(text):
+        bucket, key = split_s3(text)
+        paginator = s3_client().get_paginator("list_objects_v2")  # type: ignore[attr-defined]
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"]
+                    inside = name == key or key == "" or key.endswith("/") or name.startswith(key.rstrip("/") + "/")
+                    if inside and name.endswith(suffix) and not name.rsplit("/", 1)[-1].startswith("."):
+                        out.append(FileInfo(f"s3://{bucket}/{name}", int(obj["Size"]), str(obj.get("ETag", ""))))
+        except Exception as exc:
+            raise _s3_error(exc, text, "cannot list") from exc
+        if not out:
+            raise StorageNotFoundError(f"cannot list {text!r}: nothing under it")
+        return sorted(out, key=lambda f: f.url)
+    root = local_path(text)
+    try:
+        if root.is_file():
+            st = root.stat()
+            return [FileInfo(str(root), st.st_size, str(st.st_mtime_ns))]
+        if not root.is_dir():
+            raise StorageNotFoundError(f"cannot list {text!r}: no such file or directory")
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in files:
+                if name.startswith(".") or not name.endswith(suffix):
+                    continue
+                st = os.stat(os.path.join(folder, name))
+                out.append(FileInfo(os.path.join(folder, name), st.st_size, str(st.st_mtime_ns)))
+    except OSError as exc:
+        raise StorageError(f"cannot list {text!r}: {exc}") from exc
+    return sorted(out, key=lambda f: f.url)
