@@ -975,3 +975,29 @@ def list_file_infos(source: str | os.PathLike[str], suffix: str = "") -> list[Fi
     except OSError as exc:
         raise StorageError(f"cannot list {text!r}: {exc}") from exc
     return sorted(out, key=lambda f: f.url)
+
+
+def presign(url: str | os.PathLike[str], expires: float = 3600.0) -> str:
+    """A URL any HTTP client can read ``url`` at: for an ``s3://`` object a presigned GET URL
+    (``http(s)://`` at the configured endpoint, valid ``expires`` seconds, no credentials
+    needed to use it); local paths and ``http(s)://`` URLs are returned as they are."""
+    text = str(url)
+    if not is_s3(text):
+        return text
+    bucket, key = split_s3(text)
+    try:
+        return str(_signer(s3_endpoint(), os.getpid()).generate_presigned_url(  # type: ignore[attr-defined]
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expires)))
+    except Exception as exc:
+        raise _s3_error(exc, text, "cannot sign") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _signer(endpoint: str | None, pid: int) -> object:
+    """A boto3 S3 client that signs URLs with Signature Version 4 (one per endpoint and process)."""
+    import boto3
+    from botocore.config import Config
+
+    with _client_lock:
+        return boto3.session.Session().client("s3", endpoint_url=endpoint or None,
+                                              config=Config(signature_version="s3v4", retries=_s3_retries()))
