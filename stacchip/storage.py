@@ -1001,3 +1001,40 @@ def _signer(endpoint: str | None, pid: int) -> object:
     with _client_lock:
         return boto3.session.Session().client("s3", endpoint_url=endpoint or None,
                                               config=Config(signature_version="s3v4", retries=_s3_retries()))
+
+
+def remove(url: str | os.PathLike[str]) -> bool:
+    """Delete the file or object ``url`` if it is there; True when something was deleted."""
+    text = str(url)
+    if is_s3(text):
+        if not exists(text):
+            return False
+        bucket, key = split_s3(text)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _s3_error(exc, text, "cannot delete") from exc
+        return True
+    try:
+        local_path(text).unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot delete {text!r}: {exc}") from exc
+    return True
+
+
+def prune_empty_dirs(root: str | os.PathLike[str]) -> None:
+    """Remove the empty directories under the local directory ``root`` (deepest first) and
+    ``root`` itself when it ends up empty; nothing for object stores (they have no folders)."""
+    text = str(root)
+    if not _is_local(text):
+        return
+    top = local_path(text)
+    if not top.is_dir():
+        return
+    for folder, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            continue  # not empty

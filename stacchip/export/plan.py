@@ -430,20 +430,45 @@ def obtain(config: PlanSettings, sel: selection.Selection | None = None) -> Plan
     if config.dry_run:
         return build(config, key, settings, identity, sel)
     claim = storage.join(folder, "claim.json")
-    mine = storage.create_if_absent(claim, json.dumps(
-        {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode())
-    if not mine:
+    fresh = not storage.exists(config.output)  # (local: nothing to leave behind if making the plan fails)
+    while True:
+        mine = storage.create_if_absent(claim, json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode())
+        if mine:
+            break
         deadline = _claim_time(claim) + float(config.plan_wait)
         logger.info("waiting for the plan %s another task claimed (up to %.0f s)", key[:12],
                     max(0.0, deadline - time.time()))
-        while time.time() < deadline:
+        while time.time() < deadline and storage.exists(claim):
             found = _read_plan(url, key)
             if found is not None:
                 return Plan(key, folder, found)
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.time())) or 0.01)
-        logger.warning("the plan %s claimed at %s is not there after %.0f s; making it here", key[:12], claim,
-                       float(config.plan_wait))
-    return publish(build(config, key, settings, identity, sel))
+        found = _read_plan(url, key)
+        if found is not None:
+            return Plan(key, folder, found)
+        if storage.exists(claim):
+            logger.warning("the plan %s claimed at %s is not there after %.0f s; making it here", key[:12],
+                           claim, float(config.plan_wait))
+            break
+        # the claimant gave up (its selection failed): claim it here and try
+    try:
+        plan = build(config, key, settings, identity, sel)
+        if not plan.empty:
+            return publish(plan)
+    except BaseException:
+        _give_up(claim, config.output, fresh)
+        raise
+    _give_up(claim, config.output, fresh)  # an empty selection writes nothing
+    return plan
+
+
+def _give_up(claim: str, output: str, fresh: bool) -> None:
+    """Remove ``claim`` (so a waiting task tries at once) and, when this run made ``output``,
+    the empty folders it left there."""
+    storage.remove(claim)
+    if fresh:
+        storage.prune_empty_dirs(output)
 
 
 def _claim_time(url: str) -> float:

@@ -82,11 +82,12 @@ from stacchip.encodings import (  # noqa: F401  (moved; importable from here as 
     time_angles,
     time_norm,
 )
-from stacchip.errors import AssetNotFoundError, ConfigError, IndexFileError, ItemError
+from stacchip.errors import ConfigError
 from stacchip.export.chip_reader import (  # noqa: F401  (moved; importable from here as before)
     CHIPPER_CACHE,
     TASK_CHIPS,
     ChipReader,
+    item_reader,
     ReadResult,
     ReadTask,
     _open_item,
@@ -390,24 +391,7 @@ def _plan_io(config: PrechipConfig, platform: str, table: pa.Table) -> tuple[loc
     fmt = output_format(config.format)
     open_limit = max(CHIPPER_CACHE, config.mix_items)
 
-    def read_item(item_id: str, rows: np.ndarray) -> Any:
-        part = table.take(pa.array(rows))
-        sizes = set(part.column("chip_size").to_pylist())
-        if len(sizes) > 1:
-            raise IndexFileError(f"item {item_id!r}: the index mixes chip sizes {sorted(sizes)}")
-        xs = [int(v) for v in part.column("chip_index_x").to_pylist()]
-        ys = [int(v) for v in part.column("chip_index_y").to_pylist()]
-        row_of = {(x, y): int(r) for x, y, r in zip(xs, ys, rows, strict=True)}
-        task = ReadTask(data=config.data, platform=platform, item_id=item_id,
-                        chip_size=int(sizes.pop()), slots=(), xs=(), ys=(), mountpath=config.mountpath)
-        try:
-            for x, y, pixels, mask in _open_item(task, open_limit).read_many(xs, ys, item_id):
-                yield row_of[(x, y)], pixels, mask
-        except AssetNotFoundError as exc:
-            # items lacking a band asset were left out by prepare(); what remains (a band
-            # number beyond an asset's bands) is bad input, not an output to drop
-            raise ItemError(f"{exc}; the platform's bands are a contract "
-                            "(fix the item or leave it out of the index)") from exc
+    read_item = item_reader(config.data, platform, table, config.mountpath, open_limit)
 
     def write(output_id: int, rows: np.ndarray, chips: list[tuple[np.ndarray, np.ndarray]]) -> str:
         data = fmt.encode(output_id, table.take(pa.array(rows)), chips, spec.band_order, config.compress_level)
