@@ -314,3 +314,28 @@ def test_read_shard_and_sample_keys_round_trip() -> None:
     assert shards.shard_bytes(7, rows, [(pixels, pixels == 0)], ["a", "b"], level=1) == data
     with tarfile.open(fileobj=io.BytesIO(shards.shard_bytes(7, rows, [(pixels, pixels == 0)], ["a", "b"], 0))) as t:
         assert [m.mtime for m in t.getmembers()] == [0, 0, 0]
+
+
+def test_croissant_describes_the_shards(scenes: dict[str, Any], made: dict[str, Any]) -> None:
+    mlc = pytest.importorskip("mlcroissant")
+    from stacchip.cli import main as cli
+
+    folder = str(Path(prechip.manifest_url(made["out"], PLATFORM)).parent)
+    out = Path(scenes["root"]) / "croissant-shards.json"
+    assert cli(["croissant", scenes["index"], "--out", str(out), "--data-root", scenes["data"],
+                "--shards", folder, "--validate"]) == 0
+    doc = json.loads(out.read_text())
+    tars = [d for d in doc["distribution"] if d.get("encodingFormat") == "application/x-tar"]
+    assert [d["name"] for d in tars] == [f"shard-{k:06d}.tar.gz" for k in range(10)]
+    for d in tars:
+        path = (out.parent / d["contentUrl"]).resolve()
+        assert d["sha256"] == _sha(str(path)) and d["contentSize"] == f"{path.stat().st_size} B"
+    assert doc["geocr:coordinateReferenceSystem"].startswith("EPSG:")
+    dataset = mlc.Dataset(jsonld=str(out))
+    assert not dataset.metadata.ctx.issues.errors and not dataset.metadata.ctx.issues.warnings
+    records = list(dataset.records("samples"))
+    metas = {r["samples/key"].decode(): json.loads(r["samples/metadata"]) for r in records}
+    assert sorted(m["chipid"] for m in metas.values()) == sorted(query(scenes["index"]).column("chipid").to_pylist())
+    cube = made["cubes"][3]
+    assert metas["000003-00005"]["chipid"] == cube["chipids"][5]
+    assert metas["000003-00005"]["lon"] == cube["lon"][5]
