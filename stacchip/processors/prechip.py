@@ -424,15 +424,18 @@ def jobs_of(config: PrechipConfig, selection: Selection) -> int:
 
 
 def run_job(job_index: int, config: PrechipConfig, workers: int = 1,
-            selection: Selection | None = None, plan: plans.Plan | None = None) -> list[str]:
+            selection: Selection | None = None, plan: plans.Plan | None = None,
+            timings: dict[str, float] | None = None) -> list[str]:
     """Array-job task ``job_index``: make its outputs, as the plan says (read, or made and
     published when not there yet: :mod:`stacchip.export.plan`); ``selection``: the prepared
     selection of ``config``, if at hand (used only when the plan has to be made here).
 
     A selection that makes no output is :class:`EmptySelectionError` (unless ``allow_empty``);
     a task with nothing to do (beyond the plan's tasks, or a locality share whose chips make
-    no whole cube) logs one warning line and succeeds.
+    no whole cube) logs one warning line and succeeds. ``timings``, if given, gets the task's
+    set-up (``setup_s``: plan, share, manifest, existing outputs; seconds) and whole run (``run_s``).
     """
+    started = time.perf_counter()
     plan = plan or plans.obtain(config, selection)
     fmt = output_format(config.format)
     if plan.empty:
@@ -461,10 +464,14 @@ def run_job(job_index: int, config: PrechipConfig, workers: int = 1,
         _dry_run(config, platform, task_plan, set(todo))
         return []
     read_item, write = _plan_io(config, platform, share)
+    if timings is not None:
+        timings["setup_s"] = time.perf_counter() - started
     try:
         return locality.run_plan(task_plan, set(todo), read_item, write, workers)
     finally:
         close_open_items()
+        if timings is not None:
+            timings["run_s"] = time.perf_counter() - started
 
 
 # --- command line ------------------------------------------------------------------------------------
