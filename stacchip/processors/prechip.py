@@ -1,9 +1,12 @@
-"""``stacchip-prechip``: shuffled npz "cubes" of chips for training.
+"""``stacchip-prechip``: shuffled npz "cubes" (or WebDataset shards) of chips for training.
 
 Reads the chips of a merged index (or a directory / ``s3://`` prefix of index
 files) from the scenes in the data bucket and writes cubes of ``CUBESIZE``
 chips to ``{chip bucket}/{VERSION}/{platform}/cube_{k}.npz``, the layout the
-Clay training data module loads.
+Clay training data module loads; with ``--format webdataset`` tar shards
+``shard-{k:06d}.tar.gz`` holding the same chips in the same order, one sample
+per chip (:mod:`stacchip.export.shards`). Both are compressed by ISA-L
+(:mod:`stacchip.export.codec`).
 
 What a cube holds (upstream's arrays ``pixels``, ``lat_norm``, ``lon_norm``,
 ``week_norm``, ``hour_norm``, plus ``nodata_mask``, ``chipids``, ``item_ids``,
@@ -23,7 +26,10 @@ item by item (each item's assets opened once) in block order, so blocks are
 decoded once, then put back in their random cube slots; tiles decode in the
 tile engine's threads (one per core) and cubes are compressed and written in
 ``--workers`` threads beside the reading (``--all`` with several global jobs:
-``--workers`` processes, one job each). A cube is written whole or not at all, with a checksum
+``--workers`` processes, one job each). The selection is made once, by the first
+task (or ``--plan``), and written beside the outputs as the plan; the other tasks
+read their share of it and the STAC items they touch
+(:mod:`stacchip.export.plan`). A cube is written whole or not at all, with a checksum
 record of its size and SHA-256 (``.cube_{k}.npz.sha256.json`` beside it, see
 :func:`stacchip.storage.write_recorded`). Existing cubes are skipped when they
 match their record (a cube without one, e.g. written by upstream, when its zip
@@ -51,10 +57,11 @@ segment (:func:`stacchip.storage.safe_segment`), or the run is refused
 (:class:`~stacchip.errors.ConfigError`, exit 2) before any item is read.
 
 Nothing to do is an error unless allowed: an index and filters that select no
-cube, or a job index beyond the cubes the selection makes, stop with exit
-status 2 and a line saying how many rows were read and what each filter
-(``--platform``, ``--max-nodata``, ``--max-cloud``, ``--cube-size``) kept;
-``--allow-empty`` (``STACCHIP_ALLOW_EMPTY=1``) makes such a run exit 0.
+cube stop with exit status 2 and a line saying how many rows were read and what
+each filter (``--platform``, ``--max-nodata``, ``--max-cloud``, ``--cube-size``)
+kept; ``--allow-empty`` (``STACCHIP_ALLOW_EMPTY=1``) makes such a run exit 0.
+A task whose share is empty (beyond the plan's tasks, or a locality share whose
+chips make no whole cube) has done its job: one warning line, exit 0.
 """
 
 from __future__ import annotations
@@ -254,7 +261,7 @@ class PrechipConfig:
     #: Accept a selection that makes no cube (else :class:`EmptySelectionError`).
     allow_empty: bool = settings.setting(
         False, flag="--allow-empty", env="STACCHIP_ALLOW_EMPTY", kind=settings.Bool(),
-        help="exit 0 when the index and filters select no cube, or this job has none (else exit 2 saying why)")
+        help="exit 0 when the index and filters select no cube (else exit 2 saying why)")
 
 
 def job_cubes(job_index: int, cubes_per_job: int, n_cubes: int) -> list[int]:
@@ -486,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of ``stacchip-prechip`` (from the table :class:`PrechipConfig`)."""
     p = ArgumentParser(
         prog="stacchip-prechip",
-        description="Write shuffled npz cubes of indexed chips (array job or local process pool).",
+        description="Write shuffled npz cubes (or WebDataset shards) of indexed chips (array job, or --all locally).",
     )
     settings.add_arguments(p, PrechipConfig)
     p.add_argument("--all", action="store_true", help="run every job of the array locally")
