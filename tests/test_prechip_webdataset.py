@@ -339,3 +339,19 @@ def test_croissant_describes_the_shards(scenes: dict[str, Any], made: dict[str, 
     cube = made["cubes"][3]
     assert metas["000003-00005"]["chipid"] == cube["chipids"][5]
     assert metas["000003-00005"]["lon"] == cube["lon"][5]
+
+
+def test_stats_over_shards_equal_stats_over_cubes(made: dict[str, Any], tmp_path: Path) -> None:
+    from stacchip.processors import stats
+
+    cube_root = made["out"]
+    assert stats.cube_files(cube_root, PLATFORM) == sorted(made["written"])
+    over_shards = stats.job_stats(0, stats.StatsConfig(platform=PLATFORM, output=str(tmp_path), chips=cube_root,
+                                                       cubes_per_job=100)).summary()
+    pixels = np.concatenate([c["pixels"] for c in made["cubes"].values()])
+    masks = np.concatenate([c["nodata_mask"] for c in made["cubes"].values()])
+    for b, band in enumerate(S2_BANDS):
+        v = pixels[:, b][~masks[:, b]].astype(np.float64)
+        assert over_shards[band]["count"] == v.size > 0
+        assert over_shards[band]["mean"] == pytest.approx(v.mean(), rel=1e-12)
+        assert over_shards[band]["min"] == v.min() and over_shards[band]["max"] == v.max()

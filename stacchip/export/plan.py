@@ -233,6 +233,10 @@ class Plan:
             raise ConfigError(f"the plan's share {url} is not a plan share: {exc}") from exc
         if int(facts.get("task", -1)) != task:
             raise ConfigError(f"the plan's share {url} is task {facts.get('task')}'s, not task {task}'s")
+        missing = [c for c in (*selection.COLUMNS, "output", "position") if c not in table.column_names]
+        if missing:
+            raise ConfigError(f"the plan's share {url} lacks columns {missing}")
+        selection.check_item_ids(table, url)  # its ids become paths, as an index's do
         return table, facts
 
 

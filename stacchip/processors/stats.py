@@ -15,7 +15,8 @@ mergeable: counts add); they are exact to one bin width, with values outside
 the histogram range counted in under/overflow bins.
 
 Sources: the cubes ``stacchip-prechip`` wrote (``--source cubes``, job ``j``
-takes cube files ``j*cubes_per_job ..`` of the sorted listing), or chips read
+takes cube files ``j*cubes_per_job ..`` of the sorted listing; WebDataset shards
+count as cubes where no npz is), or chips read
 straight from the index and the scenes (``--source index``, job ``j`` takes
 ``chips_per_job`` chips of the same seeded shuffle prechip uses, read in this
 process by prechip's runner: item by item in COG block order, tiles decoded on
@@ -44,6 +45,7 @@ import io
 import json
 import logging
 import math
+import re
 import threading
 import time
 import zipfile
@@ -60,7 +62,7 @@ from stacchip import storage
 from stacchip.console import ArgumentParser, echo
 from stacchip.errors import ConfigError, StorageError
 from stacchip.export import selection as chip_selection
-from stacchip.export import locality
+from stacchip.export import locality, shards
 from stacchip.export.chip_reader import close_open_items, item_reader
 from stacchip.export.cube import VERSION
 from stacchip.processors import jobs, settings
@@ -265,30 +267,48 @@ class StatsAccumulator:
 
 
 def cube_files(chips: str, platform: str) -> list[str]:
-    """Sorted cube files of ``platform`` under a chip bucket / directory."""
+    """Sorted cube files of ``platform`` under a chip bucket / directory (npz cubes; else the
+    WebDataset shards of ``stacchip-prechip --format webdataset``)."""
     prefix = storage.join_under(chips, VERSION, storage.safe_segment(platform, "platform"))
     if storage.is_s3(prefix):
         prefix = prefix.rstrip("/") + "/"
     try:
         files = list(storage.list_files(prefix, ".npz"))
+        if not files:
+            files = [u for u in storage.list_files(prefix) if SHARD_NAME.fullmatch(u.rsplit("/", 1)[-1])]
     except StorageError as exc:
         raise ConfigError(f"cannot list cubes under {prefix!r}: {exc}") from exc
 
     def number(url: str) -> tuple[int, str]:
         name = url.rsplit("/", 1)[-1]
+        shard = SHARD_NAME.fullmatch(name)
+        if shard:
+            return int(shard.group(1)), url
         digits = name[len("cube_"):-len(".npz")] if name.startswith("cube_") else ""
         return (int(digits), url) if digits.isdigit() else (1 << 62, url)
 
     return sorted(files, key=number)
 
 
+#: Names of WebDataset shards (:mod:`stacchip.export.shards`).
+SHARD_NAME = re.compile(r"shard-([0-9]{6})\.tar(?:\.gz)?")
+
+
 def cube_pixels(url: str, spec: PlatformBands) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata).
+    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata)
+    or shard (its samples' ``.npy`` and ``.mask.npy``).
 
     A cube that is not a whole npz (truncated, a member failing its CRC check, no
-    ``pixels``) raises :class:`ConfigError` naming it; storage errors propagate.
+    ``pixels``) or shard raises :class:`ConfigError` naming it; storage errors propagate.
     """
     raw = storage.read_bytes(url)
+    if SHARD_NAME.fullmatch(url.rsplit("/", 1)[-1]):
+        problem = shards.shard_damage(raw)
+        if problem is not None:
+            raise ConfigError(f"shard {url!r} is damaged or not a prechip shard ({problem}); "
+                              "re-run stacchip-prechip to write it again")
+        samples = shards.read_shard(raw)
+        return np.stack([s["npy"] for s in samples]), np.stack([s["mask.npy"] for s in samples])
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             pixels = data["pixels"]
