@@ -89,7 +89,7 @@ from stacchip.encodings import (  # noqa: F401  (moved; importable from here as 
     time_angles,
     time_norm,
 )
-from stacchip.errors import ConfigError
+from stacchip.errors import ConfigError, StacchipError
 from stacchip.export.chip_reader import (  # noqa: F401  (moved; importable from here as before)
     CHIPPER_CACHE,
     TASK_CHIPS,
@@ -138,6 +138,7 @@ from stacchip.export.selection import (  # noqa: F401  (moved; importable from h
     select_chips,
 )
 from stacchip.processors import jobs, settings
+from stacchip.utils import load_item_under
 from stacchip.platforms import (  # noqa: F401  (upstream names)
     LINZ_BANDS,
     LS_BANDS,
@@ -157,9 +158,10 @@ logger = logging.getLogger(__name__)
 #: (array tasks running side by side write the manifest too).
 MANIFEST_TEMP_AGE = 3600.0
 #: Memory for the chips of one global-mode batch of cubes (read before their cubes are
-#: assembled), bytes; besides it, ``--workers + 1`` cubes are being written (float32 pixels
-#: and masks: ~0.4 GB per 128-chip, 10-band, 256 px cube).
-DEFAULT_BATCH_BYTES = 1024**3
+#: assembled), bytes: 3 GiB holds the default 10 cubes of 128 10-band 256 px uint16 chips
+#: (~0.25 GB each with masks), so a task decodes each tile once; besides it, ``--workers + 1``
+#: cubes are being written (float32 pixels and masks: ~0.4 GB per cube).
+DEFAULT_BATCH_BYTES = 3 * 1024**3
 
 
 # --- making cubes ----------------------------------------------------------------------------------
@@ -366,11 +368,31 @@ def _dry_run(config: PrechipConfig, platform: str, plan: locality.TaskPlan, mine
 
 def _per_batch(config: PrechipConfig, platform: str, table: pa.Table) -> int:
     """Outputs of a global-mode task read per round: ``batch_bytes`` of chips, held in their
-    source dtype (up to 4 bytes) with their masks until their output is whole."""
+    source dtype (its size from the first item's ``raster:bands``, else 4 bytes) with their
+    masks until their output is whole. A round reads its chips item by item in block order:
+    the fewer rounds, the fewer tiles decoded again in the next one."""
     spec = platform_bands(platform)
     chip_size = int(table.column("chip_size")[0].as_py()) if table.num_rows else 256
-    per_cube = config.cube_size * spec.count * chip_size * chip_size * 5
+    itemsize = _pixel_bytes(config, platform, table)
+    per_cube = config.cube_size * spec.count * chip_size * chip_size * (itemsize + 1)
     return max(1, int(config.batch_bytes // max(per_cube, 1)))
+
+
+def _pixel_bytes(config: PrechipConfig, platform: str, table: pa.Table) -> int:
+    """Bytes per pixel of the platform's bands in the first item of ``table`` (its STAC
+    ``raster:bands`` ``data_type``; 4 when it does not say)."""
+    if not table.num_rows:
+        return 4
+    try:
+        item = load_item_under(config.data, platform, str(table.column("item_id")[0].as_py()))
+        spec = platform_bands(platform)
+        sizes = []
+        for key, (_, band) in zip(spec.asset_keys(item), spec.sources, strict=True):
+            bands = item.assets[key].extra_fields.get("raster:bands") or []
+            sizes.append(np.dtype(bands[band]["data_type"]).itemsize if band < len(bands) else 4)
+        return max(sizes, default=4)
+    except (StacchipError, KeyError, TypeError, ValueError, IndexError):
+        return 4  # (the read itself names what is wrong with the item)
 
 
 def _plans(config: PrechipConfig, selection: Selection, todo: Sequence[int]) -> Iterator[locality.TaskPlan]:
