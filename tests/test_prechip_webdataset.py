@@ -355,3 +355,21 @@ def test_stats_over_shards_equal_stats_over_cubes(made: dict[str, Any], tmp_path
         assert over_shards[band]["count"] == v.size > 0
         assert over_shards[band]["mean"] == pytest.approx(v.mean(), rel=1e-12)
         assert over_shards[band]["min"] == v.min() and over_shards[band]["max"] == v.max()
+
+
+def test_shard_urls_believe_no_name_the_manifest_gives(made: dict[str, Any], tmp_path: Path) -> None:
+    from stacchip.errors import ConfigError
+
+    folder = tmp_path / prechip.VERSION / PLATFORM
+    folder.mkdir(parents=True)
+    manifest = json.loads(Path(prechip.manifest_url(made["out"], PLATFORM)).read_text())
+    manifest["outputs"][2]["name"] = "../../../elsewhere.tar.gz"
+    (folder / "prechip_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="elsewhere"):
+        shard_urls(str(tmp_path), PLATFORM)
+    manifest["format"] = "npz"
+    (folder / "prechip_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="not WebDataset shards"):
+        shard_urls(str(tmp_path), PLATFORM)
+    with pytest.raises(ConfigError, match="no prechip manifest"):
+        shard_urls(str(tmp_path / "none"), PLATFORM)
