@@ -50,11 +50,14 @@ def manifest(chips: str, platform: str) -> dict[str, Any]:
     return dict(record)
 
 
-def shard_urls(chips: str, platform: str, *, expires: float | None = DEFAULT_EXPIRES) -> list[str]:
+def shard_urls(chips: str, platform: str, *, expires: float | None = DEFAULT_EXPIRES,
+               allow_missing: bool = False) -> list[str]:
     """URLs of the shards under ``chips`` in shard order (see the module docstring).
 
     The manifest's file names are checked to be shard names (``shard-{k:06d}.tar[.gz]``)
-    before they are joined to ``chips``: a manifest names nothing outside it.
+    before they are joined to ``chips``: a manifest names nothing outside it. A shard the
+    manifest lists but the folder lacks (array tasks not finished) is a :class:`ConfigError`
+    saying how many, unless ``allow_missing`` (then only the shards there are listed).
     """
     record = manifest(chips, platform)
     if record.get("format") != WEBDATASET:
@@ -67,5 +70,11 @@ def shard_urls(chips: str, platform: str, *, expires: float | None = DEFAULT_EXP
             raise ConfigError(f"manifest {manifest_url(chips, platform)!r}: output {k} is {name!r}, not a shard name")
         url = manifest_url(chips, platform).rsplit("/", 1)[0] + "/" + name if storage.is_s3(chips) else \
             storage.join(storage.local_path(manifest_url(chips, platform)).parent, name)
-        urls.append(storage.presign(url, expires) if expires is not None else url)
-    return urls
+        urls.append(url)
+    there = {info.url.rsplit("/", 1)[-1] for info in storage.list_file_infos(urls[0].rsplit("/", 1)[0])} \
+        if urls else set()
+    missing = [u for u in urls if u.rsplit("/", 1)[-1] not in there]
+    if missing and not allow_missing:
+        raise ConfigError(f"{len(missing)} of the {len(urls)} shards the manifest of {chips!r} lists are not there "
+                          f"(e.g. {missing[0]}): the array tasks have not all finished")
+    return [storage.presign(u, expires) if expires is not None else u for u in urls if u not in set(missing)]
