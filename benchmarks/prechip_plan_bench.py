@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chips-per-item", type=int, default=16)
     p.add_argument("--index-files", type=int, default=100)
     p.add_argument("--tasks", default="1,mid,last", help="task indices to time (mid, last: of the plan)")
+    p.add_argument("--modes", default="global,locality", help="modes to time")
     p.add_argument("--baseline", default=BASELINE, help="commit whose prepare() is timed; 'none' to skip")
     p.add_argument("--quick", action="store_true", help="small scenes (2640² px)")
     p.add_argument("--json", type=Path)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"items": args.items, "chips_per_item": args.chips_per_item,
                                "index_files": args.index_files, "load_before": os.getloadavg(), "modes": {}}
     with tempfile.TemporaryDirectory(prefix="prechip-plan-", dir=args.cache) as tmp:
-        for mode in ("global", "locality"):
+        for mode in args.modes.split(","):
             out = str(Path(tmp) / mode)
             logger.info("%s: making the plan", mode)
             plan = run_worker("plan", data=str(data), index=str(index), out=out, mode=mode)
