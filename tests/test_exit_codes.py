@@ -333,7 +333,6 @@ def test_prechip_succeeds(scenes: dict[str, Any], tmp_path: Path) -> None:
     (["--all", "--platform", "no-such-platform"], ["no-such-platform"]),
     (["--all", "--max-nodata", "0", "--max-cloud", "0", "--cube-size", "1000"],
      ["75 rows read", "--max-nodata 0 kept", "--max-cloud 0 kept", "--cube-size", "--partial"]),
-    (["--index", "5", "--cube-size", "8", "--max-nodata", "none"], ["task 5 failed", "job 5", "--cubes-per-job"]),
     (["--all", "--seed", "-1"], ["--seed"]),
     (["--all", "--cube-size", "0"], ["--cube-size"]),
     (["--all", "--workers", "0"], ["--workers"]),
@@ -345,6 +344,24 @@ def test_prechip_bad_input_exits_2(extra: list[str], names: list[str], scenes: d
     error_line(run("stacchip.processors.prechip", *_prechip_args(scenes, tmp_path / "out", *extra, "-q")),
                2, "stacchip-prechip", *names)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["global", "locality"])
+def test_prechip_task_beyond_the_work_exits_0_with_one_warning(mode: str, scenes: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    """An array sized by the user may be larger than the work: a task whose share is empty has
+    done its job (exit 0, one warning line, nothing of its own written)."""
+    args = _prechip_args(scenes, tmp_path / "out", "--index", "5", "--cube-size", "8", "--max-nodata", "none",
+                         "--mode", mode, "--items-per-job", "2", "-q")
+    proc = run("stacchip.processors.prechip", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "task 5: nothing to do" in lines[0], lines
+    assert not list((tmp_path / "out").rglob("cube_*.npz"))
+    # the same array's task 0 makes cubes (and finds the plan task 5 made)
+    proc = run("stacchip.processors.prechip", *[a if a != "5" else "0" for a in args])
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert list((tmp_path / "out").rglob("cube_*.npz"))
 
 
 def test_prechip_unusable_index_exits_2(scenes: dict[str, Any], tmp_path: Path) -> None:
@@ -403,7 +420,6 @@ def test_stats_succeeds(scenes: dict[str, Any], tmp_path: Path) -> None:
     (["--all", "--seed", "-1"], ["--seed"]),
     (["--all", "--percentiles", "150"], ["150"]),
     (["--all", "--max-nodata", "0", "--max-cloud", "0", "--platform", "naip"], ["'naip'", "75 rows", PLATFORM]),
-    (["--index", "4"], ["task 4 failed", "job 4", "--chips-per-job"]),
     (["--all", "--cubes-per-job", "0"], ["--cubes-per-job"]),
 ])
 def test_stats_bad_input_exits_2(extra: list[str], names: list[str], scenes: dict[str, Any], tmp_path: Path) -> None:
@@ -413,6 +429,14 @@ def test_stats_bad_input_exits_2(extra: list[str], names: list[str], scenes: dic
         del args[i:i + 2]
     error_line(run("stacchip.processors.stats", *args, *extra), 2, "stacchip-stats", *names)
     assert not (tmp_path / "out").exists()
+
+
+def test_stats_job_beyond_the_work_exits_0_with_one_warning(scenes: dict[str, Any], tmp_path: Path) -> None:
+    proc = run("stacchip.processors.stats", *_stats_args(scenes, tmp_path / "out", "--index", "4", "-q"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "job 4: nothing to do" in lines[0], lines
+    assert not list((tmp_path / "out").rglob("partial_*.json"))
 
 
 def test_stats_unusable_index_and_empty_cubes_exit_2(scenes: dict[str, Any], tmp_path: Path) -> None:

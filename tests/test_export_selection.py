@@ -37,7 +37,7 @@ def test_a_chip_exactly_at_the_limit_passes(tmp_path: Path) -> None:
 
 
 def test_prechip_keeps_every_moved_name_importable():
-    from stacchip.export import chip_reader, cube
+    from stacchip.export import chip_reader, cube, plan
     from stacchip.processors import prechip
 
     for module, names in (
@@ -46,8 +46,9 @@ def test_prechip_keeps_every_moved_name_importable():
                      "DEFAULT_SEED", "DEFAULT_MAX_NODATA", "COLUMNS"]),
         (chip_reader, ["ReadTask", "_OpenItem", "read_task", "plan_reads", "ChipReader", "ReadResult",
                        "close_open_items", "TASK_CHIPS", "CHIPPER_CACHE"]),
-        (cube, ["cube_arrays", "cube_bytes", "write_cube", "cube_damage", "existing_cube_ok", "check_manifest",
+        (cube, ["cube_arrays", "cube_bytes", "write_cube", "cube_damage", "existing_cube_ok",
                 "cube_url", "manifest_url", "VERSION", "CUBESIZE", "DEFAULT_COMPRESS_LEVEL"]),
+        (plan, ["check_manifest"]),
     ):
         for name in names:
             assert getattr(prechip, name) is getattr(module, name), name

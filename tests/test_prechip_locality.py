@@ -184,7 +184,7 @@ def test_another_mode_or_mixing_into_the_same_place_is_refused(made: dict[str, A
 
 
 def test_cli_locality_all_jobs_and_array_tasks(scenes: dict[str, Any], made: dict[str, Any], tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
+                                               monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     for var in ("AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -207,10 +207,16 @@ def test_cli_locality_all_jobs_and_array_tasks(scenes: dict[str, Any], made: dic
     assert sorted(p.name for p in (tmp_path / "one" / prechip.VERSION / PLATFORM).glob("*.npz")) == [
         "cube_14.npz", "cube_15.npz", "cube_16.npz", "cube_17.npz"]
     capsys.readouterr()
-    # a task beyond the dealing, or bad settings: exit 2 naming what is wrong
+    # a task beyond the dealing has done its job: exit 0 and one warning line, nothing written
     monkeypatch.setenv("AWS_BATCH_JOB_ARRAY_INDEX", "3")
-    assert prechip.main(one) == 2
-    assert "job 3 makes no cube" in capsys.readouterr().err
+    before = sorted(p.name for p in (tmp_path / "one").rglob("*"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert prechip.main(one) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "task 3: nothing to do" in warned[0] and "tasks 0..2" in warned[0], warned
+    assert sorted(p.name for p in (tmp_path / "one").rglob("*")) == before
+    # bad settings: exit 2 naming what is wrong
     monkeypatch.delenv("AWS_BATCH_JOB_ARRAY_INDEX")
     assert prechip.main(argv + ["--index", "0", "--mode", "shuffled"]) == 2
     assert "'shuffled'" in capsys.readouterr().err
@@ -243,7 +249,8 @@ def test_a_task_whose_chips_make_no_cube_succeeds_writing_nothing(
     assert prechip.job_ids(2, cfg, sel) == []
     with caplog.at_level("WARNING"):
         assert prechip.run_job(2, cfg) == []
-    assert "locality task 2: its 25 chips make no cube of 30" in caplog.text
+    assert "task 2: its 25 chips make no cube of 30" in caplog.text
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
     assert not list(tmp_path.rglob("*.npz"))
     for var in ("AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(var, raising=False)
@@ -261,10 +268,10 @@ def test_a_failed_write_stops_the_task_with_its_error(scenes: dict[str, Any], tm
     sel = prechip.prepare(cfg)
     assert sel.dealing is not None
     plan = locality.plan_task(sel.table, sel.dealing, 0, cfg.seed, cfg.cube_size, cfg.mix_items, True, STRIP)
-    read_item, _ = prechip._plan_io(cfg, sel)
+    read_item, _ = prechip._plan_io(cfg, sel.platform, sel.table)
     written: list[int] = []
 
-    def write(cube_id: int, rows: np.ndarray, pixels: np.ndarray, mask: np.ndarray) -> str:
+    def write(cube_id: int, rows: np.ndarray, chips: list) -> str:
         if cube_id == plan.first_cube + 2:
             raise StorageError(f"cannot write cube {cube_id}: disk full")
         written.append(cube_id)

@@ -34,7 +34,7 @@ import rasterio
 from tqdm import tqdm
 
 from stacchip.chipper import Chipper
-from stacchip.errors import AssetNotFoundError, IndexFileError
+from stacchip.errors import AssetNotFoundError, IndexFileError, ItemError
 from stacchip.grid import ChipGrid
 from stacchip.platforms import PlatformBands, asset_nodata, is_nodata, platform_bands
 from stacchip.reader import gdal_env
@@ -342,3 +342,39 @@ class ChipReader:
             for result in results:
                 bar.update(len(result[0]))
                 yield result
+
+
+def item_reader(
+    data: str,
+    platform: str,
+    table: pa.Table,
+    mountpath: str | None = None,
+    open_limit: int = CHIPPER_CACHE,
+) -> Callable[[str, np.ndarray], Iterator[tuple[int, np.ndarray, np.ndarray]]]:
+    """``read_item(item_id, rows)``: the chips of index rows ``rows`` (of ``table``, all of one
+    item) read in this process, in COG block order (each block decoded once; tiles decode in
+    the tile engine's threads, on every core), as ``(row, pixels (C, H, W), nodata mask)``.
+
+    The item stays open (in :data:`CHIPPERS`, owner :data:`EXPORT`, ``open_limit`` items) for
+    the next rows. An item lacking a band asset is an :class:`~stacchip.errors.ItemError`
+    (the selection leaves such items out up front: what remains is bad input).
+    """
+
+    def read_item(item_id: str, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        part = table.take(pa.array(rows))
+        sizes = set(part.column("chip_size").to_pylist())
+        if len(sizes) > 1:
+            raise IndexFileError(f"item {item_id!r}: the index mixes chip sizes {sorted(sizes)}")
+        xs = [int(v) for v in part.column("chip_index_x").to_pylist()]
+        ys = [int(v) for v in part.column("chip_index_y").to_pylist()]
+        row_of = {(x, y): int(r) for x, y, r in zip(xs, ys, rows, strict=True)}
+        task = ReadTask(data=data, platform=platform, item_id=item_id, chip_size=int(sizes.pop()),
+                        slots=(), xs=(), ys=(), mountpath=mountpath)
+        try:
+            for x, y, pixels, mask in _open_item(task, open_limit).read_many(xs, ys, item_id):
+                yield row_of[(x, y)], pixels, mask
+        except AssetNotFoundError as exc:
+            raise ItemError(f"{exc}; the platform's bands are a contract "
+                            "(fix the item or leave it out of the index)") from exc
+
+    return read_item

@@ -26,30 +26,25 @@ at all, with a checksum record of its size and SHA-256 (``.cube_{k}.npz.sha256.j
 beside it, see :func:`stacchip.storage.write_recorded`); :func:`existing_cube_ok`
 accepts an existing cube when it matches its record (a cube without one, e.g.
 written by upstream, when its zip members pass their CRC check).
-``prechip_manifest.json`` beside the cubes (:func:`manifest_url`,
-:func:`check_manifest`) records the selection they come from.
+``prechip_manifest.json`` beside the cubes (:func:`manifest_url`, written by
+:mod:`stacchip.export.plan`) records the selection they come from.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import zipfile
 import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from stacchip import storage
 from stacchip.encodings import bbox_centres, latlon_norm, time_norm
-from stacchip.errors import ConfigError, StorageNotFoundError
+from stacchip.export import codec
 from stacchip.index import bbox_array
-
-if TYPE_CHECKING:
-    from stacchip.export.selection import Selection
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +52,8 @@ logger = logging.getLogger(__name__)
 VERSION = "mode_v1_chipper_v2"
 #: Chips per cube.
 CUBESIZE = 128
-#: zlib level of the npz members (see :func:`cube_bytes`).
-DEFAULT_COMPRESS_LEVEL = 1
+#: Compression level of the npz members (see :func:`cube_bytes` and :mod:`stacchip.export.codec`).
+DEFAULT_COMPRESS_LEVEL = codec.DEFAULT_LEVEL
 
 
 def cube_url(output: str, platform: str, cube_id: int) -> str:
@@ -69,45 +64,6 @@ def cube_url(output: str, platform: str, cube_id: int) -> str:
 def manifest_url(output: str, platform: str) -> str:
     """The record of which selection the cubes under ``output`` were made from."""
     return storage.join_under(output, VERSION, storage.safe_segment(platform, "platform"), "prechip_manifest.json")
-
-
-def check_manifest(config: Any, selection: Selection) -> None:
-    """Refuse to add cubes next to cubes of another selection (see
-    :class:`~stacchip.export.selection.Selection`).
-
-    ``config`` carries ``output``, ``seed``, ``cube_size``, ``max_nodata``,
-    ``max_cloud``, ``partial`` and ``overwrite`` (prechip's ``PrechipConfig``).
-
-    The first job writes the manifest; later jobs (and re-runs) compare. With
-    ``overwrite`` a different selection is allowed and the manifest replaced.
-    """
-    url = manifest_url(config.output, selection.platform)
-    record = {
-        "fingerprint": selection.fingerprint, "seed": config.seed, "cube_size": config.cube_size,
-        "chips": selection.table.num_rows, "cubes": selection.n_cubes,
-        "max_nodata": config.max_nodata, "max_cloud": config.max_cloud, "partial": config.partial,
-        "excluded_items": dict(sorted(selection.excluded.items())),
-    }
-    if selection.dealing is not None:
-        record.update(mode="locality", items_per_job=config.items_per_job, mix_items=config.mix_items,
-                      tasks=len(selection.dealing.tasks))
-    try:
-        existing = json.loads(storage.read_bytes(url))
-    except StorageNotFoundError:
-        existing = None
-    except ValueError as exc:
-        raise ConfigError(f"{url!r} is not a prechip manifest: {exc}") from exc
-    if existing is not None and existing.get("fingerprint") == selection.fingerprint:
-        return
-    if existing is not None and not config.overwrite:
-        raise ConfigError(
-            f"the cubes under {storage.join(config.output, VERSION, selection.platform)!r} were made from "
-            f"another selection ({ {k: existing.get(k) for k in record if k != 'fingerprint'} }) than this run "
-            f"({ {k: v for k, v in record.items() if k != 'fingerprint'} }): the index, filters, seed or cube "
-            "size changed, so new cubes would repeat or miss chips of the old ones. Write to another "
-            "--chips location, or pass --overwrite to replace the cubes"
-        )
-    storage.write_bytes(url, json.dumps(record, indent=2).encode())
 
 
 def cube_arrays(rows: pa.Table, pixels: np.ndarray, mask: np.ndarray, bands: Sequence[str]) -> dict[str, np.ndarray]:
@@ -137,19 +93,39 @@ def cube_bytes(arrays: dict[str, np.ndarray], level: int = DEFAULT_COMPRESS_LEVE
     """npz bytes of a cube, each array a DEFLATE-compressed ``.npy`` member.
 
     The same format as ``np.savez_compressed`` (``np.load`` reads it, with
-    ``allow_pickle=False``), at zlib level ``level`` (0 = stored, 1 fastest,
-    9 smallest; numpy's default is 6, about 6x slower than 1 on chip pixels
-    for ~15 % smaller files).
+    ``allow_pickle=False``; any unzip too): :mod:`zipfile` writes the archive, ISA-L
+    compresses the members (:mod:`stacchip.export.codec`: level 0 stores, 1 is the
+    fastest, 3 the smallest; 4-9 mean 3). Members are dated 1980-01-01, so the same
+    arrays give the same bytes on every run.
     """
-    if not 0 <= level <= 9:
-        raise ConfigError(f"compression level must be 0..9, got {level}")
+    codec.check_level(level)
     sink = io.BytesIO()
     method = zipfile.ZIP_STORED if level == 0 else zipfile.ZIP_DEFLATED
-    with zipfile.ZipFile(sink, "w", compression=method, compresslevel=level or None, allowZip64=True) as zf:
+    with zipfile.ZipFile(sink, "w", compression=method, allowZip64=True) as zf:
         for name, array in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+            with codec.zip_member(zf, f"{name}.npy", level) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return sink.getvalue()
+
+
+def stack_chips(chips: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The cube's float32 pixels ``(N, C, H, W)`` and bool masks from chips ``(pixels, mask)``
+    in their source dtype, converted straight into the cube's arrays (no stacked copy in the
+    source dtype)."""
+    first_pixels, first_mask = chips[0]
+    pixels = np.empty((len(chips), *first_pixels.shape), dtype=np.float32)
+    mask = np.empty((len(chips), *first_mask.shape), dtype=bool)
+    for k, (p, m) in enumerate(chips):
+        pixels[k] = p
+        mask[k] = m
+    return pixels, mask
+
+
+def encode_cube(rows: pa.Table, chips: Sequence[tuple[np.ndarray, np.ndarray]], bands: Sequence[str],
+                level: int = DEFAULT_COMPRESS_LEVEL) -> bytes:
+    """npz bytes of the cube of ``rows`` (index rows, cube order) and their chips."""
+    pixels, mask = stack_chips(chips)
+    return cube_bytes(cube_arrays(rows, pixels, mask, bands), level)
 
 
 def write_cube(url: str, arrays: dict[str, np.ndarray], level: int = DEFAULT_COMPRESS_LEVEL) -> str:

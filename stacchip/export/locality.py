@@ -194,7 +194,24 @@ def plan_task(
     if not 0 <= task < len(dealing.tasks):
         raise ConfigError(f"locality task {task} does not exist: the selection deals its items to "
                           f"{len(dealing.tasks)} tasks (0..{len(dealing.tasks) - 1})")
-    members = dealing.tasks[task]
+    return plan_items(table, dealing.tasks[task], dealing.first_cube[task], task, seed, cube_size, mix_items,
+                      partial, strip_px)
+
+
+def plan_items(
+    table: pa.Table,
+    members: Sequence[str],
+    first_cube: int,
+    task: int,
+    seed: int,
+    cube_size: int,
+    mix_items: int,
+    partial: bool,
+    strip_px: int = STRIP_PX,
+) -> TaskPlan:
+    """:func:`plan_task` from the task's own items ``members`` (in dealt order) and first cube
+    number: ``table`` may be the whole sorted selection or only the task's rows of it (in the
+    same order); the cubes hold the same chips either way."""
     mask = pc.is_in(table.column("item_id"), value_set=pa.array(list(members), pa.string()))
     rows = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
     sizes = table.column("chip_size")
@@ -202,7 +219,7 @@ def plan_task(
               for item_id, own, ys in _by_item(table, rows)}
     rng = _task_rng(seed, task)
     carry = np.zeros(0, dtype=np.int64)
-    next_cube = dealing.first_cube[task]
+    next_cube = first_cube
     rounds: list[Round] = []
     for w in range(0, len(members), mix_items):
         window = [(i, *groups[i]) for i in members[w:w + mix_items] if i in groups]
@@ -224,8 +241,7 @@ def plan_task(
         rounds[-1] = Round(last.reads, last.cubes + ((next_cube, carry),))
         next_cube += 1
         left_out = 0
-    return TaskPlan(task, tuple(members), dealing.first_cube[task], next_cube - dealing.first_cube[task],
-                    tuple(rounds), left_out)
+    return TaskPlan(task, tuple(members), first_cube, next_cube - first_cube, tuple(rounds), left_out)
 
 
 def batched_plan(table: pa.Table, cubes: Sequence[tuple[int, np.ndarray]], per_batch: int) -> TaskPlan:
@@ -245,7 +261,7 @@ def batched_plan(table: pa.Table, cubes: Sequence[tuple[int, np.ndarray]], per_b
 
 
 ReadItem = Callable[[str, np.ndarray], Iterator[tuple[int, np.ndarray, np.ndarray]]]
-WriteCube = Callable[[int, np.ndarray, np.ndarray, np.ndarray], str]
+WriteCube = Callable[[int, np.ndarray, list[tuple[np.ndarray, np.ndarray]]], str]
 
 
 class CubeWriters:
@@ -294,22 +310,16 @@ class CubeWriters:
         self._pool.shutdown(wait=True)
 
 
-def _assemble(cube_id: int, rows: np.ndarray, held: dict[int, tuple[np.ndarray, np.ndarray]]
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 pixels and masks of one cube from the chips read (taken out of ``held``),
-    converted straight into the cube's arrays (no stacked copy in the source dtype)."""
-    first = held.get(int(rows[0]))
-    if first is None:
-        raise ItemError(f"cube {cube_id}: chip row {int(rows[0])} was not read")
-    pixels = np.empty((len(rows), *first[0].shape), dtype=np.float32)
-    mask = np.empty((len(rows), *first[1].shape), dtype=bool)
-    for k, row in enumerate(rows):
+def _take(output_id: int, rows: np.ndarray, held: dict[int, tuple[np.ndarray, np.ndarray]]
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The chips ``(pixels, mask)`` of one output, in its order, taken out of ``held``."""
+    chips = []
+    for row in rows:
         chip = held.pop(int(row), None)
         if chip is None:
-            raise ItemError(f"cube {cube_id}: chip row {int(row)} was not read")
-        pixels[k] = chip[0]
-        mask[k] = chip[1]
-    return pixels, mask
+            raise ItemError(f"output {output_id}: chip row {int(row)} was not read")
+        chips.append(chip)
+    return chips
 
 
 def run_plan(
@@ -323,8 +333,9 @@ def run_plan(
 
     ``read_item(item_id, rows)`` yields ``(row, pixels, mask)`` for the given
     rows of one item (in any order, pixels ``(C, H, W)``); ``write(cube_id,
-    rows, pixels, mask)`` compresses and stores one cube and returns its URL
-    (run in ``workers`` threads, beside the reading).
+    rows, chips)`` (``chips``: ``(pixels, mask)`` in cube order) encodes and
+    stores one cube (or shard) and returns its URL (run in ``workers`` threads,
+    beside the reading).
     """
     wanted = [rows for rnd in plan.rounds for cube_id, rows in rnd.cubes if cube_id in todo]
     needed = np.concatenate(wanted) if wanted else np.zeros(0, np.int64)
@@ -342,9 +353,9 @@ def run_plan(
                 if cube_id not in todo:
                     continue
                 writers.reserve()
-                pixels, mask = _assemble(cube_id, rows, held)
-                writers.submit(write, cube_id, rows, pixels, mask)
-                del pixels, mask
+                chips = _take(cube_id, rows, held)
+                writers.submit(write, cube_id, rows, chips)
+                del chips
         return writers.results()
     finally:
         writers.close()

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from stacchip.console import echo
 from stacchip import storage
-from stacchip.errors import ConfigError, IndexFileError
+from stacchip.errors import ConfigError, IndexFileError, StorageError
 from stacchip.index import index_files
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,19 @@ GEOCROISSANT_1_0 = "http://mlcommons.org/croissant/geo/1.0"
 GEOCR_NS = "http://mlcommons.org/croissant/geo/"
 PARQUET_MEDIA_TYPE = "application/x-parquet"
 NPZ_MEDIA_TYPE = "application/x-npz"
+#: Tar archives, compressed or not (mlcroissant extracts both by this type).
+TAR_MEDIA_TYPE = "application/x-tar"
+JSON_MEDIA_TYPE = "application/json"
+#: numpy's ``.npy`` format (no registered media type: its specification's address).
+NPY_FORMAT = "https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html"
 RECORD_SET = "chips"
+#: Record set over the samples of WebDataset shards (one record per sample's ``.json``).
+SHARD_RECORD_SET = "samples"
+#: What a shard sample's ``.json`` holds (the record set reads it whole; mlcroissant reads members
+#: of archives as files, so the key comes from the file name and the fields are in the JSON text).
+SHARD_JSON_FIELDS = ("chipid", "item_id", "platform", "datetime", "lon", "lat", "bbox", "cloud_fraction",
+                     "nodata_fraction", "chip_index_x", "chip_index_y", "chip_size", "bands", "lat_norm",
+                     "lon_norm", "week_norm", "hour_norm")
 
 #: Croissant RAI 1.0 properties (``rai:`` prefix) and whether they take many values.
 RAI_FIELDS: dict[str, bool] = {
@@ -332,6 +344,7 @@ def croissant_metadata(
     resolution_m: float | None = None,
     band_names: Sequence[str] | None = None,
     cubes: Sequence[str] | str | None = None,
+    shards: str | None = None,
     rai: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Croissant JSON-LD document (a dict) for index files ``index``.
@@ -343,7 +356,12 @@ def croissant_metadata(
     ``items`` (an :class:`~stacchip.ml.items.ItemSource`) supplies CRS,
     resolution and bands; ``crs``/``resolution_m``/``band_names`` override or
     stand in for them. ``cubes``: directories (or globs) of exported ``.npz``
-    cubes to list in the distribution. ``rai``: RAI field values by name
+    cubes to list in the distribution. ``shards``: the folder of WebDataset shards
+    ``stacchip-prechip --format webdataset`` wrote (``{chips}/{VERSION}/{platform}``,
+    holding ``prechip_manifest.json``): each shard becomes a ``cr:FileObject`` (tar,
+    with its size and SHA-256 from its checksum record), their members FileSets
+    (``.json``, ``.npy``, ``.mask.npy``), and a record set ``samples`` reads every
+    sample's ``.json``. ``rai``: RAI field values by name
     (``dataCollection``, ``dataBiases``, ... see :data:`RAI_FIELDS`).
     """
     files = index_files(index)
@@ -396,6 +414,11 @@ def croissant_metadata(
             "encodingFormat": NPZ_MEDIA_TYPE,
             "includes": _relative(pattern, base),
         })
+
+    shard_sets: list[dict[str, Any]] = []
+    if shards:
+        files_, shard_sets = _shard_terms(shards, base)
+        distribution.extend(files_)
 
     box, (start, end) = _coverage(table)
     facts: dict[str, Any] = {"crs": [], "resolution_m": None, "bands": []}
@@ -475,8 +498,72 @@ def croissant_metadata(
         "description": "One record per chip: the rows of the chip index.",
         "key": {"@id": f"{RECORD_SET}/chipid"},
         "field": fields,
-    }]
+    }, *shard_sets]
     return doc
+
+
+def _shard_terms(folder: str, base: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Distribution entries and the ``samples`` record set of the shards in ``folder``."""
+    from stacchip.export.shards import shard_name
+
+    manifest_path = storage.join(folder, "prechip_manifest.json")
+    try:
+        manifest = json.loads(storage.read_bytes(manifest_path))
+        outputs = manifest["outputs"]
+    except (StorageError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--shards {folder!r}: no readable prechip manifest ({manifest_path}): {exc}") from exc
+    if manifest.get("format") != "webdataset":
+        raise ConfigError(f"--shards {folder!r}: the outputs there are {manifest.get('format', 'npz')!r}, "
+                          "not WebDataset shards")
+    sizes = {info.url.rsplit("/", 1)[-1]: info.size for info in storage.list_file_infos(folder)}
+    entries: list[dict[str, Any]] = []
+    for k, entry in enumerate(outputs):
+        name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+        if name not in (shard_name(k, 0), shard_name(k, 1)):
+            raise ConfigError(f"{manifest_path}: output {k} is {name!r}, not a shard name")
+        url = storage.join(folder, name)
+        if name not in sizes:
+            raise ConfigError(f"--shards {folder!r}: shard {name} is not there (stacchip-prechip not finished?)")
+        try:
+            record = json.loads(storage.read_bytes(storage.record_url(url)))
+            size, sha = int(record["size"]), str(record["sha256"])
+        except (StorageError, ValueError, KeyError, TypeError):
+            size, sha = sizes[name], _sha256(url)
+        if size != sizes[name]:
+            raise ConfigError(f"shard {url} is {sizes[name]} bytes; its checksum record says {size}")
+        entries.append({
+            "@type": "cr:FileObject", "@id": f"shard-{k}", "name": name,
+            "description": f"WebDataset shard {k}: {entry.get('samples', '?')} samples (tar"
+                           + (", gzip" if name.endswith(".gz") else "") + ").",
+            "contentUrl": _relative(url, base), "contentSize": f"{size} B",
+            "encodingFormat": TAR_MEDIA_TYPE, "sha256": sha,
+        })
+    contained = [{"@id": e["@id"]} for e in entries]
+    members = [
+        ("shard-json", "*.json", JSON_MEDIA_TYPE, "Per-sample metadata (.json) inside the shards."),
+        ("shard-pixels", "*[0-9].npy", NPY_FORMAT, "Per-sample pixels (C, H, W) in band order (.npy)."),
+        ("shard-masks", "*.mask.npy", NPY_FORMAT, "Per-sample nodata masks (C, H, W), True = nodata (.mask.npy)."),
+    ]
+    for set_id, pattern, media, text in members:
+        entries.append({"@type": "cr:FileSet", "@id": set_id, "name": set_id, "description": text,
+                        "containedIn": contained, "encodingFormat": media, "includes": pattern})
+    fields = [
+        {"@type": "cr:Field", "@id": f"{SHARD_RECORD_SET}/key", "name": "key", "dataType": "sc:Text",
+         "description": "WebDataset key of the sample, {shard:06d}-{position:05d} (its members are "
+                        "{key}.json, {key}.npy and {key}.mask.npy).",
+         "source": {"fileSet": {"@id": "shard-json"}, "extract": {"fileProperty": "filename"},
+                    "transform": {"regex": "^([0-9]+-[0-9]+)\\.json$"}}},
+        {"@type": "cr:Field", "@id": f"{SHARD_RECORD_SET}/metadata", "name": "metadata", "dataType": "sc:Text",
+         "description": "The sample's .json: " + ", ".join(SHARD_JSON_FIELDS) + " (see stacchip.export.shards).",
+         "source": {"fileSet": {"@id": "shard-json"}, "extract": {"fileProperty": "content"}}},
+    ]
+    record_set = {
+        "@type": "cr:RecordSet", "@id": SHARD_RECORD_SET, "name": SHARD_RECORD_SET,
+        "description": "One record per sample of the WebDataset shards (its .json); the sample's pixels "
+                       "and nodata mask are the .npy and .mask.npy members of the same key.",
+        "key": {"@id": f"{SHARD_RECORD_SET}/key"}, "field": fields,
+    }
+    return entries, [record_set]
 
 
 def write_croissant(index: Any, dest: str | os.PathLike[str] = "croissant.json", **kwargs: Any) -> str:
@@ -529,6 +616,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=float, default=None, help="spatial resolution in metres")
     p.add_argument("--bands", default=None, help="comma-separated band names")
     p.add_argument("--cubes", action="append", default=[], help="directory of exported .npz cubes (repeatable)")
+    p.add_argument("--shards", default=None,
+                   help="folder of WebDataset shards from stacchip-prechip --format webdataset "
+                        "({chips}/mode_v1_chipper_v2/{platform}): described as tar files and a 'samples' record set")
     p.add_argument("--validate", action="store_true", help="validate the result with mlcroissant")
     for name, many in RAI_FIELDS.items():
         flags = [_flag(name)]
@@ -568,7 +658,8 @@ def run_cli(args: argparse.Namespace) -> int:
         files, out, name=name or "stacchip-chips", description=args.description, license=args.license,
         url=args.url, version=args.version, cite_as=args.cite_as, creators=args.creator,
         keywords=args.keyword, items=items, crs=args.crs, resolution_m=args.resolution,
-        band_names=args.bands.split(",") if args.bands else None, cubes=args.cubes or None, rai=rai,
+        band_names=args.bands.split(",") if args.bands else None, cubes=args.cubes or None, shards=args.shards,
+        rai=rai,
     )
     echo(f"wrote {out} ({len(files)} index file(s))")
     if args.validate:

@@ -57,9 +57,6 @@ EXIT_TASK_FAILED = console.EXIT_RETRY
 #: Exit status of a configuration error (bad flag, variable or input file).
 EXIT_CONFIG_ERROR = console.EXIT_INPUT
 
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-
-
 # --- settings from flags and environment ---------------------------------------
 
 
@@ -184,37 +181,8 @@ def env_list(
     return parse_list(text, kind, var or "value")
 
 
-def output_root(value: str) -> str:
-    """Where a job writes: ``s3://`` URL for a bucket name, else the URL or local path as given.
-
-    A bare name that is a valid S3 bucket name (``clay-v1-data``) means that
-    bucket, as upstream's ``STACCHIP_BUCKET``. ``s3://`` and ``file://`` URLs
-    are taken as they are, other schemes are refused; a name containing ``/``
-    or starting with ``.`` or ``~`` is a local path (write ``./out`` for a
-    local directory called ``out``).
-    """
-    text = value.strip()
-    if not text:
-        raise ConfigError("output location (STACCHIP_BUCKET) is empty")
-    if "://" in text:
-        if text.startswith("file://"):
-            return text[len("file://"):] or "/"
-        if not text.startswith("s3://") or len(text.rstrip("/")) <= len("s3://"):
-            # storage writes only to S3 and local paths: any other URL would land in a local
-            # directory named after its scheme ("gs:/bucket/...") and be lost with the container
-            raise ConfigError(
-                f"output location {text!r} (STACCHIP_BUCKET): only s3://bucket[/prefix], "
-                "a bucket name or a local path can be written"
-            )
-        return text.rstrip("/")
-    if "/" in text or text.startswith((".", "~")) or os.sep in text:
-        return os.path.expanduser(text)
-    if _BUCKET_NAME.match(text) and ".." not in text:
-        return f"s3://{text}"
-    raise ConfigError(
-        f"output location {text!r} is neither an S3 bucket name, an s3:// URL nor a path "
-        "(write ./name for a local directory)"
-    )
+#: Where a job writes (moved to :mod:`stacchip.processors.settings`, which reads locations; importable here as before).
+output_root = settings.output_root
 
 
 # --- array-job index ---------------------------------------------------------------

@@ -55,6 +55,7 @@ __all__ = [
     "add_arguments",
     "check_bounds",
     "check_fraction",
+    "output_root",
     "from_json",
     "parse_list",
     "resolve",
@@ -253,16 +254,50 @@ def parse_list(text: str, kind: Callable[[str], Any] = str, label: str = "value"
     return out
 
 
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def output_root(value: str) -> str:
+    """Where a job writes: ``s3://`` URL for a bucket name, else the URL or local path as given.
+
+    A bare name that is a valid S3 bucket name (``clay-v1-data``) means that
+    bucket, as upstream's ``STACCHIP_BUCKET``. ``s3://`` and ``file://`` URLs
+    are taken as they are, other schemes are refused; a name containing ``/``
+    or starting with ``.`` or ``~`` is a local path (write ``./out`` for a
+    local directory called ``out``).
+    """
+    text = value.strip()
+    if not text:
+        raise ConfigError("output location (STACCHIP_BUCKET) is empty")
+    if "://" in text:
+        if text.startswith("file://"):
+            return text[len("file://"):] or "/"
+        if not text.startswith("s3://") or len(text.rstrip("/")) <= len("s3://"):
+            # storage writes only to S3 and local paths: any other URL would land in a local
+            # directory named after its scheme ("gs:/bucket/...") and be lost with the container
+            raise ConfigError(
+                f"output location {text!r} (STACCHIP_BUCKET): only s3://bucket[/prefix], "
+                "a bucket name or a local path can be written"
+            )
+        return text.rstrip("/")
+    if "/" in text or text.startswith((".", "~")) or os.sep in text:
+        return os.path.expanduser(text)
+    if _BUCKET_NAME.match(text) and ".." not in text:
+        return f"s3://{text}"
+    raise ConfigError(
+        f"output location {text!r} is neither an S3 bucket name, an s3:// URL nor a path "
+        "(write ./name for a local directory)"
+    )
+
+
 class Location(Kind):
     """Where a job reads or writes: an S3 bucket name, ``s3://`` URL or local path
-    (:func:`stacchip.processors.jobs.output_root`)."""
+    (:func:`output_root`)."""
 
     name = "location"
     metavar = "LOCATION"
 
     def read(self, text: str, label: str) -> str:
-        from stacchip.processors.jobs import output_root
-
         return output_root(text)
 
 

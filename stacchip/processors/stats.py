@@ -15,9 +15,12 @@ mergeable: counts add); they are exact to one bin width, with values outside
 the histogram range counted in under/overflow bins.
 
 Sources: the cubes ``stacchip-prechip`` wrote (``--source cubes``, job ``j``
-takes cube files ``j*cubes_per_job ..`` of the sorted listing), or chips read
+takes cube files ``j*cubes_per_job ..`` of the sorted listing; WebDataset shards
+count as cubes where no npz is), or chips read
 straight from the index and the scenes (``--source index``, job ``j`` takes
-``chips_per_job`` chips of the same seeded shuffle prechip uses). A cube that is
+``chips_per_job`` chips of the same seeded shuffle prechip uses, read in this
+process by prechip's runner: item by item in COG block order, tiles decoded on
+every core, no process pool). A cube that is
 not a whole npz (truncated, failing its zip CRC checks) is a
 :class:`~stacchip.errors.ConfigError` naming the file (exit 2), not a traceback.
 
@@ -27,10 +30,10 @@ array job; the merge step (``--merge``, or automatically after ``--all``) writes
 ``configs/metadata.yaml`` (``band_order``, ``rgb_indices``, ``gsd``,
 ``bands: {mean, std, wavelength}``).
 
-An empty source (no cube files, an index selection with no chip) or a job
-index beyond the source's shares stops with exit status 2 and says why, unless
-``--allow-empty`` (``STACCHIP_ALLOW_EMPTY=1``): then the job writes nothing and
-exits 0.
+An empty source (no cube files, an index selection with no chip) stops with
+exit status 2 and says why, unless ``--allow-empty`` (``STACCHIP_ALLOW_EMPTY=1``).
+A job index beyond the source's shares (an array larger than the work) has
+nothing to do: it logs one warning line, writes nothing and exits 0.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ import io
 import json
 import logging
 import math
+import re
+import threading
 import time
 import zipfile
 import zlib
@@ -57,7 +62,8 @@ from stacchip import storage
 from stacchip.console import ArgumentParser, echo
 from stacchip.errors import ConfigError, StorageError
 from stacchip.export import selection as chip_selection
-from stacchip.export.chip_reader import ChipReader, plan_reads
+from stacchip.export import locality, shards
+from stacchip.export.chip_reader import close_open_items, item_reader
 from stacchip.export.cube import VERSION
 from stacchip.processors import jobs, settings
 from stacchip.platforms import PlatformBands, is_nodata, platform_bands
@@ -261,30 +267,48 @@ class StatsAccumulator:
 
 
 def cube_files(chips: str, platform: str) -> list[str]:
-    """Sorted cube files of ``platform`` under a chip bucket / directory."""
+    """Sorted cube files of ``platform`` under a chip bucket / directory (npz cubes; else the
+    WebDataset shards of ``stacchip-prechip --format webdataset``)."""
     prefix = storage.join_under(chips, VERSION, storage.safe_segment(platform, "platform"))
     if storage.is_s3(prefix):
         prefix = prefix.rstrip("/") + "/"
     try:
         files = list(storage.list_files(prefix, ".npz"))
+        if not files:
+            files = [u for u in storage.list_files(prefix) if SHARD_NAME.fullmatch(u.rsplit("/", 1)[-1])]
     except StorageError as exc:
         raise ConfigError(f"cannot list cubes under {prefix!r}: {exc}") from exc
 
     def number(url: str) -> tuple[int, str]:
         name = url.rsplit("/", 1)[-1]
+        shard = SHARD_NAME.fullmatch(name)
+        if shard:
+            return int(shard.group(1)), url
         digits = name[len("cube_"):-len(".npz")] if name.startswith("cube_") else ""
         return (int(digits), url) if digits.isdigit() else (1 << 62, url)
 
     return sorted(files, key=number)
 
 
+#: Names of WebDataset shards (:mod:`stacchip.export.shards`).
+SHARD_NAME = re.compile(r"shard-([0-9]{6})\.tar(?:\.gz)?")
+
+
 def cube_pixels(url: str, spec: PlatformBands) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata).
+    """Pixels and nodata mask of one cube (mask from ``nodata_mask`` or the platform's nodata)
+    or shard (its samples' ``.npy`` and ``.mask.npy``).
 
     A cube that is not a whole npz (truncated, a member failing its CRC check, no
-    ``pixels``) raises :class:`ConfigError` naming it; storage errors propagate.
+    ``pixels``) or shard raises :class:`ConfigError` naming it; storage errors propagate.
     """
     raw = storage.read_bytes(url)
+    if SHARD_NAME.fullmatch(url.rsplit("/", 1)[-1]):
+        problem = shards.shard_damage(raw)
+        if problem is not None:
+            raise ConfigError(f"shard {url!r} is damaged or not a prechip shard ({problem}); "
+                              "re-run stacchip-prechip to write it again")
+        samples = shards.read_shard(raw)
+        return np.stack([s["npy"] for s in samples]), np.stack([s["mask.npy"] for s in samples])
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             pixels = data["pixels"]
@@ -449,12 +473,9 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
             files = files[:config.max_cubes]
         mine = files[job_index * config.cubes_per_job:(job_index + 1) * config.cubes_per_job]
         n_jobs = math.ceil(len(files) / config.cubes_per_job)
-        if not mine:
+        if not files:
             prefix = storage.join(_chips(config), VERSION, config.platform)
-            chip_selection.empty_selection(
-                f"no .npz cube files under {prefix!r}" if not files else
-                f"job {job_index} has no cubes: the {len(files)} cube files under {prefix!r} make jobs "
-                f"0..{n_jobs - 1} of {config.cubes_per_job} (--cubes-per-job)", config.allow_empty)
+            chip_selection.empty_selection(f"no .npz cube files under {prefix!r}", config.allow_empty)
         for url in tqdm(mine, desc=f"stats job {job_index}", unit="cube", disable=len(mine) < 2 or None):
             pixels, mask = cube_pixels(url, spec)
             acc.update(pixels, mask)
@@ -466,20 +487,42 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
     n_jobs = math.ceil(n / config.chips_per_job)
     rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
     if len(rows_idx) == 0:
-        if n:  # (an empty selection was reported by check_selection)
-            chip_selection.empty_selection(
-                f"job {job_index} has no chips: the {n} selected chips make jobs 0..{n_jobs - 1} of "
-                f"{config.chips_per_job} (--chips-per-job)", config.allow_empty)
         return acc, n_jobs
-    rows = selection.table.take(pa.array(rows_idx))
-    tasks = plan_reads(rows, str(config.data), config.platform, config.mountpath)
-    with ChipReader(workers) as reader:
-        for result in reader.run(tasks, desc=f"stats job {job_index}"):
-            if result.pixels is None:
-                logger.warning("chips left out: %s", result.missing)
-                continue
-            acc.update(result.pixels, result.mask)
+    read_index_chips(selection.table.take(pa.array(rows_idx)), config, acc, workers)
     return acc, n_jobs
+
+
+#: Chips added to the statistics at once (one "output" of the runner).
+STATS_CHUNK = 64
+#: Memory for the chips read before they are added (bytes of chips in their source dtype and masks).
+STATS_BATCH_BYTES = 512 * 1024**2
+
+
+def read_index_chips(rows: pa.Table, config: StatsConfig, acc: StatsAccumulator, workers: int = 1) -> None:
+    """Add the chips of index ``rows`` to ``acc``, read in this process by prechip's runner
+    (:func:`stacchip.export.locality.run_plan`): item by item in COG block order, tiles
+    decoded in the tile engine's threads, chunks of :data:`STATS_CHUNK` chips reduced in
+    ``workers`` threads (one at a time into ``acc``)."""
+    spec = platform_bands(config.platform)
+    chip_size = int(rows.column("chip_size")[0].as_py())
+    chunks = [(k, np.arange(start, min(start + STATS_CHUNK, rows.num_rows), dtype=np.int64))
+              for k, start in enumerate(range(0, rows.num_rows, STATS_CHUNK))]
+    per_batch = max(1, STATS_BATCH_BYTES // (STATS_CHUNK * spec.count * chip_size * chip_size * 5))
+    plan = locality.batched_plan(rows, chunks, per_batch)
+    read_item = item_reader(str(config.data), config.platform, rows, config.mountpath)
+    lock = threading.Lock()
+
+    def add(chunk: int, chunk_rows: np.ndarray, chips: list[tuple[np.ndarray, np.ndarray]]) -> str:
+        pixels = np.stack([p for p, _ in chips])
+        mask = np.stack([m for _, m in chips])
+        with lock:
+            acc.update(pixels, mask)
+        return str(chunk)
+
+    try:
+        locality.run_plan(plan, {k for k, _ in chunks}, read_item, add, workers)
+    finally:
+        close_open_items()
 
 
 def share_settings(config: StatsConfig) -> dict[str, Any]:
@@ -495,13 +538,17 @@ def share_settings(config: StatsConfig) -> dict[str, Any]:
 def write_partial(job_index: int, config: StatsConfig, workers: int = 1) -> str | None:
     """Run job ``job_index`` and write its partial result; returns its URL.
 
-    A job beyond the source's shares raises :class:`EmptySelectionError`, or
-    (with ``allow_empty``) writes nothing and returns None: a partial of a job
-    the run does not have would stop the merge.
+    A job beyond the source's shares logs one warning line, writes nothing and returns
+    None (a partial of a job the run does not have would stop the merge); an empty
+    source raises :class:`EmptySelectionError` unless ``allow_empty``.
     """
     started = time.time()
     acc, n_jobs = _job_stats(job_index, config, workers)
     if job_index >= n_jobs:
+        if n_jobs:  # (an empty source as a whole was reported by _job_stats)
+            logger.warning("job %d: nothing to do: the source makes jobs 0..%d of %d %s (the array is larger "
+                           "than the work)", job_index, n_jobs - 1, config.cubes_per_job if config.source == "cubes"
+                           else config.chips_per_job, "cubes" if config.source == "cubes" else "chips")
         return None
     record = acc.to_dict()
     record.update({"platform": config.platform, "source": config.source, "job": job_index, "jobs": n_jobs,

@@ -21,7 +21,10 @@ from stacchip.storage.files import (
     DAMAGED,
     MISSING,
     FileInfo,
+    list_file_infos,
     list_info,
+    presign,
+    prune_empty_dirs,
     move,
     remove,
     remove_tree,
@@ -81,12 +84,13 @@ def reset() -> None:
 
 
 __all__ = [
-    "DAMAGED", "MISSING", "FileInfo", "list_info", "move", "remove", "remove_tree", "temp_stem",
-    "MAX_SEGMENT_BYTES", "SHA256_ATTRIBUTE", "UNRECORDED", "VERIFIED", "IOSettings",
-    "Verification", "arrow_filesystem", "arrow_path", "bucket_exists", "client_for", "copy", "create_if_absent",
-    "delete", "exists", "exists_retry", "is_http", "is_remote", "is_s3", "join", "join_under", "list_files",
-    "local_path", "locate", "obstore_usable", "open_input", "put_file", "read_bytes", "read_bytes_retry",
-    "record_url", "remove_stale_temps", "remove_stale_temps_in", "reset", "s3_client", "s3_endpoint",
-    "s3_region", "safe_segment", "settings", "sha256_of", "split_s3", "under_root", "verify", "verify_retry",
-    "whole_or_damaged", "write_bytes", "write_bytes_retry", "write_recorded", "write_recorded_retry",
+    "DAMAGED", "FileInfo", "IOSettings", "MAX_SEGMENT_BYTES", "MISSING", "SHA256_ATTRIBUTE", "UNRECORDED",
+    "VERIFIED", "Verification", "arrow_filesystem", "arrow_path", "bucket_exists", "client_for", "copy",
+    "create_if_absent", "delete", "exists", "exists_retry", "is_http", "is_remote", "is_s3", "join",
+    "join_under", "list_file_infos", "list_files", "list_info", "local_path", "locate", "move",
+    "obstore_usable", "open_input", "presign", "prune_empty_dirs", "put_file", "read_bytes",
+    "read_bytes_retry", "record_url", "remove", "remove_stale_temps", "remove_stale_temps_in", "remove_tree",
+    "reset", "s3_client", "s3_endpoint", "s3_region", "safe_segment", "settings", "sha256_of", "split_s3",
+    "temp_stem", "under_root", "verify", "verify_retry", "whole_or_damaged", "write_bytes",
+    "write_bytes_retry", "write_recorded", "write_recorded_retry",
 ]

@@ -259,14 +259,14 @@ class ObstoreClient:
         obstore.put(self.store, path, data, mode="create" if create else "overwrite",
                     attributes=dict(attributes) if attributes else None, use_multipart=multipart)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int, int]]:
-        """``(path, size, last modified in ns)`` of every object under ``prefix``."""
+    def list(self, prefix: str) -> Iterator[tuple[str, int, int, str | None]]:
+        """``(path, size, last modified in ns, ETag)`` of every object under ``prefix``."""
         import obstore
 
         runtime_started()
         for chunk in obstore.list(self.store, prefix=prefix or None, chunk_size=1000):
             for obj in chunk:
-                yield str(obj["path"]), int(obj["size"]), _ns(obj.get("last_modified"))
+                yield str(obj["path"]), int(obj["size"]), _ns(obj.get("last_modified")), obj.get("e_tag")
 
     def delete(self, path: str) -> None:
         import obstore
@@ -478,12 +478,12 @@ class SyncClient:
             data = b"".join(bytes(chunk) for chunk in data)
         self._boto().put_object(Bucket=self.location.bucket, Key=path, Body=bytes(data), **extra)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int, int]]:
+    def list(self, prefix: str) -> Iterator[tuple[str, int, int, str | None]]:
         self._s3_only("list")
         paginator = self._boto().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix or "", **self._payer()):
             for obj in page.get("Contents", []):
-                yield obj["Key"], int(obj["Size"]), _ns(obj.get("LastModified"))
+                yield obj["Key"], int(obj["Size"]), _ns(obj.get("LastModified")), obj.get("ETag")
 
     def rename(self, src: str, dst: str) -> None:
         self.copy(src, dst)

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 from stacchip.errors import StorageError, StorageNotFoundError, StoragePreconditionError, StorageRefusedError
 from stacchip.storage import clients
 from stacchip.storage.config import settings
-from stacchip.storage.paths import is_remote, is_s3, local_path, split_s3
+from stacchip.storage.paths import is_http, is_remote, is_s3, local_path, split_s3
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def list_files(prefix: str | os.PathLike[str], suffix: str = "") -> Iterator[str
         client, path = _client(text, "list")
         root = client.root
         try:
-            for key, _size, _mtime in client.list(path):
+            for key, _size, _mtime, _etag in client.list(path):
                 if key.endswith(suffix):
                     yield f"{root}/{key}"
         except StorageError:
@@ -247,12 +247,19 @@ def list_files(prefix: str | os.PathLike[str], suffix: str = "") -> Iterator[str
 
 @dataclass(frozen=True)
 class FileInfo:
-    """One listed file or object: its URL (local absolute path or remote URL), size in bytes and
-    modification time in nanoseconds since the epoch (object stores: ``Last-Modified``)."""
+    """One listed file or object: its URL (local absolute path or remote URL), size in bytes,
+    modification time in nanoseconds since the epoch (object stores: ``Last-Modified``) and,
+    for objects, the ETag."""
 
     url: str
     size: int
     mtime_ns: int
+    etag: str | None = None
+
+    @property
+    def version(self) -> str:
+        """What changes when the content is replaced: the ETag, else the modification time."""
+        return self.etag or str(self.mtime_ns)
 
 
 def list_info(prefix: str | os.PathLike[str], suffix: str = "") -> list[FileInfo]:
@@ -281,10 +288,10 @@ def _list_remote_info(text: str, suffix: str) -> list[FileInfo]:
     exact = path.rstrip("/")
     out = []
     try:
-        for key, size, mtime in client.list(exact):
+        for key, size, mtime, etag in client.list(exact):
             inside = not exact or key == exact or key.startswith(exact + "/")
             if inside and key.endswith(suffix) and not key.endswith("/"):
-                out.append(FileInfo(f"{client.root}/{key}", size, mtime))
+                out.append(FileInfo(f"{client.root}/{key}", size, mtime, etag))
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - one classification
@@ -313,9 +320,55 @@ def _list_local_info(root: Path, text: str, suffix: str) -> list[FileInfo]:
     return out
 
 
-def remove(url: str | os.PathLike[str]) -> None:
-    """Delete a file or object; one that is not there is fine."""
-    delete(url, missing_ok=True)
+def remove(url: str | os.PathLike[str]) -> bool:
+    """Delete a file or object if it is there; True when something was deleted (an object is
+    looked up first: a delete of a missing object succeeds silently)."""
+    text = str(url)
+    if is_remote(text) and not exists(text):
+        return False
+    try:
+        delete(text, missing_ok=False)
+    except StorageNotFoundError:
+        return False
+    return True
+
+
+def list_file_infos(source: str | os.PathLike[str], suffix: str = "") -> list[FileInfo]:
+    """:func:`list_info` less hidden names (a ``.`` at the start of any name below ``source``):
+    the files of an index or output folder, each with its :attr:`FileInfo.version`."""
+    text = str(source).rstrip("/")
+    out = []
+    for info in list_info(source, suffix):
+        below = info.url[len(text):] if info.url.startswith(text) else info.url.rsplit("/", 1)[-1]
+        if not any(part.startswith(".") for part in below.split("/") if part):
+            out.append(info)
+    return out
+
+
+def presign(url: str | os.PathLike[str], expires: float = 3600.0) -> str:
+    """A URL any HTTP client reads ``url`` at: for an object a presigned GET URL (S3, GCS,
+    Azure; at the configured endpoint, valid ``expires`` seconds, signed by the client of its
+    root); local paths and ``http(s)://`` URLs as they are."""
+    text = str(url)
+    if not is_remote(text) or is_http(text):
+        return text
+    return str(_remote(text, "sign", lambda c, p: c.sign(p, int(expires))))
+
+
+def prune_empty_dirs(root: str | os.PathLike[str]) -> None:
+    """Remove the empty folders under the local folder ``root`` (deepest first) and ``root``
+    itself when it ends up empty; nothing for object stores (they have no folders)."""
+    text = str(root)
+    if not _is_local(text):
+        return
+    top = local_path(text)
+    if not top.is_dir():
+        return
+    for folder, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            continue  # not empty
 
 
 def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
