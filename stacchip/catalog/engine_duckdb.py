@@ -24,6 +24,7 @@ import pyarrow as pa
 from stacchip.catalog.hilbert import DEFAULT_ORDER
 from stacchip.catalog.parts import KEY_COLUMN, SORT_KEY, with_key
 from stacchip.catalog.sources import Piece, groups_of, read_group
+from stacchip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,11 @@ def sorted_batches(
             yield from table.to_batches()
 
     feed = _Feed(batches())
+    if temp_directory is not None:
+        try:
+            os.makedirs(temp_directory, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--temp-dir {temp_directory!r}: cannot make the spill folder ({exc})") from exc
     with tempfile.TemporaryDirectory(prefix="stacchip-sort-", dir=temp_directory) as spill:
         con = connect(memory_limit, threads, spill)
         try:
