@@ -46,6 +46,7 @@ from stacchip.errors import (
     StorageRefusedError,
 )
 from stacchip.storage.config import IOSettings, settings
+from stacchip.storage.rawfile import PositionalFile
 
 logger = logging.getLogger(__name__)
 
@@ -570,13 +571,13 @@ def _read_body(response: Any, n: int | None, out: Any) -> Any:
     return view
 
 
-class RangeFile(io.RawIOBase):
+class RangeFile(PositionalFile):
     """A seekable, read-only raw file over ranged GETs of one object (one GET per read;
     :func:`open_reader` puts a buffer in front): what pyarrow and tifffile take."""
 
     def __init__(self, client: Any, path: str, size: int | None = None) -> None:
         super().__init__()
-        self._client, self._path, self._pos = client, path, 0
+        self._client, self._path = client, path
         if size is None:
             try:
                 size = client.get_head(path).size or 0
@@ -587,35 +588,20 @@ class RangeFile(io.RawIOBase):
     def size(self) -> int:
         return self._size
 
-    def readable(self) -> bool:
-        return True
+    def length(self) -> int:
+        return self._size
 
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = min(len(view), self._size - self._pos)
-        if n <= 0:
-            return 0
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        n = len(view)
         try:
-            data, _ = self._client.get(self._path, self._pos, self._pos + n, out=view[:n])
+            data, _ = self._client.get(self._path, offset, offset + n, out=view)
         except Exception as exc:  # noqa: BLE001 - one classification: a StorageError, never a bare OSError
             raise translate(exc, f"{self._client.root}/{self._path}", "read") from exc
         got = memoryview(data).cast("B")
         if len(got) != n:
-            raise StorageError(f"short read of {self._path!r}: {len(got)} of {n} bytes at {self._pos}")
+            raise StorageError(f"short read of {self._path!r}: {len(got)} of {n} bytes at {offset}")
         if got.obj is not view.obj:  # the client brought its own memory
             view[:n] = got
-        self._pos += n
         return n
 
 

@@ -53,6 +53,7 @@ from stacchip.errors import StorageError, StorageNotFoundError, StoragePrecondit
 from stacchip.storage import clients
 from stacchip.storage.config import settings
 from stacchip.storage.paths import is_http, is_remote, is_s3, local_path, split_s3
+from stacchip.storage.rawfile import PositionalFile
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +128,13 @@ def open_input(url: str | os.PathLike[str]) -> Any:
     return io.BufferedReader(_LocalFile(text), buffer_size=1024 * 1024)
 
 
-class _LocalFile(io.RawIOBase):
+class _LocalFile(PositionalFile):
     """A read-only, seekable local file whose failures are :class:`~stacchip.errors.StorageError`
     (never a bare ``OSError``: a storage failure stays apart from bad content)."""
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        self.url, self._pos = url, 0
+        self.url = url
         try:
             self._fd = os.open(local_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._size = os.fstat(self._fd).st_size
@@ -142,31 +143,17 @@ class _LocalFile(io.RawIOBase):
         except OSError as exc:
             raise StorageError(f"cannot open {url!r}: {exc}") from exc
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
     def size(self) -> int:
         return self._size
 
-    def tell(self) -> int:
-        return self._pos
+    def length(self) -> int:
+        return self._size
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + int(offset))
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def pread_into(self, view: memoryview, offset: int) -> int:
         try:
-            n = os.preadv(self._fd, [view], self._pos)
+            return os.preadv(self._fd, [view], offset)
         except OSError as exc:
             raise StorageError(f"cannot read {self.url!r}: {exc}") from exc
-        self._pos += n
-        return n
 
     def close(self) -> None:
         if not self.closed:

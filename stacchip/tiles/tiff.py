@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ from typing import IO, Any, cast
 import numpy as np
 
 from stacchip.errors import AssetReadError, LayoutError
+from stacchip.storage.rawfile import PositionalFile
 
 #: Version of :meth:`Layout.to_json`; layouts of another version are read again.
 #: 2: a digest, local identity by inode and ctime, no mask flag.
@@ -424,10 +424,10 @@ logging.getLogger("tifffile").addFilter(_TifffileNotes())
 
 Fetch = Callable[[int, int], bytes]
 #: The size tifffile is told when the file's size is not known.
-_UNKNOWN_SIZE = 2**62
+_UNKNOWN_SIZE = PositionalFile.UNKNOWN_END
 
 
-class _HeaderFile(io.RawIOBase):
+class _HeaderFile(PositionalFile):
     """A read-only file for tifffile: the bytes of ``first``, and of ranged
     ``fetch(offset, length)`` calls (at least :data:`FETCH_BLOCK` bytes each, kept),
     at most ``limit`` bytes fetched in all and nothing past ``size``. A failure of
@@ -444,29 +444,13 @@ class _HeaderFile(io.RawIOBase):
         self.fetched = 0
         self.requests = 0
         self.failure: BaseException | None = None
-        self._pos = 0
 
-    def readable(self) -> bool:
-        return True
+    def length(self) -> int | None:
+        return self.size
 
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: _UNKNOWN_SIZE if self.size is None else self.size}.get(whence)
-        if base is None or base + offset < 0:
-            raise OSError(f"invalid seek ({offset}, {whence})")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._range(self._pos, len(view))
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        data = self._range(offset, len(view))
         view[:len(data)] = data
-        self._pos += len(data)
         return len(data)
 
     def read(self, size: int | None = -1) -> bytes:
