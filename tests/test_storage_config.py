@@ -238,3 +238,20 @@ class PermissionDeniedError(Exception):
 def test_one_error_classification(exc, kind, code):
     err = clients.translate(exc, "s3://b/k", "read")
     assert type(err) is kind and err.exit_code == code and "s3://b/k" in str(err)
+
+
+@pytest.mark.parametrize("href, expected", [
+    ("s3://bucket/a/b.tif", "s3://bucket/a/b.tif"),
+    ("https://host/a.tif?st=1&sig=x", "https://host/a.tif?st=1&sig=x"),  # signed: obstore keeps the query
+    ("gs://bucket/k.tif", "gs://bucket/k.tif"),
+    ("https://user:secret@host/a.tif", None),  # credentials in the href: GDAL's
+    ("https://host/a.tif#frag", None),
+    ("s3://bucket/k.tif?versionId=3", None),
+    ("/vsicurl/https://host/a.tif", None),
+    ("file:///data/a.tif", "/data/a.tif"),
+    ("ftp://host/a.tif", None),
+])
+def test_what_the_tile_path_opens(href, expected):
+    from stacchip.tiles.sources import tile_href
+
+    assert tile_href(href) == expected
