@@ -132,3 +132,34 @@ def test_benchmark_commands_on_the_performance_page_exist() -> None:
             helps[words[2]] = proc.stdout
         for flag in (w for w in words[3:] if w.startswith("--")):
             assert flag in helps[words[2]], f"{where}: {words[2]} has no flag {flag}"
+
+
+def test_readme_is_short_and_its_example_runs(tmp_path: Path, docs_demo_scene: Path) -> None:
+    """README.md keeps the two fresh-machine commands verbatim (CI runs the second), stays short,
+    links only to pages that exist, and its example (Python, then the same from the command line)
+    runs on the demo scene."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert len(readme.splitlines()) < 120
+    blocks = [(language, source) for _, language, _, source in fenced_blocks(readme)]
+    shell = [source for language, source in blocks if language == "bash"]
+    assert "pip install . && stacchip demo\n" in shell
+    assert "bash .ci/setup && python -m pytest\n" in shell
+    links = re.findall(r"\]\(((?:docs|processors)/[^)#]+)", readme)
+    assert len(links) >= 15 and all((root / link).is_file() for link in links), links
+    python = [source for language, source in blocks if language == "python"]
+    assert len(python) == 1
+    docs_examples.make_demo(docs_demo_scene, tmp_path / "demo")
+    proc = subprocess.run([sys.executable, "-c", python[0]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    commands = [source for source in shell if source.startswith("stacchip ")]
+    assert commands
+    for source in commands:
+        proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", source], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "index" / "demo.parquet").is_file() and (tmp_path / "chip.npz").is_file()
