@@ -9,7 +9,8 @@ A block marked in its fence, ```` ```python { .internet } ```` (needs the intern
 account), ```` ```bash { .cluster } ```` (runs on AWS Batch, Kubernetes or Slurm) or
 ```` ```bash { .service } ```` (needs an endpoint or proxy of your own) or
 ```` ```bash { .benchmark } ```` (a benchmark: ``tests/test_docs_examples.py`` checks its module
-and flags), is checked for syntax only (``compile()``, ``bash -n``); the site shows the reader why (docs/assets/extra.css).
+and flags), is checked for syntax only (``compile()``, ``bash -n``); the site shows the reader why
+(docs/assets/extra.css).
 Lines ``--8<-- "path"`` (pymdownx.snippets) are replaced by the file they include before a block
 runs, so an included script runs as the reader sees it.
 
