@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -642,3 +643,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return GENERATORS[name](match.group("arg"), page.file.src_uri)
 
     return MARKER.sub(replace, markdown)
+
+
+def on_post_build(config: Any) -> None:
+    """Remove the demo scene's temporary folder (made again by the next build, e.g. of ``mkdocs serve``)."""
+    if _demo.cache_info().currsize:
+        shutil.rmtree(_demo()["dir"], ignore_errors=True)
+        _demo.cache_clear()
