@@ -7,8 +7,10 @@ page sharing one namespace (a tutorial builds on what it did above), the shell b
 
 A block marked in its fence, ```` ```python { .internet } ```` (needs the internet or a cloud
 account), ```` ```bash { .cluster } ```` (runs on AWS Batch, Kubernetes or Slurm) or
-```` ```bash { .service } ```` (needs an endpoint or proxy of your own), is checked for
-syntax only (``compile()``, ``bash -n``); the site shows the reader why (docs/assets/extra.css).
+```` ```bash { .service } ```` (needs an endpoint or proxy of your own) or
+```` ```bash { .benchmark } ```` (a benchmark: ``tests/test_docs_examples.py`` checks its module
+and flags), is checked for syntax only (``compile()``, ``bash -n``); the site shows the reader why
+(docs/assets/extra.css).
 Lines ``--8<-- "path"`` (pymdownx.snippets) are replaced by the file they include before a block
 runs, so an included script runs as the reader sees it.
 
@@ -70,7 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 #: Fence classes whose blocks are checked for syntax only, and why.
 SYNTAX_ONLY = {"internet": "needs the internet or a cloud account", "cluster": "runs on a cluster",
-               "service": "needs a service of your own (endpoint, proxy)"}
+               "service": "needs a service of your own (endpoint, proxy)",
+               "benchmark": "a benchmark (minutes to hours; tests/test_docs_examples.py checks its flags)"}
 LANGUAGES = {"python": "python", "py": "python", "bash": "bash"}
 #: Seconds one shell block may take.
 SHELL_TIMEOUT_S = 900

@@ -1,4 +1,4 @@
-"""The exit-status contract of every console script (stacchip/console.py, README "Exit codes").
+"""The exit-status contract of every console script (stacchip/console.py, docs/how-to/exit-codes.md).
 
 0 done; 1 worth retrying (storage, network, a service); 2 bad input or configuration, one line on
 stderr naming what was wrong, the traceback only with -v. Each script runs as a subprocess, as a

@@ -11,6 +11,11 @@ package itself (one source, no copy):
 ``index-schema``   :data:`stacchip.index.SCHEMA`, described by the table in :mod:`stacchip.index`'s docstring
 ``cube-format``    the arrays of a cube made from the demo scene by :mod:`stacchip.export.cube`
 ``benchmarks``     ``benchmarks/results.json``: each figure next to its floor, as a chart, with its command
+``platforms``      :data:`stacchip.platforms.ALIASES` and :data:`~stacchip.platforms.PLATFORMS`: canonical
+                   platform names, the catalog names that mean them, their band order
+``io-sources``     the table of :mod:`stacchip.storage.config`'s docstring: where each I/O setting comes from
+``layers``         the layer table of ``tests/test_layers.py`` (read, not imported): which layer may import which
+``modules``        every module of the package with the first paragraph of its docstring, by layer
 
 Pictures (PNG/SVG under ``assets/generated/``) are made here too, never committed: the demo scene's
 quicklook and chips (``stacchip demo`` and ``stacchip preview``, the commands the getting-started
@@ -29,6 +34,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,7 +71,9 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "STACCHIP_TRACEBACK": "`1`: print the traceback before the one-line error (as `-v` does), for commands "
     "whose command line is fixed",
     "STACCHIP_TILE_CACHE_MB": "decoded-tile cache of the tile read path, in MB; default 256",
-    "STACCHIP_DECODE_THREADS": "threads decoding tiles; default one per core",
+    "STACCHIP_DECODE_THREADS": "threads decoding tiles in `stacchip.tiles.reader.engine()` called without a "
+    "size; default one per core. `Chipper` does not read it: its decode pool follows `Chipper(threads=...)` "
+    "(at most one per core)",
     "STACCHIP_READER": "`gdal`: read every chip through GDAL instead of the tile path",
     "STACCHIP_SIGN": "processors: sign asset hrefs (`auto`, `none`, `planetary-computer`)",
     "STACCHIP_TMPDIR": "`stacchip compact`: where the DuckDB engine spills its sort (`--temp-dir`); default the "
@@ -501,6 +509,98 @@ def gen_benchmarks(_: str | None, page_uri: str) -> str:
     return "\n".join(lines)
 
 
+# --- platforms, storage, the code map -------------------------------------------------------------
+
+
+def gen_platforms(_: str | None, page_uri: str) -> str:
+    from stacchip.platforms import ALIASES, PLATFORMS
+
+    lines = ["| platform (stored in indexes) | also called (catalog collection ids) | channels of a cube, in order |",
+             "|---|---|---|"]
+    for platform in dict.fromkeys(ALIASES.values()):
+        aliases = sorted(a for a, target in ALIASES.items() if target == platform and a != platform)
+        bands = PLATFORMS[platform].band_order if platform in PLATFORMS else ()
+        lines.append(f"| `{platform}` | {', '.join(_code(a) for a in aliases) or '-'} | "
+                     f"{', '.join(_code(b) for b in bands)} |")
+    missing = sorted(set(PLATFORMS) - set(ALIASES.values()))
+    if missing:
+        raise PluginError(f"gen: platforms {missing} of stacchip.platforms.PLATFORMS have no entry in ALIASES")
+    return "\n".join(lines)
+
+
+def gen_io_sources(_: str | None, page_uri: str) -> str:
+    import stacchip.storage.config as config
+
+    tables = rst.simple_tables(config.__doc__ or "")
+    if not tables:
+        raise PluginError("gen: the docstring of stacchip.storage.config has no table of where settings come from")
+    lines = ["| setting | from (the first that is set) |", "|---|---|"]
+    for row in tables[0]:
+        lines.append(f"| {_cell(row[0])} | {_md(row[-1])} |")
+    return "\n".join(lines)
+
+
+def _test_layers() -> tuple[set[str], dict[str, set[str]]]:
+    """``CORE`` and ``ALLOWED`` of tests/test_layers.py, read from its source (not imported)."""
+    import ast
+
+    tree = ast.parse((ROOT / "tests" / "test_layers.py").read_text())
+    found: dict[str, Any] = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id in ("CORE", "ALLOWED") and node.value is not None:
+            found[target.id] = ast.literal_eval(node.value)
+    if set(found) != {"CORE", "ALLOWED"}:
+        raise PluginError("gen: tests/test_layers.py no longer defines CORE and ALLOWED as literals")
+    return set(found["CORE"]), {k: set(v) for k, v in found["ALLOWED"].items()}
+
+
+#: Layers in the order the code map shows them (top first).
+LAYER_ORDER = ("cli", "processors", "ml", "catalog", "export", "core")
+
+
+def gen_layers(_: str | None, page_uri: str) -> str:
+    _, allowed = _test_layers()
+    if set(allowed) != set(LAYER_ORDER):
+        raise PluginError(f"gen: tests/test_layers.py has layers {sorted(allowed)}; the docs know {LAYER_ORDER}")
+    lines = ["| layer | may import (besides itself) |", "|---|---|"]
+    for layer in LAYER_ORDER:
+        others = [x for x in LAYER_ORDER if x in allowed[layer] and x != layer]
+        lines.append(f"| {layer} | {', '.join(others) or 'nothing else'} |")
+    return "\n".join(lines)
+
+
+def _module_layer(parts: tuple[str, ...], core: set[str]) -> str:
+    top = parts[1] if len(parts) > 1 else "__init__"
+    if top in ("export", "ml", "catalog", "processors", "cli"):
+        return top
+    if top in core:
+        return "core"
+    raise PluginError(f"gen: module {'.'.join(parts)} is in no layer of tests/test_layers.py")
+
+
+def gen_modules(_: str | None, page_uri: str) -> str:
+    import ast
+
+    core, _allowed = _test_layers()
+    by_layer: dict[str, list[tuple[str, str]]] = {layer: [] for layer in LAYER_ORDER}
+    for path in sorted((ROOT / "stacchip").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        if not doc:
+            raise PluginError(f"gen: {path.relative_to(ROOT)} has no module docstring (the code map shows it)")
+        first = " ".join(doc.strip().split("\n\n")[0].split())
+        by_layer[_module_layer(parts, core)].append((str(path.relative_to(ROOT)), first))
+    lines: list[str] = []
+    for layer in LAYER_ORDER:
+        lines += [f"### {layer}", "", "| module | what (its docstring) |", "|---|---|"]
+        for name, first in by_layer[layer]:
+            lines.append(f"| `{name}` | {_md(first)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --- mkdocs events ---------------------------------------------------------------------------------
 
 GENERATORS = {
@@ -510,6 +610,10 @@ GENERATORS = {
     "index-schema": gen_index_schema,
     "cube-format": gen_cube_format,
     "benchmarks": gen_benchmarks,
+    "platforms": gen_platforms,
+    "io-sources": gen_io_sources,
+    "layers": gen_layers,
+    "modules": gen_modules,
 }
 
 
@@ -539,3 +643,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return GENERATORS[name](match.group("arg"), page.file.src_uri)
 
     return MARKER.sub(replace, markdown)
+
+
+def on_post_build(config: Any) -> None:
+    """Remove the demo scene's temporary folder (made again by the next build, e.g. of ``mkdocs serve``)."""
+    if _demo.cache_info().currsize:
+        shutil.rmtree(_demo()["dir"], ignore_errors=True)
+        _demo.cache_clear()
