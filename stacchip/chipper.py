@@ -41,6 +41,7 @@ from stacchip.reader import (
 )
 from stacchip.tiles.layouts import DEFAULT_STORE, LayoutStore
 from stacchip.tiles.reader import REMOTE_IO_THREADS, PendingRead, TileFile, TileFiles, shared_cache
+from stacchip.tiles.reader import decode_threads_setting
 from stacchip.tiles.reader import engine as tile_engine
 from stacchip.tiles.sources import ForkedRuntimeError, NoRangeSupportError, tile_href
 from stacchip.tiles.tiff import TiffError
@@ -254,7 +255,7 @@ class Chipper:
         return self
 
     def _engine(self) -> Any:
-        decode = min(self.threads, os.cpu_count() or 1)
+        decode = min(self.threads, decode_threads_setting())
         return tile_engine(decode, REMOTE_IO_THREADS if self.threads > 1 else 1)
 
     def _tile_transform(self, key: str, f: TileFile) -> Any:

@@ -328,3 +328,16 @@ def test_chippers_dropped_unclosed_hold_no_descriptors(s2_item):
         del chipper, held
         gc.collect()
         assert open_fds() <= before + 2, reader  # 30 chippers x 5 files each would be 150
+
+
+def test_decode_threads_variable_bounds_a_chippers_pool(monkeypatch):
+    from stacchip.errors import ConfigError
+    from stacchip.tiles.reader import decode_threads_setting
+
+    monkeypatch.setenv("STACCHIP_DECODE_THREADS", "1")
+    assert decode_threads_setting() == 1
+    monkeypatch.setenv("STACCHIP_DECODE_THREADS", "lots")
+    with pytest.raises(ConfigError, match="STACCHIP_DECODE_THREADS"):
+        decode_threads_setting()
+    monkeypatch.delenv("STACCHIP_DECODE_THREADS")
+    assert decode_threads_setting() == (os.cpu_count() or 1)

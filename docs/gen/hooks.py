@@ -71,9 +71,8 @@ LIBRARY_VARIABLES: dict[str, str] = {
     "STACCHIP_TRACEBACK": "`1`: print the traceback before the one-line error (as `-v` does), for commands "
     "whose command line is fixed",
     "STACCHIP_TILE_CACHE_MB": "decoded-tile cache of the tile read path, in MB; default 256",
-    "STACCHIP_DECODE_THREADS": "threads decoding tiles in `stacchip.tiles.reader.engine()` called without a "
-    "size; default one per core. `Chipper` does not read it: its decode pool follows `Chipper(threads=...)` "
-    "(at most one per core)",
+    "STACCHIP_DECODE_THREADS": "most threads decoding tiles in a chipper (its `threads` is the other bound); "
+    "default one per core",
     "STACCHIP_READER": "`gdal`: read every chip through GDAL instead of the tile path",
     "STACCHIP_SIGN": "processors: sign asset hrefs (`auto`, `none`, `planetary-computer`)",
     "STACCHIP_TMPDIR": "`stacchip compact`: where the DuckDB engine spills its sort (`--temp-dir`); default the "

@@ -456,12 +456,25 @@ def shared_cache() -> TileCache:
     return _cache
 
 
+def decode_threads_setting() -> int:
+    """Decode threads: ``STACCHIP_DECODE_THREADS`` (a whole number from 1), else one per core.
+    A chipper's pool is the smaller of this and its ``threads`` (e.g. 1 in each of many
+    DataLoader workers)."""
+    raw = os.environ.get("STACCHIP_DECODE_THREADS", "").strip()
+    if not raw:
+        return os.cpu_count() or 1
+    if not raw.isdigit() or int(raw) < 1:
+        from stacchip.errors import ConfigError
+
+        raise ConfigError(f"environment variable STACCHIP_DECODE_THREADS={raw!r} is not a whole number from 1")
+    return int(raw)
+
+
 def engine(decode_threads: int | None = None, io_threads: int | None = None) -> TileEngine:
     """The shared engine for a pool size (decode defaults: one per core, or
     ``STACCHIP_DECODE_THREADS``)."""
     if decode_threads is None:
-        env = os.environ.get("STACCHIP_DECODE_THREADS")
-        decode_threads = int(env) if env and env.isdigit() else (os.cpu_count() or 1)
+        decode_threads = decode_threads_setting()
     io_threads = REMOTE_IO_THREADS if io_threads is None else io_threads
     key = (max(1, decode_threads), max(1, io_threads))
     eng = _engines.get(key)
