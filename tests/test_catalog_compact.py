@@ -398,6 +398,33 @@ def test_duckdb_geopandas_and_pyarrow_read_the_dataset(compacted):
     assert pads.dataset(str(dest), format="parquet").to_table().num_rows == 38 * 25
 
 
+def test_float_columns_are_byte_stream_split_and_read_alike_by_duckdb(compacted):
+    """The part files' float columns (bbox covering, fractions) are BYTE_STREAM_SPLIT, the
+    geometry plain, the ids dictionary-encoded; DuckDB reads the same values as pyarrow."""
+    _, dest, _ = compacted
+    path = max(part_files(dest), key=lambda p: pq.read_metadata(p).num_rows)
+    md = pq.read_metadata(path)
+    floats = {"bbox.xmin", "bbox.ymin", "bbox.xmax", "bbox.ymax", "cloud_cover_percentage", "nodata_percentage"}
+    for g in range(md.num_row_groups):
+        chunks = {md.row_group(g).column(i).path_in_schema: md.row_group(g).column(i)
+                  for i in range(md.num_columns)}
+        for name in floats:
+            assert "BYTE_STREAM_SPLIT" in chunks[name].encodings, (name, chunks[name].encodings)
+            assert chunks[name].statistics.has_min_max, name  # row-group pruning still has its statistics
+        assert not any("DICTIONARY" in e for e in chunks["geometry"].encodings)
+        assert any("DICTIONARY" in e for e in chunks["item_id"].encodings)
+    ours = pq.read_table(path, columns=["chipid", "bbox", "cloud_cover_percentage", "nodata_percentage"])
+    theirs = duckdb.sql(
+        f"select chipid, bbox.xmin, bbox.ymin, bbox.xmax, bbox.ymax, cloud_cover_percentage, nodata_percentage "
+        f"from read_parquet('{path}') order by chipid").fetchall()
+    ours = ours.sort_by("chipid")
+    bbox = ours.column("bbox").combine_chunks()
+    expect = list(zip(ours.column("chipid").to_pylist(), *(bbox.field(k).to_pylist() for k in
+                      ("xmin", "ymin", "xmax", "ymax")), ours.column("cloud_cover_percentage").to_pylist(),
+                      ours.column("nodata_percentage").to_pylist(), strict=True))
+    assert theirs == expect and len(expect) == md.num_rows
+
+
 @pytest.mark.skipif(shutil.which("geoparquet-validator") is None,
                     reason="geoparquet-validator not installed (the test extra has it)")
 def test_geoparquet_validator_passes_every_class(compacted):

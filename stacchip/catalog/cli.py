@@ -22,7 +22,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="index .parquet files, directories or s3:// prefixes")
     p.add_argument("--out", required=True, help="compacted index root (directory or s3:// prefix)")
     p.add_argument("--row-group-rows", type=int, default=None,
-                   help="rows per Parquet row group (default 100000)")
+                   help="rows per Parquet row group (default 20000)")
     p.add_argument("--file-rows", type=int, default=None, help="rows per part file (default 1000000)")
     p.add_argument("--append-fraction", type=float, default=None,
                    help="append new items to a partition as a new run while they are at most this "

@@ -123,6 +123,34 @@ def merge_extents(entries: Iterable[Mapping[str, Any]]) -> tuple[list[float] | N
     return bbox, when
 
 
+def column_encodings(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """Parquet encodings of a part file's columns: ``(dictionary, byte_stream_split)`` column paths.
+
+    Floating-point columns (the bbox covering, cloud and nodata fractions) are nearly all
+    distinct values: a dictionary only grows until the writer gives it up, while
+    BYTE_STREAM_SPLIT lets zstd see their exponent bytes together (a third smaller, and
+    faster to decode, which is what a query reads first). The geometry (distinct WKB) is
+    plain; ids, names, dates and sizes repeat and stay dictionary-encoded. Every Parquet
+    reader in use (Arrow, DuckDB, GDAL, polars) reads both encodings.
+    """
+    dictionary: list[str] = []
+    split: list[str] = []
+
+    def walk(prefix: str, field: pa.Field) -> None:
+        path = f"{prefix}{field.name}"
+        if pa.types.is_struct(field.type):
+            for child in field.type:
+                walk(f"{path}.", child)
+        elif pa.types.is_floating(field.type):
+            split.append(path)
+        elif not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
+            dictionary.append(path)
+
+    for field in schema:
+        walk("", field)
+    return dictionary, split
+
+
 def part_bytes(table: pa.Table, row_group_rows: int, meta: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """GeoParquet bytes of one part file (row groups of ``row_group_rows`` rows, zstd, statistics,
     ``geo`` metadata with the bbox covering) and its manifest entry (extents from its own
@@ -137,7 +165,9 @@ def part_bytes(table: pa.Table, row_group_rows: int, meta: Mapping[str, Any]) ->
     metadata[STACCHIP_METADATA_KEY] = json.dumps(dict(meta)).encode()
     table = table.replace_schema_metadata(metadata)
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd", write_statistics=True)
+    dictionary, split = column_encodings(table.schema)
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd", write_statistics=True,
+                   use_dictionary=dictionary, use_byte_stream_split=split)
     data = sink.getvalue()
     md = pq.read_metadata(pa.BufferReader(data))
     cols = {md.schema.column(i).path: i for i in range(len(md.schema))}
