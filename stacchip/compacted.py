@@ -431,7 +431,9 @@ def select(
         for entry in part.get("files", []):
             if not _extent(entry).may_hold(selection):
                 continue
-            groups = [i for i, rg in enumerate(entry.get("row_groups", [])) if _extent(rg).may_hold(selection)]
+            may_hold = selection.may_hold
+            groups = [i for i, rg in enumerate(entry.get("row_groups", []))
+                      if may_hold(rg.get("bbox"), rg.get("datetime"), rg.get("cloud"), rg.get("nodata"))]
             if groups:
                 out.append((entry["path"], groups))
     return out
