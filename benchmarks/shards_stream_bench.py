@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench",
                            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                            "NO_PROXY": "127.0.0.1,localhost"})
-        storage._client.cache_clear()
+        storage.reset()
         try:
             storage.s3_client().create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
             chips = f"s3://{BUCKET}/chips"
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            storage._client.cache_clear()
+            storage.reset()
     if (wds_r["samples"], wds_r["pixel_bytes"]) != (floor["samples"], floor["pixel_bytes"]):
         raise RuntimeError(f"the two readers disagree: {wds_r} vs {floor}")
     result = {"shards": len(written), "bytes": size_bytes, "samples": floor["samples"], "webdataset": wds_r,
