@@ -169,6 +169,48 @@ def test_index_source_equals_numpy_over_the_chipper(scenes: dict[str, Any], tmp_
         assert abs(merged[band]["p50"] - np.percentile(v, 50)) <= 65536 / stats.DEFAULT_BINS
 
 
+def test_index_jobs_after_the_first_read_only_their_share(scenes: dict[str, Any], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--source index: the first job makes the plan (index + every item's STAC JSON, once); a later
+    job reads neither the index nor the items outside its share, and covers exactly its chips of
+    the seeded shuffle (``max_chips`` cutting the last share)."""
+    import shutil
+
+    from stacchip.export import plan as plans
+    from stacchip.export import selection as chip_selection
+
+    data = tmp_path / "data"
+    shutil.copytree(scenes["data"], data)
+    cfg = stats.StatsConfig(platform=PLATFORM, output=str(tmp_path / "out"), source="index", data=str(data),
+                            index=scenes["index"], chips_per_job=20, max_chips=50, max_nodata=0.5)
+    assert stats.job_count(cfg) == 3  # 72 chips pass, 50 used: 20 + 20 + 10
+    folders = sorted((tmp_path / "out" / "stats" / PLATFORM).glob(f"*/{plans.PLAN_FOLDER}/*/plan.json"))
+    assert len(folders) == 1
+    record = json.loads(folders[0].read_text())
+    plan = plans.Plan(record["key"], str(folders[0].parent), record)
+    share, _ = plan.share(2)
+    selection = prechip.prepare(prechip.PrechipConfig(
+        data=scenes["data"], index=scenes["index"], output=str(tmp_path), platform=PLATFORM, max_nodata=0.5))
+    expected = selection.table.take(selection.order[40:50]).column("chipid").to_pylist()
+    mine = {c.rsplit("-", 2)[0] for c in expected}
+    for item in (data / PLATFORM).iterdir():
+        if item.name not in mine:
+            (item / "stac_item.json").unlink()  # reading it now would fail
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a stats job with a published plan read the whole selection")
+
+    monkeypatch.setattr(chip_selection, "prepare", refuse)
+    monkeypatch.setattr(chip_selection, "select_chips", refuse)
+    seen: list[str] = []
+    real = stats.read_index_chips
+    monkeypatch.setattr(stats, "read_index_chips",
+                        lambda rows, *a, **k: (seen.extend(rows.column("chipid").to_pylist()), real(rows, *a, **k)))
+    url = stats.write_partial(2, cfg)
+    assert url is not None and seen == expected
+    assert json.loads(Path(url).read_text())["count"][0] > 0
+
+
 def test_cli_array_jobs_then_merge(cubes: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("STACCHIP_PLATFORM", PLATFORM)

@@ -20,7 +20,11 @@ count as cubes where no npz is), or chips read
 straight from the index and the scenes (``--source index``, job ``j`` takes
 ``chips_per_job`` chips of the same seeded shuffle prechip uses, read in this
 process by prechip's runner: item by item in COG block order, tiles decoded on
-every core, no process pool). A cube that is
+every core, no process pool). For ``--source index`` the selection is prepared
+once, as prechip's plan (:mod:`stacchip.export.plan`, one "cube" of
+``chips_per_job`` chips per job): the first job to start reads the index and every
+item's STAC JSON and writes the plan under ``{output}/stats/{platform}/``; the
+other jobs read its summary and their own share only. A cube that is
 not a whole npz (truncated, failing its zip CRC checks) is a
 :class:`~stacchip.errors.ConfigError` naming the file (exit 2), not a traceback.
 
@@ -63,6 +67,8 @@ from stacchip.console import ArgumentParser, echo
 from stacchip.errors import ConfigError, StorageError
 from stacchip.export import selection as chip_selection
 from stacchip.export import locality, shards
+from stacchip.export import plan as plans
+from stacchip.export.outputs import NPZ
 from stacchip.export.chip_reader import close_open_items, item_reader
 from stacchip.export.cube import VERSION
 from stacchip.processors import jobs, settings
@@ -426,17 +432,67 @@ def partial_url(output: str, platform: str, job_index: int) -> str:
     return storage.join(stats_dir(output, platform), f"partial_{job_index:05d}.json")
 
 
-def _index_selection(config: StatsConfig) -> chip_selection.Selection:
-    """The chips of ``--source index``: prechip's filters and seeded shuffle, one chip per share."""
+@dataclass(frozen=True)
+class _PlanSettings:
+    """prechip's plan settings (:class:`stacchip.export.plan.PlanSettings`) of ``--source index``:
+    one "cube" of ``chips_per_job`` chips of the seeded shuffle per job (the last one partial),
+    so job ``j`` reads chips ``order[j * chips_per_job:(j + 1) * chips_per_job]`` as before."""
+
+    index: Any
+    data: str
+    platform: str
+    max_nodata: float | None
+    max_cloud: float | None
+    seed: int
+    cube_size: int
+    allow_empty: bool
+    output: str
+    partial: bool = True
+    cubes_per_job: int = 1
+    mode: str = locality.GLOBAL
+    items_per_job: int = locality.DEFAULT_ITEMS_PER_JOB
+    mix_items: int = locality.DEFAULT_MIX_ITEMS
+    strip_px: int = locality.STRIP_PX
+    format: str = NPZ
+    compress_level: int = 0
+    overwrite: bool = False
+    dry_run: bool = False
+    plan_wait: float = plans.DEFAULT_PLAN_WAIT
+
+
+def _plan_settings(config: StatsConfig) -> _PlanSettings:
     if not config.data or config.index is None:
         raise ConfigError("--source index needs --data/STACCHIP_DATA_BUCKET and --indexpath/STACCHIP_INDEXPATH")
-    settings = chip_selection.SelectionConfig(
+    return _PlanSettings(
         index=config.index, data=config.data, platform=config.platform, max_nodata=config.max_nodata,
-        max_cloud=config.max_cloud, seed=config.seed, cube_size=1, allow_empty=config.allow_empty,
-    )
-    selection = chip_selection.prepare(settings)
-    chip_selection.check_selection(settings, selection)
-    return selection
+        max_cloud=config.max_cloud, seed=config.seed, cube_size=config.chips_per_job, allow_empty=config.allow_empty,
+        output=stats_dir(config.output, config.platform))
+
+
+def _index_plan(config: StatsConfig) -> plans.Plan:
+    """The plan of ``--source index`` (:mod:`stacchip.export.plan`): prepared once, by the first
+    job to start, and written under ``stats/{platform}/``; the other jobs read its summary and
+    their own share (not the whole index, nor every item's STAC JSON). An empty selection is
+    :class:`EmptySelectionError` unless ``allow_empty``."""
+    settings = _plan_settings(config)
+    fresh = not storage.exists(config.output)
+    try:
+        plan = plans.obtain(settings)
+        if plan.empty:
+            chip_selection.empty_selection(plan.empty, config.allow_empty)
+            if fresh:
+                storage.prune_empty_dirs(config.output)
+    except BaseException:
+        if fresh:  # a run stopped by its selection leaves no folder behind
+            storage.prune_empty_dirs(config.output)
+        raise
+    return plan
+
+
+def _index_chips(config: StatsConfig, plan: plans.Plan) -> int:
+    """Chips the statistics cover: the selection's, at most ``max_chips``."""
+    n = 0 if plan.empty else int(plan.record["chips"])
+    return n if config.max_chips is None else min(config.max_chips, n)
 
 
 def job_count(config: StatsConfig) -> int:
@@ -446,10 +502,7 @@ def job_count(config: StatsConfig) -> int:
         if config.max_cubes is not None:
             n = min(n, config.max_cubes)
         return math.ceil(n / config.cubes_per_job)
-    n = _index_selection(config).table.num_rows
-    if config.max_chips is not None:
-        n = min(n, config.max_chips)
-    return math.ceil(n / config.chips_per_job)
+    return math.ceil(_index_chips(config, _index_plan(config)) / config.chips_per_job)
 
 
 def _chips(config: StatsConfig) -> str:
@@ -482,13 +535,18 @@ def _job_stats(job_index: int, config: StatsConfig, workers: int = 1) -> tuple[S
         return acc, n_jobs
     if config.source != "index":
         raise ConfigError(f"unknown statistics source {config.source!r}; use 'cubes' or 'index'")
-    selection = _index_selection(config)
-    n = selection.table.num_rows if config.max_chips is None else min(config.max_chips, selection.table.num_rows)
+    plan = _index_plan(config)
+    n = _index_chips(config, plan)
     n_jobs = math.ceil(n / config.chips_per_job)
-    rows_idx = selection.order[:n][job_index * config.chips_per_job:(job_index + 1) * config.chips_per_job]
-    if len(rows_idx) == 0:
+    if not 0 <= job_index < n_jobs:
         return acc, n_jobs
-    read_index_chips(selection.table.take(pa.array(rows_idx)), config, acc, workers)
+    share, _ = plan.share(job_index)
+    # the share's chips in shuffle order (output j, position p: chip j * chips_per_job + p), up to max_chips
+    ranks = (share.column("output").to_numpy().astype(np.int64) * config.chips_per_job
+             + share.column("position").to_numpy())
+    kept = np.flatnonzero(ranks < n)
+    rows = plans.rows_of(share, kept[np.argsort(ranks[kept], kind="stable")].tolist())
+    read_index_chips(rows, config, acc, workers)
     return acc, n_jobs
 
 
