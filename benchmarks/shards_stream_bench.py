@@ -202,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         server, endpoint = _start_moto(Path(tmp))
         saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "NO_PROXY")}
-        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                           "NO_PROXY": "127.0.0.1,localhost"})
-        storage.reset()
-        try:
+        try:  # (from here on the server is stopped whatever happens)
+            os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
+                               "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                               "AWS_DEFAULT_REGION": "us-east-1", "NO_PROXY": "127.0.0.1,localhost"})
+            storage.reset()
             storage.s3_client().create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
             chips = f"s3://{BUCKET}/chips"
             folder = Path(prechip.manifest_url(str(out), PLATFORM)).parent
