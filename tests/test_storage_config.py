@@ -189,7 +189,8 @@ def test_requests_sessions_get_the_same_configuration(clean_env, tmp_path):
 @pytest.mark.parametrize("url, root, path", [
     ("s3://bucket/a/b.tif", "s3://bucket", "a/b.tif"),
     ("https://host:8443/dir/a%20b.tif", "https://host:8443", "dir/a b.tif"),
-    ("https://acct.blob.core.windows.net/c/x.tif?st=1&sig=a%2Fb", "https://acct.blob.core.windows.net/c/x.tif?st=1&sig=a%2Fb", ""),
+    ("https://acct.blob.core.windows.net/c/x.tif?st=1&sig=a%2Fb",
+     "https://acct.blob.core.windows.net/c/x.tif?st=1&sig=a%2Fb", ""),
     ("gs://bucket/k.tif", "gs://bucket", "k.tif"),
 ])
 def test_locations(url, root, path):

@@ -271,10 +271,8 @@ def _global_shares(config: PlanSettings, sel: selection.Selection) -> tuple[dict
     return shares, summary
 
 
-def _locality_shares(config: PlanSettings, sel: selection.Selection) -> tuple[dict[int, pa.Table],
-                                                                             dict[str, list[int]]]:
-    dealing = sel.dealing
-    assert dealing is not None  # noqa: S101 - locality selections always carry a dealing
+def _locality_shares(config: PlanSettings, sel: selection.Selection,
+                     dealing: locality.Dealing) -> tuple[dict[int, pa.Table], dict[str, list[int]]]:
     items, codes = np.unique(np.asarray(sel.table.column("item_id").to_pylist(), dtype=object).astype(str),
                              return_inverse=True)
     order = np.argsort(codes, kind="stable")
@@ -357,7 +355,7 @@ def build(config: PlanSettings, key: str, settings: dict[str, Any], identity: di
         except EmptySelectionError as exc:
             empty = str(exc).split("; pass --allow-empty")[0]
     if sel.dealing is not None:
-        shares, summary = _locality_shares(config, sel)
+        shares, summary = _locality_shares(config, sel, sel.dealing)
     else:
         shares, summary = _global_shares(config, sel)
     record = {
@@ -392,14 +390,17 @@ def _share_bytes(table: pa.Table) -> bytes:
 def publish(plan: Plan) -> Plan:
     """Write ``plan``'s shares, then ``plan.json`` by a conditional create; returns the plan that
     is there afterwards (``plan``, or the same plan another task published first)."""
-    assert plan.shares is not None  # noqa: S101 - only a plan made here is published
+    shares = plan.shares
+    if shares is None:
+        raise ConfigError(f"plan {plan.key[:12]} was read from {plan.folder}, not made here: there are no shares "
+                          "to publish")
     url = storage.join(plan.folder, "plan.json")
 
     def write(item: tuple[int, pa.Table]) -> None:
         storage.write_recorded_retry(storage.join(plan.folder, share_name(item[0])), _share_bytes(item[1]))
 
-    with ThreadPoolExecutor(max(1, min(SHARE_THREADS, len(plan.shares)))) as pool:
-        list(pool.map(write, sorted(plan.shares.items(), key=lambda kv: kv[0])))
+    with ThreadPoolExecutor(max(1, min(SHARE_THREADS, len(shares)))) as pool:
+        list(pool.map(write, sorted(shares.items(), key=lambda kv: kv[0])))
     if not storage.create_if_absent(url, json.dumps(plan.record).encode()):
         found = _read_plan(url, plan.key)
         if found is not None:
