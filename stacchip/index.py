@@ -1,22 +1,9 @@
 """Index schema, GeoParquet write/read, merge and query.
 
 One row per chip. Upstream columns keep their names and types; stacchip adds
-``item_id``, ``platform``, ``datetime``, ``chip_size`` and a ``bbox`` struct:
-
-============================  =========================================
-``chipid``                    string, ``{item_id}-{x}-{y}``
-``date``                      date32 (UTC date of the item)
-``chip_index_x/_y``           uint16, chip position in the grid
-``cloud_cover_percentage``    float32, a *fraction* 0-1 despite the name
-``nodata_percentage``         float32, a *fraction* 0-1 despite the name
-``geometry``                  chip polygon in lon/lat, WKB
-``item_id``                   string
-``platform``                  string
-``datetime``                  timestamp[us, UTC]
-``chip_size``                 uint16, pixels of the finest grid
-``bbox``                      struct<xmin, ymin, xmax, ymax: double>, degrees
-``collection``                string, the item's STAC collection id (null when unknown)
-============================  =========================================
+``item_id``, ``platform``, ``datetime``, ``chip_size``, ``collection`` and a ``bbox``
+struct. The columns and their types are tabled in :mod:`stacchip.schema`
+(:data:`SCHEMA`, importable from here).
 
 ``platform`` is the canonical platform (:mod:`stacchip.platforms`), whatever
 the catalog calls its collection; filters accept any alias.

@@ -344,13 +344,14 @@ def _md(text: str) -> str:
 
 def gen_index_schema(_: str | None, page_uri: str) -> str:
     import stacchip.index as index
+    import stacchip.schema as schema
 
-    described = _described(index.__doc__ or "", "stacchip.index")
+    described = _described(schema.__doc__ or "", "stacchip.schema")
     lines = ["| column | Arrow type | upstream | what |", "|---|---|---|---|"]
     for field in index.SCHEMA:
         if field.name not in described:
             raise PluginError(f"gen: column {field.name!r} of stacchip.index.SCHEMA is not described in the "
-                              "table of stacchip.index's docstring")
+                              "table of stacchip.schema's docstring")
         upstream = "yes" if field.name in index.UPSTREAM_COLUMNS else "added"
         if field.name in index.OPTIONAL_COLUMNS:
             upstream += " (optional: older files lack it, read as null)"

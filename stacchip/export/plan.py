@@ -409,18 +409,28 @@ def publish(plan: Plan) -> Plan:
     return plan
 
 
-def _read_plan(url: str, key: str) -> dict[str, Any] | None:
+def _read_object(url: str, what: str, advice: str = "") -> dict[str, Any] | None:
+    """The JSON object at ``url`` (None when there is none); anything else is a
+    :class:`ConfigError` saying it is not ``what``."""
     try:
         raw = storage.read_bytes_retry(url)
     except StorageNotFoundError:
         return None
     try:
         record = json.loads(raw)
-        if not isinstance(record, dict) or record.get("key") != key or "tasks" not in record:
-            raise ValueError("not the plan of this key")
     except ValueError as exc:
-        raise ConfigError(f"{url} is not a prechip plan ({exc}); remove its folder and run again") from exc
+        raise ConfigError(f"{url!r} is not {what}: {exc}{advice}") from exc
+    if not isinstance(record, dict):
+        raise ConfigError(f"{url!r} is not {what}: not a JSON object{advice}")
     return dict(record)
+
+
+def _read_plan(url: str, key: str) -> dict[str, Any] | None:
+    advice = "; remove its folder and run again"
+    record = _read_object(url, "a prechip plan", advice)
+    if record is not None and (record.get("key") != key or "tasks" not in record):
+        raise ConfigError(f"{url!r} is not a prechip plan: not the plan of this key{advice}")
+    return record
 
 
 def obtain(config: PlanSettings, sel: selection.Selection | None = None) -> Plan:
@@ -516,17 +526,7 @@ def check_manifest(config: PlanSettings, plan: Plan) -> None:
 
 
 def _read_manifest(url: str) -> dict[str, Any] | None:
-    try:
-        raw = storage.read_bytes_retry(url)
-    except StorageNotFoundError:
-        return None
-    try:
-        record = json.loads(raw)
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise ConfigError(f"{url!r} is not a prechip manifest: {exc}") from exc
-    return dict(record)
+    return _read_object(url, "a prechip manifest")
 
 
 # --- a task's reads and writes ----------------------------------------------------------------------
